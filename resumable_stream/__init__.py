@@ -1,0 +1,29 @@
+"""Streamed responses that survive dropped connections and serve extra viewers."""
+
+from ._backend import Backend, Connection, MemoryBackend
+from ._context import ResumableStream, ResumableStreamContext, create_resumable_stream_context
+from ._exceptions import (
+    BackendError,
+    ProducerUnavailableError,
+    ResumableStreamError,
+    StreamCancelledError,
+    StreamFailedError,
+    StreamIncompleteError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Connection",
+    "MemoryBackend",
+    "ProducerUnavailableError",
+    "ResumableStream",
+    "ResumableStreamContext",
+    "ResumableStreamError",
+    "StreamCancelledError",
+    "StreamFailedError",
+    "StreamIncompleteError",
+    "create_resumable_stream_context",
+]

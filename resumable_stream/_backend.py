@@ -1,0 +1,163 @@
+"""The backend interface, and the in-process backend that implements it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+import anyio.lowlevel
+
+__all__ = ["Backend", "Connection", "MemoryBackend", "MessageHandler"]
+
+logger = logging.getLogger("resumable_stream")
+
+MessageHandler = Callable[[str, bytes], None]
+"""Called with (channel, message) for every message on a subscribed channel; must not block."""
+
+
+class Connection(Protocol):
+    """What one context needs: a few key commands, publish, and its own subscriptions.
+
+    Messages to this connection's subscriptions are delivered in the order they were published,
+    to the handler given to `Backend.connect`.
+    """
+
+    async def incr(self, key: str, ttl: int) -> int | None:
+        """Increment `key` and make it expire after `ttl` s; None if it holds a non-integer."""
+
+    async def get(self, key: str) -> str | None: ...
+
+    async def set(self, key: str, value: str, ttl: int) -> None: ...
+
+    async def swap(self, key: str, value: str, ttl: int) -> str | None:
+        """Set `key` and return its previous value, atomically."""
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        """Send `message`; returns how many connections are subscribed to `channel`."""
+
+    async def subscribe(self, channel: str, *, wait: bool = True) -> None:
+        """Subscribe; with `wait`, return only once messages published from now on arrive."""
+
+    async def unsubscribe(self, channel: str) -> None: ...
+
+
+class Backend(Protocol):
+    """A shared store and message bus; `connect` opens one context's connection to it."""
+
+    def connect(self, on_message: MessageHandler) -> AbstractAsyncContextManager[Connection]: ...
+
+
+class MemoryBackend:
+    """An in-process backend: contexts sharing one instance behave like workers sharing a Redis.
+
+    Streams are then resumable only inside this process. `commands` counts the calls made, by
+    command name, like Redis' `INFO commandstats`.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[str, float]] = {}
+        self._subscribers: dict[str, list[_MemoryConnection]] = {}
+        self.commands: Counter[str] = Counter()
+
+    def connect(self, on_message: MessageHandler) -> AbstractAsyncContextManager[Connection]:
+        return self._connect(on_message)
+
+    @asynccontextmanager
+    async def _connect(self, on_message: MessageHandler) -> AsyncIterator[Connection]:
+        connection = _MemoryConnection(self, on_message)
+        try:
+            yield connection
+        finally:
+            for channel in list(connection.channels):
+                self._drop(channel, connection)
+
+    def channels(self) -> dict[str, int]:
+        """The channels somebody is subscribed to, with their subscriber counts."""
+        return {channel: len(subs) for channel, subs in self._subscribers.items()}
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds until `key` expires, or None if it does not exist."""
+        entry = self._lookup(key)
+        return None if entry is None else entry[1] - time.monotonic()
+
+    def _lookup(self, key: str) -> tuple[str, float] | None:
+        entry = self._values.get(key)
+        if entry is not None and entry[1] <= time.monotonic():
+            del self._values[key]
+            return None
+        return entry
+
+    def _drop(self, channel: str, connection: _MemoryConnection) -> None:
+        subscribers = self._subscribers.get(channel)
+        if subscribers and connection in subscribers:
+            subscribers.remove(connection)
+            if not subscribers:
+                del self._subscribers[channel]
+        connection.channels.discard(channel)
+
+
+class _MemoryConnection:
+    def __init__(self, backend: MemoryBackend, on_message: MessageHandler) -> None:
+        self._backend = backend
+        self._on_message = on_message
+        self.channels: set[str] = set()
+
+    async def incr(self, key: str, ttl: int) -> int | None:
+        await anyio.lowlevel.checkpoint()
+        backend = self._backend
+        backend.commands.update(("incr", "expire"))
+        entry = backend._lookup(key)
+        try:
+            value = int(entry[0]) + 1 if entry else 1
+        except ValueError:
+            value = None
+        if value is not None:
+            backend._values[key] = (str(value), time.monotonic() + ttl)
+        elif entry is not None:
+            backend._values[key] = (entry[0], time.monotonic() + ttl)
+        return value
+
+    async def get(self, key: str) -> str | None:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["get"] += 1
+        entry = self._backend._lookup(key)
+        return None if entry is None else entry[0]
+
+    async def set(self, key: str, value: str, ttl: int) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["set"] += 1
+        self._backend._values[key] = (value, time.monotonic() + ttl)
+
+    async def swap(self, key: str, value: str, ttl: int) -> str | None:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["set"] += 1
+        entry = self._backend._lookup(key)
+        self._backend._values[key] = (value, time.monotonic() + ttl)
+        return None if entry is None else entry[0]
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["publish"] += 1
+        subscribers = self._backend._subscribers.get(channel, ())
+        for connection in tuple(subscribers):
+            try:
+                connection._on_message(channel, message)
+            except Exception:
+                logger.exception("message handler failed on channel %r", channel)
+        return len(subscribers)
+
+    async def subscribe(self, channel: str, *, wait: bool = True) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["subscribe"] += 1
+        if channel not in self.channels:
+            self.channels.add(channel)
+            self._backend._subscribers.setdefault(channel, []).append(self)
+
+    async def unsubscribe(self, channel: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["unsubscribe"] += 1
+        self._backend._drop(channel, self)

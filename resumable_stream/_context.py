@@ -1,0 +1,305 @@
+"""The context: elects producers, starts followers, and owns the task group producers run in."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+
+from . import _protocol as p
+from ._backend import Backend, Connection, MemoryBackend
+from ._buffer import Signal
+from ._exceptions import BackendError, ProducerUnavailableError, ResumableStreamError
+from ._follower import Follower
+from ._producer import MakeStream, Producer
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+__all__ = ["ResumableStream", "ResumableStreamContext", "create_resumable_stream_context"]
+
+logger = logging.getLogger("resumable_stream")
+
+_DEFAULT_TTL = 24 * 60 * 60
+
+
+class ResumableStream(Protocol):
+    """What the context's methods return: an async iterator of `str` chunks with `aclose()`."""
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    async def __anext__(self) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ResumableStreamContext:
+    """Creates and resumes streams on one backend; use it as `async with ctx:`.
+
+    Producers run in the context's task group, so they outlive the request that started them.
+    Leaving the context waits up to `drain_timeout` seconds for running producers, then cancels
+    them.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        key_prefix: str = "resumable-stream",
+        ttl: int = _DEFAULT_TTL,
+        resume_timeout: float = 2.0,
+        max_message_size: int = 1 << 20,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(key_prefix, str) or not key_prefix:
+            raise ValueError("key_prefix must be a non-empty str")
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+            raise ValueError(f"ttl must be a positive int (seconds), got {ttl!r}")
+        if not resume_timeout > 0:
+            raise ValueError(f"resume_timeout must be > 0, got {resume_timeout!r}")
+        if isinstance(max_message_size, bool) or not isinstance(max_message_size, int) or (
+            max_message_size < 1
+        ):
+            raise ValueError(f"max_message_size must be a positive int, got {max_message_size!r}")
+        if not drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must be >= 0, got {drain_timeout!r}")
+        self._backend = backend
+        self._keys = p.Keys(key_prefix)
+        self._ttl = ttl
+        self._resume_timeout = resume_timeout
+        self._max_message_size = max_message_size
+        self._drain_timeout = drain_timeout
+        self._inbox = self._keys.inbox(uuid.uuid4().hex)
+        self._stack: AsyncExitStack | None = None
+        self._conn: Connection | None = None
+        self._tg: TaskGroup | None = None
+        self._producers: set[Producer] = set()
+        self._producers_changed = Signal()
+        self._request_routes: dict[str, Producer] = {}
+        self._live_routes: dict[str, set[Follower]] = {}
+        self._listeners: dict[str, Follower] = {}
+        self._live_lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<ResumableStreamContext backend={self._backend!r}>"
+
+    async def __aenter__(self) -> ResumableStreamContext:
+        if self._stack is not None:
+            raise RuntimeError("this context is already open")
+        async with AsyncExitStack() as stack:
+            self._conn = await stack.enter_async_context(self._backend.connect(self._dispatch))
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            await self._conn.subscribe(self._inbox)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        try:
+            with anyio.move_on_after(self._drain_timeout):
+                while self._producers:
+                    await self._producers_changed.wait()
+            assert self._tg is not None
+            self._tg.cancel_scope.cancel()
+            for follower in list(self._listeners.values()):
+                follower.fail(ResumableStreamError("the stream context was closed"))
+        finally:
+            try:
+                await stack.__aexit__(exc_type, exc, tb)
+            finally:
+                self._conn = self._tg = None
+        return None
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            raise RuntimeError("the context is not open: use `async with ctx:` first")
+        return self._conn
+
+    # Public API
+
+    async def resumable_stream(
+        self, stream_id: str, make_stream: MakeStream, resume_at: int | None = None
+    ) -> ResumableStream | None:
+        """Produce the stream if nobody does yet, else follow it; None if it already finished."""
+        stream_id, offset = _validate(stream_id, make_stream, resume_at)
+        connection = self._connection()
+        count = await connection.incr(self._keys.sentinel(stream_id), self._ttl)
+        if count is None:
+            return None
+        if count == 1:
+            return self._start_producer(stream_id, make_stream).reader(offset)
+        return await self._follow(stream_id, offset)
+
+    async def create_new_resumable_stream(
+        self, stream_id: str, make_stream: MakeStream, resume_at: int | None = None
+    ) -> ResumableStream:
+        """Produce a new stream under `stream_id`, replacing a finished one of that id.
+
+        Raises `ResumableStreamError` if a stream with this id is still running.
+        """
+        stream_id, offset = _validate(stream_id, make_stream, resume_at)
+        previous = await self._connection().swap(self._keys.sentinel(stream_id), "1", self._ttl)
+        if previous is not None and p.terminal_state(previous) is None:
+            raise ResumableStreamError(f"stream {stream_id!r} is already running")
+        return self._start_producer(stream_id, make_stream).reader(offset)
+
+    async def resume_existing_stream(
+        self, stream_id: str, resume_at: int | None = None
+    ) -> ResumableStream | None:
+        """Follow a running stream; None if there is no such stream or it already finished."""
+        stream_id = p.validate_stream_id(stream_id)
+        offset = p.validate_resume_at(resume_at)
+        value = await self._connection().get(self._keys.sentinel(stream_id))
+        if value is None or p.terminal_state(value) is not None:
+            return None
+        return await self._follow(stream_id, offset)
+
+    async def has_existing_stream(self, stream_id: str) -> Literal[True, "DONE"] | None:
+        """None if there is no such stream, "DONE" if it finished, else True."""
+        stream_id = p.validate_stream_id(stream_id)
+        value = await self._connection().get(self._keys.sentinel(stream_id))
+        if value is None:
+            return None
+        return "DONE" if p.terminal_state(value) is not None else True
+
+    # Producers
+
+    def _start_producer(self, stream_id: str, make_stream: MakeStream) -> Producer:
+        assert self._tg is not None
+        producer = Producer(self, stream_id, make_stream)
+        self._producers.add(producer)
+        self._tg.start_soon(producer.run, name=f"resumable_stream producer {stream_id!r}")
+        return producer
+
+    def _producer_finished(self, producer: Producer) -> None:
+        self._producers.discard(producer)
+        self._producers_changed.notify()
+
+    # Followers
+
+    async def _follow(self, stream_id: str, resume_at: int) -> ResumableStream | None:
+        connection = self._connection()
+        follower = Follower(self, stream_id, uuid.uuid4().hex, resume_at)
+        await self._attach_follower(follower)
+        try:
+            request = p.pack(p.REQUEST, [follower.listener, self._inbox, resume_at])
+            with anyio.move_on_after(self._resume_timeout):
+                delay = 0.002
+                while True:
+                    if await connection.publish(self._keys.request(stream_id), request):
+                        await follower.acked.wait()
+                        return follower
+                    # Nobody subscribed: the producer is not listening yet, finished or gone.
+                    value = await connection.get(self._keys.sentinel(stream_id))
+                    if value is None or p.terminal_state(value) is not None:
+                        await follower.aclose()
+                        return None
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 0.1)
+            value = await connection.get(self._keys.sentinel(stream_id))
+            await follower.aclose()
+            if value is None or p.terminal_state(value) is not None:
+                return None
+            raise ProducerUnavailableError(
+                f"no producer answered for stream {stream_id!r} within {self._resume_timeout}s"
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await follower.aclose()
+            raise
+
+    async def _attach_follower(self, follower: Follower) -> None:
+        channel = self._keys.live(follower.stream_id)
+        async with self._live_lock:
+            followers = self._live_routes.get(channel)
+            if followers is None:
+                await self._connection().subscribe(channel)
+                followers = self._live_routes[channel] = set()
+            followers.add(follower)
+            self._listeners[follower.listener] = follower
+
+    async def _detach_follower(self, follower: Follower) -> None:
+        self._listeners.pop(follower.listener, None)
+        channel = self._keys.live(follower.stream_id)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            async with self._live_lock:
+                followers = self._live_routes.get(channel)
+                if followers is None or follower not in followers:
+                    return
+                followers.discard(follower)
+                if not followers:
+                    del self._live_routes[channel]
+                    if self._conn is not None:
+                        try:
+                            await self._conn.unsubscribe(channel)
+                        except BackendError as exc:
+                            logger.warning("could not unsubscribe %r: %s", channel, exc)
+
+    # Messages from the backend
+
+    def _dispatch(self, channel: str, message: bytes) -> None:
+        try:
+            tag, payload = p.unpack(message)
+        except ValueError:
+            logger.warning("ignored a malformed message on %r", channel)
+            return
+        if channel == self._inbox:
+            follower = self._listeners.get(payload[0]) if payload else None
+            if follower is not None:
+                follower.deliver(tag, payload)
+        elif tag == p.REQUEST:
+            producer = self._request_routes.get(channel)
+            if producer is not None:
+                producer.on_request(payload)
+        else:
+            for follower in tuple(self._live_routes.get(channel, ())):
+                follower.deliver(tag, payload)
+
+
+def _validate(stream_id: object, make_stream: object, resume_at: object) -> tuple[str, int]:
+    if not callable(make_stream):
+        raise ValueError("make_stream must be a callable returning an async iterable of str")
+    return p.validate_stream_id(stream_id), p.validate_resume_at(resume_at)
+
+
+def create_resumable_stream_context(
+    redis: str | redis.asyncio.Redis | None = None,
+    *,
+    backend: Backend | None = None,
+    key_prefix: str = "resumable-stream",
+    **options: Any,
+) -> ResumableStreamContext:
+    """Make a context on Redis (a URL or a `redis.asyncio.Redis` client) or on a backend.
+
+    With neither, `REDIS_URL` is used if set, else an in-memory backend (streams are then
+    resumable only inside this process). Other options go to `ResumableStreamContext`.
+    """
+    if redis is not None and backend is not None:
+        raise ValueError("pass either redis= or backend=, not both")
+    if backend is None:
+        url = redis if redis is not None else os.environ.get("REDIS_URL") or None
+        if url is None:
+            logger.warning(
+                "resumable_stream: no Redis configured (redis= or REDIS_URL); using an in-memory "
+                "backend, so streams are resumable only inside this process"
+            )
+            backend = MemoryBackend()
+        else:
+            from .redis import RedisBackend
+
+            backend = RedisBackend(url)
+    return ResumableStreamContext(backend=backend, key_prefix=key_prefix, **options)

@@ -1,0 +1,54 @@
+"""Every error this library raises.
+
+Invalid arguments (a bad stream id or offset) raise the builtin `ValueError`. Everything else
+derives from one base class:
+
+    ResumableStreamError
+    ├── StreamFailedError          the producer's generator raised
+    ├── StreamCancelledError       the stream was stopped before it finished
+    ├── StreamIncompleteError      the stream ended but some of its text never arrived
+    ├── ProducerUnavailableError   no producer answered a resume request (also a TimeoutError)
+    └── BackendError               the backend (Redis) failed or could not be reached
+                                   (also a ConnectionError)
+
+Errors of the Redis client are translated at the boundary: callers never see `redis.*`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "ProducerUnavailableError",
+    "ResumableStreamError",
+    "StreamCancelledError",
+    "StreamFailedError",
+    "StreamIncompleteError",
+]
+
+
+class ResumableStreamError(Exception):
+    """Base class of every error the library raises (other than `ValueError` for bad input)."""
+
+
+class StreamFailedError(ResumableStreamError):
+    """Raised by a reader when the producer's generator raised an exception.
+
+    In the producer's own process the original exception is chained as `__cause__`; readers in
+    other processes only learn the exception's type name.
+    """
+
+
+class StreamCancelledError(ResumableStreamError):
+    """Raised by a reader when the stream was stopped before its generator finished."""
+
+
+class StreamIncompleteError(ResumableStreamError):
+    """Raised by a reader when the stream ended but part of its text was lost in transit."""
+
+
+class ProducerUnavailableError(ResumableStreamError, TimeoutError):
+    """Raised when a resume request got no answer in time and the stream is not finished."""
+
+
+class BackendError(ResumableStreamError, ConnectionError):
+    """Raised when the backend failed or could not be reached; the cause is chained."""

@@ -1,0 +1,135 @@
+"""A follower: a reader of a stream produced elsewhere (another context, process or machine).
+
+It merges the replay (sent to its context's inbox) and the live batches (on the stream's live
+channel) by character offset, so overlap between them is dropped and chunk boundaries are kept.
+Live messages that arrive before the replay is complete wait until it is.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from . import _protocol as p
+from ._buffer import Signal
+from ._exceptions import ResumableStreamError, StreamIncompleteError
+from ._producer import end_error
+
+if TYPE_CHECKING:
+    from ._context import ResumableStreamContext
+
+
+class Follower:
+    def __init__(
+        self, context: ResumableStreamContext, stream_id: str, listener: str, resume_at: int
+    ) -> None:
+        self._context = context
+        self.stream_id = stream_id
+        self.listener = listener
+        self.acked = anyio.Event()
+        self._position = resume_at  # text before this offset has been taken
+        self._partial: list[str] = []  # the start of a chunk that continues in the next message
+        self._ready: deque[str] = deque()
+        self._replayed = False
+        self._early: list[tuple[bytes, list[Any]]] = []
+        self._end: tuple[int, str, str | None] | None = None
+        self._error: ResumableStreamError | None = None
+        self._signal = Signal()
+        self._detached = False
+
+    def deliver(self, tag: bytes, payload: list[Any]) -> None:
+        """Called by the context for every message addressed to this follower."""
+        try:
+            if tag == p.REPLAY:
+                _, start, chunks, cont, upto = payload
+                self.acked.set()
+                self._take(start, chunks, cont)
+                if upto is not None:
+                    self._replayed = True
+                    early, self._early = self._early, []
+                    for item in early:
+                        self._apply(*item)
+            elif self._replayed:
+                self._apply(tag, payload)
+            else:
+                self._early.append((tag, payload))
+        except (ValueError, TypeError):
+            self._error = ResumableStreamError(f"malformed message for stream {self.stream_id!r}")
+        self._signal.notify()
+
+    def fail(self, error: ResumableStreamError) -> None:
+        if self._error is None:
+            self._error = error
+        self.acked.set()
+        self._signal.notify()
+
+    def _apply(self, tag: bytes, payload: list[Any]) -> None:
+        if tag == p.LIVE:
+            self._take(*payload)
+        elif tag == p.END:
+            _, length, state, detail = payload
+            self._end = (length, state, detail)
+
+    def _take(self, start: int, chunks: list[str], cont: bool) -> None:
+        last = len(chunks) - 1
+        for i, chunk in enumerate(chunks):
+            end = start + len(chunk)
+            if end > self._position:
+                if start > self._position:
+                    self._error = StreamIncompleteError(
+                        f"stream {self.stream_id!r} lost text between offsets "
+                        f"{self._position} and {start}"
+                    )
+                    return
+                piece = chunk[self._position - start :]
+                self._position = end
+                if cont and i == last:
+                    self._partial.append(piece)
+                else:
+                    if self._partial:
+                        self._partial.append(piece)
+                        piece = "".join(self._partial)
+                        self._partial.clear()
+                    self._ready.append(piece)
+            start = end
+
+    def __aiter__(self) -> Follower:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            if self._ready:
+                return self._ready.popleft()
+            if self._error is not None:
+                error, self._error = self._error, None
+                await self._detach()
+                self._end = (0, p.DONE, None)
+                raise error
+            if self._end is not None:
+                await self._detach()
+                length, state, detail = self._end
+                self._end = (0, p.DONE, None)
+                error = end_error(self.stream_id, state, detail)
+                if error is not None:
+                    raise error
+                if self._position < length:
+                    raise StreamIncompleteError(
+                        f"stream {self.stream_id!r} ended at offset {length} but only "
+                        f"{self._position} characters arrived"
+                    )
+                raise StopAsyncIteration
+            if self._detached:
+                raise StopAsyncIteration
+            await self._signal.wait()
+
+    async def aclose(self) -> None:
+        """Stop following; the producer and every other reader carry on."""
+        self._ready.clear()
+        await self._detach()
+
+    async def _detach(self) -> None:
+        if not self._detached:
+            self._detached = True
+            await self._context._detach_follower(self)

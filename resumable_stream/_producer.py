@@ -1,0 +1,254 @@
+"""The producer: runs the user's generator to completion and serves the stream to readers.
+
+It keeps every chunk in memory. Its own reader reads that buffer directly. Followers elsewhere
+send a request; the producer answers with a replay to their context's inbox, then publishes live
+batches on the stream's one live channel while anybody listens (zero commands per chunk while
+nobody does). Whatever the generator does, the stream ends in a terminal state that is written
+to the backend and announced to followers, with cleanup shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import AsyncIterable, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup
+
+from . import _protocol as p
+from ._buffer import ChunkBuffer, Signal
+from ._exceptions import BackendError, StreamCancelledError, StreamFailedError
+
+if TYPE_CHECKING:
+    from ._context import ResumableStreamContext
+
+logger = logging.getLogger("resumable_stream")
+
+MakeStream = Callable[[], AsyncIterable[str]]
+
+# A source that never awaits would keep every other task (answering resume requests, readers)
+# from running; the producer yields to the event loop after its first chunk and every so many.
+_CHECKPOINT_EVERY = 64
+_CLEANUP_TIMEOUT = 5.0
+
+
+class Producer:
+    def __init__(self, context: ResumableStreamContext, stream_id: str, make_stream: MakeStream):
+        self._context = context
+        self.stream_id = stream_id
+        self._make_stream = make_stream
+        self.buffer = ChunkBuffer()
+        self.changed = Signal()
+        self.state: str | None = None
+        self.error: BaseException | None = None
+        self._request_channel = context._keys.request(stream_id)
+        self._live_channel = context._keys.live(stream_id)
+        self._tg: TaskGroup | None = None
+        # Live publishing: on while somebody follows, from chunk `_live_index` on. `_epoch`
+        # counts requests so a publish that reached nobody only turns it off if no follower
+        # joined while that publish was in flight.
+        self._following = False
+        self._epoch = 0
+        self._live_index = 0
+        self._publishing = False
+        self._published = Signal()
+
+    async def run(self) -> None:
+        context = self._context
+        connection = context._connection()
+        context._request_routes[self._request_channel] = self
+        state = p.CANCELLED
+        try:
+            async with anyio.create_task_group() as self._tg:
+                try:
+                    await connection.subscribe(self._request_channel, wait=False)
+                    await self._pump()
+                    state = p.DONE
+                except Exception as exc:
+                    state = p.FAILED
+                    self.error = exc
+                    logger.warning("stream %r failed", self.stream_id, exc_info=exc)
+                finally:
+                    self.state = state
+                    self.changed.notify()
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+                        await self._finish(state)
+        finally:
+            context._request_routes.pop(self._request_channel, None)
+            context._producer_finished(self)
+
+    async def _pump(self) -> None:
+        buffer = self.buffer
+        notify = self.changed.notify
+        count = 0
+        source = self._make_stream()
+        if not hasattr(source, "__aiter__"):
+            raise TypeError(f"make_stream() must return an async iterable, not {source!r}")
+        iterator = source.__aiter__()
+        async with aclosing(iterator) if hasattr(iterator, "aclose") else _nullcontext():
+            async for chunk in iterator:
+                if type(chunk) is not str:
+                    if not isinstance(chunk, str):
+                        raise TypeError(f"streams yield str chunks, not {type(chunk).__name__}")
+                    chunk = str(chunk)
+                if chunk:
+                    buffer.append(chunk)
+                    notify()
+                count += 1
+                if count == 1 or count % _CHECKPOINT_EVERY == 0:
+                    await anyio.lowlevel.checkpoint()
+
+    async def _finish(self, state: str) -> None:
+        connection = self._context._connection()
+        keys = self._context._keys
+        while self._publishing:
+            await self._published.wait()
+        detail = type(self.error).__name__ if self.error is not None else None
+        try:
+            await connection.set(keys.sentinel(self.stream_id), p.sentinel_value(state),
+                                 self._context._ttl)
+            if self._following:
+                end = p.pack(p.END, [None, self.buffer.length, state, detail])
+                await connection.publish(self._live_channel, end)
+            await connection.unsubscribe(self._request_channel)
+        except BackendError as exc:
+            logger.warning("could not record the end of stream %r: %s", self.stream_id, exc)
+
+    def on_request(self, payload: list[Any]) -> None:
+        try:
+            listener, inbox, resume_at = payload
+            resume_at = p.validate_resume_at(resume_at)
+            if not (isinstance(listener, str) and isinstance(inbox, str)):
+                raise ValueError("bad request")
+        except ValueError:
+            logger.warning("ignored a malformed resume request for %r", self.stream_id)
+            return
+        if self._tg is not None:
+            self._tg.start_soon(self._serve, listener, inbox, resume_at)
+
+    async def _serve(self, listener: str, inbox: str, resume_at: int) -> None:
+        buffer = self.buffer
+        length, stop = buffer.length, len(buffer.chunks)
+        state = self.state
+        if state is None:
+            self._epoch += 1
+            if not self._following:
+                self._following = True
+                self._live_index = stop
+            if not self._publishing:
+                self._publishing = True
+                assert self._tg is not None
+                self._tg.start_soon(self._publish_live)
+        connection = self._context._connection()
+        limit = self._context._max_message_size
+        start = min(resume_at, length)
+        pieces = list(p.split_pieces(buffer.slice(resume_at, stop), start, limit))
+        if not pieces:
+            pieces = [(start, [], False)]
+        try:
+            for i, (offset, chunks, cont) in enumerate(pieces):
+                upto = length if i == len(pieces) - 1 else None
+                await connection.publish(inbox, p.pack(p.REPLAY, [listener, offset, chunks, cont, upto]))
+            if state is not None:
+                detail = type(self.error).__name__ if self.error is not None else None
+                await connection.publish(inbox, p.pack(p.END, [listener, length, state, detail]))
+        except BackendError as exc:
+            logger.warning("could not answer a resume request for %r: %s", self.stream_id, exc)
+
+    async def _publish_live(self) -> None:
+        connection = self._context._connection()
+        limit = self._context._max_message_size
+        buffer = self.buffer
+        try:
+            while True:
+                while self._live_index == len(buffer.chunks):
+                    if self.state is not None:
+                        return
+                    await self.changed.wait()
+                index, stop = self._live_index, len(buffer.chunks)
+                self._live_index = stop
+                epoch = self._epoch
+                receivers = 0
+                for offset, chunks, cont in p.split_pieces(
+                    buffer.chunks[index:stop], buffer.start_of(index), limit
+                ):
+                    receivers = await connection.publish(
+                        self._live_channel, p.pack(p.LIVE, [offset, chunks, cont])
+                    )
+                if receivers == 0 and epoch == self._epoch:
+                    self._following = False
+                    return
+        except BackendError as exc:
+            logger.warning("could not publish stream %r to followers: %s", self.stream_id, exc)
+        finally:
+            self._publishing = False
+            self._published.notify()
+
+    def reader(self, resume_at: int) -> ProducerReader:
+        return ProducerReader(self, resume_at)
+
+
+class _nullcontext:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def end_error(stream_id: str, state: str, detail: str | None) -> Exception | None:
+    """The exception a reader raises for a stream that ended in `state`, or None if done."""
+    if state == p.FAILED:
+        cause = f": its generator raised {detail}" if detail else ""
+        return StreamFailedError(f"stream {stream_id!r} failed{cause}")
+    if state == p.CANCELLED:
+        return StreamCancelledError(f"stream {stream_id!r} was cancelled")
+    return None
+
+
+class ProducerReader:
+    """The producer's own reader: reads the in-memory buffer, taking every new chunk per wake-up."""
+
+    def __init__(self, producer: Producer, resume_at: int) -> None:
+        self._producer = producer
+        self._offset = resume_at
+        self._index: int | None = None  # next chunk to take, once the buffer reached the offset
+        self._ready: deque[str] = deque()
+        self._closed = False
+
+    def __aiter__(self) -> ProducerReader:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._ready:
+            return self._ready.popleft()
+        producer = self._producer
+        buffer = producer.buffer
+        while not self._closed:
+            if self._index is None:
+                if buffer.length > self._offset:
+                    self._ready.extend(buffer.slice(self._offset))
+                    self._index = len(buffer.chunks)
+            elif self._index < len(buffer.chunks):
+                self._ready.extend(buffer.chunks[self._index :])
+                self._index = len(buffer.chunks)
+            if self._ready:
+                return self._ready.popleft()
+            if producer.state is not None:
+                self._closed = True
+                detail = type(producer.error).__name__ if producer.error else None
+                error = end_error(producer.stream_id, producer.state, detail)
+                if error is not None:
+                    raise error from producer.error
+                break
+            await producer.changed.wait()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop reading; the producer carries on for everybody else."""
+        self._closed = True
+        self._ready.clear()
