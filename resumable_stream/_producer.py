@@ -44,6 +44,9 @@ class Producer:
         self.buffer = ChunkBuffer()
         self.changed = Signal()
         self.state: str | None = None
+        # Readers end only once the terminal state is recorded, so whoever saw the end and asks
+        # the backend next finds the stream finished.
+        self.settled = False
         self.error: BaseException | None = None
         self._request_channel = context._keys.request(stream_id)
         self._live_channel = context._keys.live(stream_id)
@@ -77,6 +80,8 @@ class Producer:
                     self.changed.notify()
                     with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                         await self._finish(state)
+                    self.settled = True
+                    self.changed.notify()
         finally:
             context._request_routes.pop(self._request_channel, None)
             context._producer_finished(self)
@@ -238,7 +243,7 @@ class ProducerReader:
                 self._index = len(buffer.chunks)
             if self._ready:
                 return self._ready.popleft()
-            if producer.state is not None:
+            if producer.settled:
                 self._closed = True
                 detail = type(producer.error).__name__ if producer.error else None
                 error = end_error(producer.stream_id, producer.state, detail)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 
@@ -17,6 +17,7 @@ import anyio
 import redis.asyncio
 import redis.exceptions
 from anyio.abc import TaskGroup
+from redis.asyncio.client import Pipeline
 
 from ._backend import Connection, MessageHandler
 from ._buffer import Signal
@@ -68,27 +69,28 @@ class RedisBackend:
         else:
             assert self._client is not None
             client = self._client
+        connection = _RedisConnection(client, on_message)
         try:
             async with anyio.create_task_group() as tg:
-                connection = _RedisConnection(client, on_message)
                 await connection.start(tg)
                 try:
                     yield connection
                 finally:
+                    connection.closing()
                     tg.cancel_scope.cancel()
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                        await connection.close()
         finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await connection.close()
             if self._url is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     await client.aclose()
 
 
 class _Pending:
-    __slots__ = ("args", "done", "error", "result")
+    __slots__ = ("command", "done", "error", "result")
 
-    def __init__(self, args: tuple[Any, ...]) -> None:
-        self.args = args
+    def __init__(self, command: Callable[[Pipeline], object]) -> None:
+        self.command = command
         self.done = anyio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
@@ -116,17 +118,20 @@ class _RedisConnection:
         tg.start_soon(self._send_commands)
         tg.start_soon(self._read_messages)
 
-    async def close(self) -> None:
+    def closing(self) -> None:
         self._closed = True
         self._fail_pending(BackendError("the context was closed"))
+
+    async def close(self) -> None:
+        self.closing()
         await self._pubsub.aclose()
 
     # Commands: queued, then sent together by one task.
 
-    def _enqueue(self, *args: Any) -> _Pending:
+    def _enqueue(self, command: Callable[[Pipeline], object]) -> _Pending:
         if self._closed:
             raise BackendError("the context was closed")
-        pending = _Pending(args)
+        pending = _Pending(command)
         self._queue.append(pending)
         self._queued.notify()
         return pending
@@ -145,7 +150,7 @@ class _RedisConnection:
             batch, self._queue = self._queue, []
             pipe = self._client.pipeline(transaction=False)
             for pending in batch:
-                pipe.execute_command(*pending.args)
+                pending.command(pipe)
             try:
                 with map_exceptions():
                     results = await pipe.execute(raise_on_error=False)
@@ -171,8 +176,8 @@ class _RedisConnection:
             pending.done.set()
 
     async def incr(self, key: str, ttl: int) -> int | None:
-        incr = self._enqueue("INCR", key)
-        expire = self._enqueue("EXPIRE", key, ttl)
+        incr = self._enqueue(lambda pipe: pipe.incr(key))
+        expire = self._enqueue(lambda pipe: pipe.expire(key, ttl))
         try:
             value = await self._result(incr)
         except redis.exceptions.ResponseError:
@@ -184,19 +189,19 @@ class _RedisConnection:
 
     async def get(self, key: str) -> str | None:
         with map_exceptions():
-            return _text(await self._result(self._enqueue("GET", key)))
+            return _text(await self._result(self._enqueue(lambda pipe: pipe.get(key))))
 
     async def set(self, key: str, value: str, ttl: int) -> None:
         with map_exceptions():
-            await self._result(self._enqueue("SET", key, value, "EX", ttl))
+            await self._result(self._enqueue(lambda pipe: pipe.set(key, value, ex=ttl)))
 
     async def swap(self, key: str, value: str, ttl: int) -> str | None:
         with map_exceptions():
-            return _text(await self._result(self._enqueue("SET", key, value, "EX", ttl, "GET")))
+            return _text(await self._result(self._enqueue(lambda pipe: pipe.set(key, value, ex=ttl, get=True))))
 
     async def publish(self, channel: str, message: bytes) -> int:
         with map_exceptions():
-            return int(await self._result(self._enqueue("PUBLISH", channel, message)))
+            return int(await self._result(self._enqueue(lambda pipe: pipe.publish(channel, message))))
 
     # Pub/sub: commands written under a lock (redis-py's PubSub is not safe for concurrent
     # subscribes), confirmations and messages read by one task.

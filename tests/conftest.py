@@ -1,0 +1,162 @@
+"""Test harness: every contract test runs on each backend.
+
+- `memory` and `memory-trio`: the in-process backend, under asyncio and under trio;
+- `fakeredis`: the Redis backend on fakeredis clients sharing one `FakeServer`;
+- `redis`: the Redis backend on a real `redis-server` that this session starts on a free
+  loopback port (or `REDIS_URL`). Set `RESUMABLE_STREAM_REQUIRE_REDIS=1` (CI does) to fail
+  instead of skipping when no server can be had.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import resumable_stream as rs
+
+FLAVORS = ["memory", "memory-trio", "fakeredis", "redis"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int | None
+    process: subprocess.Popen[bytes] | None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def start_redis_server(port: int | None = None, *args: str) -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed")
+    port = port or _free_port()
+    workdir = tempfile.mkdtemp(prefix="rs-redis-")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", workdir, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not _ping(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"redis-server did not start on port {port}")
+        time.sleep(0.02)
+    return RedisServer(f"redis://127.0.0.1:{port}/0", port, process)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    if os.environ.get("REDIS_URL"):
+        yield RedisServer(os.environ["REDIS_URL"], None, None)
+        return
+    try:
+        server = start_redis_server()
+    except (FileNotFoundError, RuntimeError) as exc:
+        if os.environ.get("RESUMABLE_STREAM_REQUIRE_REDIS"):
+            pytest.fail(f"a real Redis is required but could not be started: {exc}")
+        pytest.skip(f"no real Redis: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=FLAVORS)
+def flavor(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def anyio_backend(flavor: str) -> str:
+    return "trio" if flavor == "memory-trio" else "asyncio"
+
+
+@dataclass
+class Workers:
+    """Two workers (contexts) sharing one backend, as two processes share one Redis."""
+
+    P: rs.ResumableStreamContext
+    C: rs.ResumableStreamContext
+    flavor: str
+    prefix: str
+    backends: tuple[rs.Backend, rs.Backend]
+    redis_client: Any = None  # a raw client on the same server, for inspection
+
+    async def ttl(self, key: str) -> float | None:
+        backend = self.backends[0]
+        if isinstance(backend, rs.MemoryBackend):
+            return backend.ttl(key)
+        ttl = await self.redis_client.ttl(key)
+        return None if ttl == -2 else float(ttl)
+
+    def context(self, backend_index: int = 1, **options: Any) -> rs.ResumableStreamContext:
+        options.setdefault("drain_timeout", 2.0)
+        return rs.ResumableStreamContext(
+            backend=self.backends[backend_index], key_prefix=self.prefix, **options
+        )
+
+
+def make_backends(flavor: str, request: pytest.FixtureRequest) -> tuple[Any, Any, Any]:
+    if flavor.startswith("memory"):
+        backend = rs.MemoryBackend()
+        return backend, backend, None
+    from resumable_stream.redis import RedisBackend
+
+    if flavor == "fakeredis":
+        from fakeredis import FakeAsyncRedis, FakeServer
+
+        server = FakeServer()
+        return (
+            RedisBackend(FakeAsyncRedis(server=server)),
+            RedisBackend(FakeAsyncRedis(server=server)),
+            FakeAsyncRedis(server=server),
+        )
+    import redis.asyncio
+
+    url = request.getfixturevalue("redis_server").url
+    return RedisBackend(url), RedisBackend(url), redis.asyncio.Redis.from_url(url)
+
+
+@pytest.fixture
+async def workers(flavor: str, request: pytest.FixtureRequest) -> AsyncIterator[Workers]:
+    backend_p, backend_c, client = make_backends(flavor, request)
+    prefix = f"test-{uuid.uuid4().hex}"
+    options = getattr(request, "param", {})
+    options.setdefault("drain_timeout", 2.0)
+    async with rs.ResumableStreamContext(
+        backend=backend_p, key_prefix=prefix, **options
+    ) as P, rs.ResumableStreamContext(backend=backend_c, key_prefix=prefix, **options) as C:
+        yield Workers(P, C, flavor, prefix, (backend_p, backend_c), client)
+    if client is not None:
+        await client.aclose()

@@ -1,0 +1,72 @@
+"""A hand-driven source and bounded readers, like the reference suite's testing utilities."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+import resumable_stream as rs
+
+READ_TIMEOUT = 5.0
+
+
+class TestingSource:
+    """A source the test writes to by hand: `write(chunk)`, `close()`, `fail(exc)`."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        send: MemoryObjectSendStream[str | BaseException]
+        receive: MemoryObjectReceiveStream[str | BaseException]
+        send, receive = anyio.create_memory_object_stream(math.inf)
+        self._send = send
+        self._receive = receive
+        self.calls = 0
+        self.finished = anyio.Event()
+
+    def write(self, chunk: str) -> None:
+        self._send.send_nowait(chunk)
+
+    def fail(self, exc: BaseException) -> None:
+        self._send.send_nowait(exc)
+
+    def close(self) -> None:
+        self._send.close()
+
+    def make(self) -> AsyncIterator[str]:
+        self.calls += 1
+        return self._generate()
+
+    async def _generate(self) -> AsyncIterator[str]:
+        try:
+            async with self._receive:
+                async for item in self._receive:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            self.finished.set()
+
+
+def never_called() -> AsyncIterator[str]:
+    raise AssertionError("make_stream should never be called")
+
+
+async def read(stream: rs.ResumableStream | None, max_reads: int | None = None) -> str:
+    """Read up to `max_reads` chunks (all by default), each within READ_TIMEOUT; join them."""
+    return "".join(await read_chunks(stream, max_reads))
+
+
+async def read_chunks(stream: rs.ResumableStream | None, max_reads: int | None = None) -> list[str]:
+    assert stream is not None, "stream should not be None"
+    chunks: list[str] = []
+    while max_reads is None or len(chunks) < max_reads:
+        with anyio.fail_after(READ_TIMEOUT):
+            try:
+                chunks.append(await stream.__anext__())
+            except StopAsyncIteration:
+                break
+    return chunks
