@@ -64,8 +64,10 @@ class ResumableStreamContext:
             raise ValueError(f"ttl must be a positive int (seconds), got {ttl!r}")
         if not resume_timeout > 0:
             raise ValueError(f"resume_timeout must be > 0, got {resume_timeout!r}")
-        if isinstance(max_message_size, bool) or not isinstance(max_message_size, int) or (
-            max_message_size < 1
+        if (
+            isinstance(max_message_size, bool)
+            or not isinstance(max_message_size, int)
+            or (max_message_size < 1)
         ):
             raise ValueError(f"max_message_size must be a positive int, got {max_message_size!r}")
         if not drain_timeout >= 0:

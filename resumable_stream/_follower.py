@@ -111,9 +111,9 @@ class Follower:
                 await self._detach()
                 length, state, detail = self._end
                 self._end = (0, p.DONE, None)
-                error = end_error(self.stream_id, state, detail)
-                if error is not None:
-                    raise error
+                ended = end_error(self.stream_id, state, detail)
+                if ended is not None:
+                    raise ended
                 if self._position < length:
                     raise StreamIncompleteError(
                         f"stream {self.stream_id!r} ended at offset {length} but only "

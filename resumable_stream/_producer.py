@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import AsyncIterable, Callable
-from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -94,7 +93,7 @@ class Producer:
         if not hasattr(source, "__aiter__"):
             raise TypeError(f"make_stream() must return an async iterable, not {source!r}")
         iterator = source.__aiter__()
-        async with aclosing(iterator) if hasattr(iterator, "aclose") else _nullcontext():
+        try:
             async for chunk in iterator:
                 if type(chunk) is not str:
                     if not isinstance(chunk, str):
@@ -106,6 +105,10 @@ class Producer:
                 count += 1
                 if count == 1 or count % _CHECKPOINT_EVERY == 0:
                     await anyio.lowlevel.checkpoint()
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def _finish(self, state: str) -> None:
         connection = self._context._connection()
@@ -114,8 +117,9 @@ class Producer:
             await self._published.wait()
         detail = type(self.error).__name__ if self.error is not None else None
         try:
-            await connection.set(keys.sentinel(self.stream_id), p.sentinel_value(state),
-                                 self._context._ttl)
+            await connection.set(
+                keys.sentinel(self.stream_id), p.sentinel_value(state), self._context._ttl
+            )
             if self._following:
                 end = p.pack(p.END, [None, self.buffer.length, state, detail])
                 await connection.publish(self._live_channel, end)
@@ -157,7 +161,9 @@ class Producer:
         try:
             for i, (offset, chunks, cont) in enumerate(pieces):
                 upto = length if i == len(pieces) - 1 else None
-                await connection.publish(inbox, p.pack(p.REPLAY, [listener, offset, chunks, cont, upto]))
+                await connection.publish(
+                    inbox, p.pack(p.REPLAY, [listener, offset, chunks, cont, upto])
+                )
             if state is not None:
                 detail = type(self.error).__name__ if self.error is not None else None
                 await connection.publish(inbox, p.pack(p.END, [listener, length, state, detail]))
@@ -195,14 +201,6 @@ class Producer:
 
     def reader(self, resume_at: int) -> ProducerReader:
         return ProducerReader(self, resume_at)
-
-
-class _nullcontext:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
 
 def end_error(stream_id: str, state: str, detail: str | None) -> Exception | None:
@@ -244,6 +242,7 @@ class ProducerReader:
             if self._ready:
                 return self._ready.popleft()
             if producer.settled:
+                assert producer.state is not None
                 self._closed = True
                 detail = type(producer.error).__name__ if producer.error else None
                 error = end_error(producer.stream_id, producer.state, detail)

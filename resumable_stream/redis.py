@@ -17,6 +17,7 @@ import anyio
 import redis.asyncio
 import redis.exceptions
 from anyio.abc import TaskGroup
+from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from ._backend import Connection, MessageHandler
@@ -48,10 +49,10 @@ class RedisBackend:
     is closed with the last context using it. TLS (`rediss://`) and ACL credentials go in the URL.
     """
 
-    def __init__(self, redis: str | redis.asyncio.Redis) -> None:
+    def __init__(self, redis: str | Redis) -> None:
         if isinstance(redis, str):
             self._url: str | None = redis
-            self._client: redis.asyncio.Redis | None = None
+            self._client: Redis | None = None
         else:
             self._url = None
             self._client = redis
@@ -65,7 +66,7 @@ class RedisBackend:
     @asynccontextmanager
     async def _connect(self, on_message: MessageHandler) -> AsyncIterator[Connection]:
         if self._url is not None:
-            client = redis.asyncio.Redis.from_url(self._url)
+            client = Redis.from_url(self._url)
         else:
             assert self._client is not None
             client = self._client
@@ -101,7 +102,7 @@ def _text(value: Any) -> str | None:
 
 
 class _RedisConnection:
-    def __init__(self, client: redis.asyncio.Redis, on_message: MessageHandler) -> None:
+    def __init__(self, client: Redis, on_message: MessageHandler) -> None:
         self._client = client
         self._on_message = on_message
         self._pubsub = client.pubsub()
@@ -114,7 +115,7 @@ class _RedisConnection:
 
     async def start(self, tg: TaskGroup) -> None:
         with map_exceptions():
-            await self._pubsub.connect()
+            await self._pubsub.connect()  # type: ignore[no-untyped-call]
         tg.start_soon(self._send_commands)
         tg.start_soon(self._read_messages)
 
@@ -124,7 +125,7 @@ class _RedisConnection:
 
     async def close(self) -> None:
         self.closing()
-        await self._pubsub.aclose()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # Commands: queued, then sent together by one task.
 
@@ -162,7 +163,7 @@ class _RedisConnection:
                 if isinstance(exc, BackendError):
                     continue
                 raise
-            for pending, result in zip(batch, results):
+            for pending, result in zip(batch, results, strict=True):
                 if isinstance(result, Exception):
                     pending.error = result
                 else:
@@ -197,11 +198,17 @@ class _RedisConnection:
 
     async def swap(self, key: str, value: str, ttl: int) -> str | None:
         with map_exceptions():
-            return _text(await self._result(self._enqueue(lambda pipe: pipe.set(key, value, ex=ttl, get=True))))
+            return _text(
+                await self._result(
+                    self._enqueue(lambda pipe: pipe.set(key, value, ex=ttl, get=True))
+                )
+            )
 
     async def publish(self, channel: str, message: bytes) -> int:
         with map_exceptions():
-            return int(await self._result(self._enqueue(lambda pipe: pipe.publish(channel, message))))
+            return int(
+                await self._result(self._enqueue(lambda pipe: pipe.publish(channel, message)))
+            )
 
     # Pub/sub: commands written under a lock (redis-py's PubSub is not safe for concurrent
     # subscribes), confirmations and messages read by one task.
@@ -258,7 +265,9 @@ class _RedisConnection:
                 self._confirmations.clear()
                 delay = _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
                 failures += 1
-                logger.warning("Redis subscriber connection failed (%s); retrying in %ss", exc, delay)
+                logger.warning(
+                    "Redis subscriber connection failed (%s); retrying in %ss", exc, delay
+                )
                 await anyio.sleep(delay)
                 continue
             if self._pubsub_error is not None:
@@ -279,5 +288,5 @@ class _RedisConnection:
                 except Exception:
                     logger.exception("message handler failed")
             elif kind in (b"subscribe", b"unsubscribe"):
-                await pubsub.handle_message(response)
+                await pubsub.handle_message(response)  # type: ignore[no-untyped-call]
                 self._confirm(kind, _text(response[1]) or "")

@@ -61,8 +61,20 @@ def start_redis_server(port: int | None = None, *args: str) -> RedisServer:
     port = port or _free_port()
     workdir = tempfile.mkdtemp(prefix="rs-redis-")
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, *args],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            *args,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -154,9 +166,10 @@ async def workers(flavor: str, request: pytest.FixtureRequest) -> AsyncIterator[
     prefix = f"test-{uuid.uuid4().hex}"
     options = getattr(request, "param", {})
     options.setdefault("drain_timeout", 2.0)
-    async with rs.ResumableStreamContext(
-        backend=backend_p, key_prefix=prefix, **options
-    ) as P, rs.ResumableStreamContext(backend=backend_c, key_prefix=prefix, **options) as C:
+    async with (
+        rs.ResumableStreamContext(backend=backend_p, key_prefix=prefix, **options) as P,
+        rs.ResumableStreamContext(backend=backend_c, key_prefix=prefix, **options) as C,
+    ):
         yield Workers(P, C, flavor, prefix, (backend_p, backend_c), client)
     if client is not None:
         await client.aclose()
