@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -27,6 +28,10 @@ class TestingSource:
         self.calls = 0
         self.finished = anyio.Event()
 
+    def __del__(self) -> None:
+        self._send.close()
+        self._receive.close()
+
     def write(self, chunk: str) -> None:
         self._send.send_nowait(chunk)
 
@@ -49,6 +54,17 @@ class TestingSource:
                     yield item
         finally:
             self.finished.set()
+
+
+async def poll_until(
+    probe: Callable[[], Awaitable[object]], expected: object, timeout: float = 5.0
+) -> None:
+    """Poll backend state (which has no event to wait on) until it reads `expected`."""
+    with anyio.fail_after(timeout):
+        for _ in itertools.count():
+            if await probe() == expected:
+                return
+            await anyio.sleep(0.001)
 
 
 def never_called() -> AsyncIterator[str]:

@@ -1,0 +1,380 @@
+"""The numbered semantics of the core issue, on every backend."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import resumable_stream as rs
+
+from .conftest import Workers
+from .helpers import TestingSource, never_called, poll_until, read, read_chunks
+
+pytestmark = pytest.mark.anyio
+
+
+# 1. Election and producer lifetime
+
+
+async def test_exactly_one_producer_among_many_concurrent_callers(workers: Workers) -> None:
+    source = TestingSource()
+    results: list[str] = []
+
+    async def call(ctx: rs.ResumableStreamContext) -> None:
+        stream = await ctx.resumable_stream("race", source.make)
+        results.append(await read(stream))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(call, workers.P if i % 2 else workers.C)
+            source.write("a")
+            source.write("b")
+            source.close()
+    assert source.calls == 1
+    assert results == ["ab"] * 20
+
+
+async def test_producer_outlives_its_reader(workers: Workers) -> None:
+    source = TestingSource()
+    stream = await workers.P.resumable_stream("s", source.make)
+    assert stream is not None
+    source.write("1")
+    assert await read(stream, 1) == "1"
+    await stream.aclose()
+    source.write("2")
+    source.close()
+    with anyio.fail_after(5):
+        await source.finished.wait()
+        await poll_until(lambda: workers.C.has_existing_stream("s"), "DONE")
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
+
+
+async def test_producer_runs_in_the_context_not_the_caller(workers: Workers) -> None:
+    source = TestingSource()
+    with anyio.CancelScope() as scope:
+        stream = await workers.P.resumable_stream("s", source.make)
+        scope.cancel()
+    assert stream is not None
+    source.write("still")
+    follower = await workers.C.resume_existing_stream("s")
+    source.write(" running")
+    source.close()
+    assert await read(stream) == "still running"
+    assert await read(follower) == "still running"
+
+
+# 2. Every reader gets exactly full_text[resume_at:]
+
+
+@pytest.mark.parametrize("resume_at", [0, 1, 3, 4, 5, 9, 10, 11, 100])
+async def test_resume_at_anywhere(workers: Workers, resume_at: int) -> None:
+    """Offsets mid-chunk, beyond what is buffered, and beyond the end; for both kinds of reader."""
+    full = "abcd" + "efg" + "hij"
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make, resume_at)
+    source.write("abcd")
+    follower = await workers.C.resumable_stream("s", never_called, resume_at)
+    source.write("efg")
+    source.write("hij")
+    source.close()
+    assert await read(own) == full[resume_at:]
+    assert await read(follower) == full[resume_at:]
+
+
+async def test_offsets_count_python_characters(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("😀é")
+    source.write("𝄞x")
+    assert await read(own, 2) == "😀é𝄞x"
+    follower = await workers.C.resumable_stream("s", never_called, 3)
+    source.write("ü")
+    source.close()
+    assert await read(follower) == "xü"
+
+
+async def test_a_reader_waits_for_an_offset_not_yet_produced(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("ab")
+    assert await read(own, 1) == "ab"
+    follower = await workers.C.resumable_stream("s", never_called, 5)
+    assert follower is not None
+    got: list[str] = []
+
+    async def consume() -> None:
+        got.extend(await read_chunks(follower))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consume)
+        source.write("cd")
+        source.write("efgh")
+        source.close()
+    assert got == ["fgh"]
+
+
+# 3. Chunk boundaries survive live delivery and replay
+
+
+async def test_chunk_boundaries_are_preserved(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    for chunk in ("alpha ", "beta ", "gamma "):
+        source.write(chunk)
+    assert await read_chunks(own, 3) == ["alpha ", "beta ", "gamma "]
+    follower = await workers.C.resumable_stream("s", never_called, 8)
+    source.write("delta ")
+    source.write("eps")
+    source.close()
+    assert await read_chunks(follower) == ["ta ", "gamma ", "delta ", "eps"]
+    assert await read_chunks(own) == ["delta ", "eps"]
+
+
+@pytest.mark.parametrize("workers", [{"max_message_size": 7}], indirect=True)
+async def test_chunks_larger_than_a_message_are_split_and_rejoined(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    big = "0123456789" * 3
+    source.write(big)
+    source.write("xy")
+    assert await read_chunks(own, 2) == [big, "xy"]
+    follower = await workers.C.resumable_stream("s", never_called, 4)
+    source.write("z" * 20)
+    source.write("!")
+    source.close()
+    assert await read_chunks(follower) == [big[4:], "xy", "z" * 20, "!"]
+
+
+# 4. Requests are answered whatever the timing, and never hang
+
+
+async def test_request_before_the_producer_subscribed(workers: Workers) -> None:
+    for i in range(10):
+        source = TestingSource()
+        own = await workers.P.create_new_resumable_stream(f"s{i}", source.make)
+        follower = await workers.C.resume_existing_stream(f"s{i}")
+        source.write("x")
+        source.close()
+        assert await read(own) == "x"
+        assert await read(follower) == "x"
+
+
+async def test_a_source_that_never_awaits_does_not_starve_followers(workers: Workers) -> None:
+    stop = False
+    produced: list[str] = []
+
+    async def busy() -> AsyncIterator[str]:
+        i = 0
+        while not stop:  # never awaits: only the producer's own checkpoints let others run
+            chunk = f"{i},"
+            produced.append(chunk)
+            yield chunk
+            i += 1
+
+    own = await workers.P.resumable_stream("s", busy)
+    assert own is not None
+    with anyio.fail_after(10):
+        follower = await workers.C.resume_existing_stream("s", 5)
+    stop = True
+    full = "".join(await read_chunks(own))
+    assert full == "".join(produced)
+    assert await read(follower) == full[5:]
+
+
+@pytest.mark.parametrize("workers", [{"resume_timeout": 0.2}], indirect=True)
+async def test_no_producer_answering_raises_instead_of_hanging(workers: Workers) -> None:
+    # A sentinel whose producer is gone: nobody listens on the request channel.
+    key = f"{workers.prefix}:v1:sentinel:orphan"
+    await workers.P._connection().set(key, "1", 60)
+    with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
+        await workers.C.resume_existing_stream("orphan")
+    with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
+        await workers.C.resumable_stream("orphan", never_called)
+    # A producer that is subscribed but never answers (its process hung).
+    source = TestingSource()
+    own = await workers.P.create_new_resumable_stream("mute", source.make)
+    with anyio.fail_after(5):
+        while not workers.P._request_routes:
+            await anyio.lowlevel.checkpoint()
+    workers.P._request_routes.clear()
+    with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
+        await workers.C.resume_existing_stream("mute")
+    source.close()
+    assert await read(own) == ""
+
+
+async def test_resuming_a_stream_that_finished_meanwhile_gives_none(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("x")
+    source.close()
+    assert await read(own) == "x"
+    assert await workers.C.resume_existing_stream("s") is None
+    assert await workers.C.resumable_stream("s", never_called) is None
+    assert await workers.C.has_existing_stream("s") == "DONE"
+
+
+# 5. A failing generator ends every reader with an error and disturbs nothing else
+
+
+async def test_generator_failure_reaches_every_reader(workers: Workers) -> None:
+    failing, healthy = TestingSource(), TestingSource()
+    own = await workers.P.resumable_stream("bad", failing.make)
+    other = await workers.P.resumable_stream("good", healthy.make)
+    failing.write("partial ")
+    assert await read(own, 1) == "partial "
+    follower = await workers.C.resumable_stream("bad", never_called)
+    failing.fail(KeyError("boom"))
+    with pytest.raises(rs.StreamFailedError) as own_error:
+        await read(own)
+    assert isinstance(own_error.value.__cause__, KeyError)
+    assert await read(follower, 1) == "partial "
+    with pytest.raises(rs.StreamFailedError, match="KeyError"):
+        await read(follower)
+    assert await workers.C.has_existing_stream("bad") == "DONE"
+    assert await workers.C.resumable_stream("bad", never_called) is None
+    healthy.write("fine")
+    healthy.close()
+    assert await read(other) == "fine"
+
+
+async def test_make_stream_raising_or_returning_garbage_fails_the_stream(workers: Workers) -> None:
+    def raises() -> AsyncIterator[str]:
+        raise RuntimeError("cannot start")
+
+    def not_iterable() -> AsyncIterator[str]:
+        return 42  # type: ignore[return-value]
+
+    async def yields_bytes() -> AsyncIterator[str]:
+        yield b"bytes"  # type: ignore[misc]
+
+    for i, make in enumerate((raises, not_iterable, yields_bytes)):
+        stream = await workers.P.resumable_stream(f"s{i}", make)
+        with pytest.raises(rs.StreamFailedError):
+            await read(stream)
+        assert await workers.C.has_existing_stream(f"s{i}") == "DONE"
+
+
+# 6. A follower closing detaches only itself
+
+
+async def test_follower_close_detaches_only_itself(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("1")
+    quitter = await workers.C.resumable_stream("s", never_called)
+    stayer = await workers.C.resumable_stream("s", never_called)
+    elsewhere = await workers.P.resume_existing_stream("s")
+    assert await read(quitter, 1) == "1"
+    assert quitter is not None
+    await quitter.aclose()
+    source.write("2")
+    source.write("3")
+    source.close()
+    assert await read(stayer) == "123"
+    assert await read(elsewhere) == "123"
+    assert await read(own) == "123"
+    assert await read(quitter) == ""
+
+
+async def test_no_subscription_left_once_followers_are_gone(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("1")
+    follower = await workers.C.resumable_stream("s", never_called)
+    assert follower is not None
+    assert await read(follower, 1) == "1"
+    await follower.aclose()
+    source.close()
+    assert await read(own) == "1"
+    if isinstance(workers.backends[0], rs.MemoryBackend):
+        channels = workers.backends[0].channels()
+    else:
+        raw = await workers.redis_client.pubsub_channels(f"{workers.prefix}:*")
+        channels = {c.decode(): 1 for c in raw}
+    assert [c for c in channels if ":inbox:" not in c] == []
+
+
+# 7. Stream ids and arguments
+
+
+@pytest.mark.parametrize(
+    "stream_id", ["", "x" * 257, None, 42, b"bytes", "lone \ud800 surrogate"], ids=repr
+)
+async def test_invalid_stream_ids_raise_value_error(workers: Workers, stream_id: object) -> None:
+    source = TestingSource()
+    with pytest.raises(ValueError, match="stream_id"):
+        await workers.P.resumable_stream(stream_id, source.make)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stream_id"):
+        await workers.P.resume_existing_stream(stream_id)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stream_id"):
+        await workers.P.has_existing_stream(stream_id)  # type: ignore[arg-type]
+    assert source.calls == 0
+
+
+@pytest.mark.parametrize("resume_at", [-1, 1.5, "3", True, math.inf], ids=repr)
+async def test_invalid_offsets_raise_value_error(workers: Workers, resume_at: object) -> None:
+    with pytest.raises(ValueError, match="resume_at"):
+        await workers.P.resumable_stream("s", never_called, resume_at)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="resume_at"):
+        await workers.P.resume_existing_stream("s", resume_at)  # type: ignore[arg-type]
+    assert await workers.P.has_existing_stream("s") is None
+
+
+@pytest.mark.parametrize("stream_id", ["a*", "b?", "[c]", "{d}", "e:f", "x" * 256, "ü 😀"])
+async def test_ids_with_pattern_characters_are_safe(workers: Workers, stream_id: str) -> None:
+    source, decoy = TestingSource(), TestingSource()
+    own = await workers.P.resumable_stream(stream_id, source.make)
+    other = await workers.P.resumable_stream(stream_id[:-1] + "z", decoy.make)
+    follower = await workers.C.resumable_stream(stream_id, never_called)
+    source.write("mine")
+    source.close()
+    decoy.write("not mine")
+    decoy.close()
+    assert await read(own) == "mine"
+    assert await read(follower) == "mine"
+    assert await read(other) == "not mine"
+
+
+async def test_contexts_with_different_prefixes_never_interfere(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    async with rs.ResumableStreamContext(
+        backend=workers.backends[1], key_prefix=workers.prefix + "-other"
+    ) as other:
+        assert await other.has_existing_stream("s") is None
+        assert await other.resume_existing_stream("s") is None
+    source.close()
+    assert await read(own) == ""
+
+
+async def test_every_key_has_a_ttl(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    key = f"{workers.prefix}:v1:sentinel:s"
+    ttl = await workers.ttl(key)
+    assert ttl is not None
+    assert 0 < ttl <= 24 * 3600
+    await workers.C.resumable_stream("s", never_called)
+    source.close()
+    assert await read(own) == ""
+    ttl = await workers.ttl(key)
+    assert ttl is not None
+    assert 0 < ttl <= 24 * 3600
+    created = await workers.P.create_new_resumable_stream("t", TestingSource().make)
+    ttl = await workers.ttl(f"{workers.prefix}:v1:sentinel:t")
+    assert ttl is not None
+    assert 0 < ttl <= 24 * 3600
+    await created.aclose()
+
+
+async def test_a_context_must_be_open(workers: Workers) -> None:
+    closed = workers.context()
+    with pytest.raises(RuntimeError, match="async with"):
+        await closed.resumable_stream("s", never_called)
