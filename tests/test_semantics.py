@@ -23,15 +23,22 @@ pytestmark = pytest.mark.anyio
 async def test_exactly_one_producer_among_many_concurrent_callers(workers: Workers) -> None:
     source = TestingSource()
     results: list[str] = []
+    joined = 0
+    all_joined = anyio.Event()
 
     async def call(ctx: rs.ResumableStreamContext) -> None:
+        nonlocal joined
         stream = await ctx.resumable_stream("race", source.make)
+        joined += 1
+        if joined == 20:
+            all_joined.set()
         results.append(await read(stream))
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             for i in range(20):
                 tg.start_soon(call, workers.P if i % 2 else workers.C)
+            await all_joined.wait()
             source.write("a")
             source.write("b")
             source.close()
