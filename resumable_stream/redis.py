@@ -177,7 +177,7 @@ class _RedisConnection:
             pending.done.set()
 
     async def incr(self, key: str, ttl: int) -> int | None:
-        incr = self._enqueue(lambda pipe: pipe.incr(key))
+        incr = self._enqueue(lambda pipe: pipe.execute_command("INCR", key))
         expire = self._enqueue(lambda pipe: pipe.expire(key, ttl))
         try:
             value = await self._result(incr)

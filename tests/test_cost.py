@@ -1,0 +1,194 @@
+"""The cost model, checked deterministically against a real redis-server (INFO commandstats)."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import redis.asyncio
+
+import resumable_stream as rs
+from resumable_stream.redis import RedisBackend
+
+from .conftest import RedisServer
+from .helpers import TestingSource, never_called, read, read_chunks
+
+pytestmark = pytest.mark.anyio
+
+_ADMIN = {"info", "client|info", "client|setinfo", "hello", "ping", "pubsub|numsub", "select"}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def commandstats(client: redis.asyncio.Redis) -> Counter[str]:
+    info = await client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): stats["calls"] for name, stats in info.items()})
+
+
+class Meter:
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self.before: Counter[str] = Counter()
+
+    async def __aenter__(self) -> Meter:
+        self.before = await commandstats(self.client)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        after = await commandstats(self.client)
+        self.delta = Counter({k: v for k, v in (after - self.before).items() if k not in _ADMIN})
+
+
+@pytest.fixture
+async def admin(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def contexts(url: str) -> tuple[rs.ResumableStreamContext, rs.ResumableStreamContext]:
+    prefix = f"cost-{uuid.uuid4().hex}"
+    return (
+        rs.ResumableStreamContext(backend=RedisBackend(url), key_prefix=prefix),
+        rs.ResumableStreamContext(backend=RedisBackend(url), key_prefix=prefix),
+    )
+
+
+async def chunks(n: int) -> AsyncIterator[str]:
+    for i in range(n):
+        yield f"chunk {i};"
+
+
+@pytest.mark.parametrize("n_chunks", [3, 1000])
+async def test_uncontended_stream_costs_five_commands_and_none_per_chunk(
+    redis_server: RedisServer, admin: redis.asyncio.Redis, n_chunks: int
+) -> None:
+    P, _ = contexts(redis_server.url)
+    async with P, Meter(admin) as meter:
+        stream = await P.resumable_stream("s", lambda: chunks(n_chunks))
+        assert len(await read_chunks(stream)) == n_chunks
+    assert meter.delta == {"incr": 1, "expire": 1, "subscribe": 1, "set": 1, "unsubscribe": 1}
+
+
+async def test_explicit_api_costs_four_commands(
+    redis_server: RedisServer, admin: redis.asyncio.Redis
+) -> None:
+    P, _ = contexts(redis_server.url)
+    async with P, Meter(admin) as meter:
+        stream = await P.create_new_resumable_stream("s", lambda: chunks(100))
+        assert len(await read_chunks(stream)) == 100
+    assert meter.delta == {"subscribe": 1, "set": 2, "unsubscribe": 1}
+
+
+@pytest.mark.parametrize("n_followers", [1, 20])
+async def test_one_publish_per_live_chunk_whatever_the_number_of_followers(
+    redis_server: RedisServer, admin: redis.asyncio.Redis, n_followers: int
+) -> None:
+    live_chunks = 50
+    P, C = contexts(redis_server.url)
+    async with P, C:
+        source = TestingSource()
+        own = await P.resumable_stream("s", source.make)
+        source.write("buffered;")
+        assert await read(own, 1) == "buffered;"
+        async with Meter(admin) as meter:
+            followers = [await C.resumable_stream("s", never_called) for _ in range(n_followers)]
+            for f in followers:
+                assert await read(f, 1) == "buffered;"
+            for i in range(live_chunks):
+                # Lock-step, so that no batching hides a second publish of the same chunk.
+                source.write(f"{i};")
+                assert await read(followers[0], 1) == f"{i};"
+            source.close()
+            for f in followers[1:]:
+                assert len(await read_chunks(f)) == live_chunks
+            assert await read(followers[0]) == ""
+            assert len(await read_chunks(own)) == live_chunks
+    # Per follower: INCR + EXPIRE, a request and its replay; per context: one subscription to
+    # the live channel; per live chunk: one PUBLISH; at the end: one PUBLISH and one SET.
+    assert meter.delta == {
+        "incr": n_followers,
+        "expire": n_followers,
+        "subscribe": 1,
+        "unsubscribe": 2,
+        "publish": 2 * n_followers + live_chunks + 1,
+        "set": 1,
+    }
+
+
+async def test_nothing_is_published_while_nobody_follows(
+    redis_server: RedisServer, admin: redis.asyncio.Redis
+) -> None:
+    P, C = contexts(redis_server.url)
+    async with P, C:
+        source = TestingSource()
+        own = await P.resumable_stream("s", source.make)
+        follower = await C.resumable_stream("s", never_called)
+        source.write("a")
+        assert await read(follower, 1) == "a"
+        await follower.aclose()
+        source.write("b")  # published once more: the publish that finds nobody listening
+        assert await read(own, 2) == "ab"
+        async with Meter(admin) as meter:
+            for i in range(100):
+                source.write(f"{i}")
+                await read(own, 1)
+            with anyio.fail_after(5):
+                source.close()
+                await read(own)
+    # At most the one publish of "b" still in flight when measuring started; none per chunk.
+    assert meter.delta.pop("publish", 0) <= 1
+    assert meter.delta == {"set": 1, "unsubscribe": 1}
+
+
+async def test_one_round_trip_before_the_generator_starts() -> None:
+    """Only INCR (pipelined with EXPIRE) is awaited before make_stream runs; SUBSCRIBE is sent
+    without waiting for its confirmation."""
+    calls: list[str] = []
+    seen_at_start: list[str] = []
+
+    class Recording:
+        def __init__(self, backend: rs.MemoryBackend) -> None:
+            self.backend = backend
+
+        def connect(self, on_message):  # type: ignore[no-untyped-def]
+            return _recording(self.backend, on_message, calls)
+
+    async def source() -> AsyncIterator[str]:
+        seen_at_start.extend(calls)
+        yield "x"
+
+    ctx = rs.ResumableStreamContext(backend=Recording(rs.MemoryBackend()))
+    async with ctx:
+        calls.clear()
+        assert await read(await ctx.resumable_stream("s", source)) == "x"
+    assert seen_at_start == ["incr", "subscribe(wait=False)"]
+
+
+def _recording(backend: rs.MemoryBackend, on_message, calls: list[str]):  # type: ignore[no-untyped-def]
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def connect():  # type: ignore[no-untyped-def]
+        async with backend.connect(on_message) as inner:
+
+            class Proxy:
+                def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+                    method = getattr(inner, name)
+
+                    async def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+                        suffix = "(wait=False)" if kwargs.get("wait") is False else ""
+                        calls.append(name + suffix)
+                        return await method(*args, **kwargs)
+
+                    return call
+
+            yield Proxy()
+
+    return connect()
