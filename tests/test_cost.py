@@ -130,6 +130,7 @@ async def test_nothing_is_published_while_nobody_follows(
         source = TestingSource()
         own = await P.resumable_stream("s", source.make)
         follower = await C.resumable_stream("s", never_called)
+        assert follower is not None
         source.write("a")
         assert await read(follower, 1) == "a"
         await follower.aclose()
@@ -157,7 +158,7 @@ async def test_one_round_trip_before_the_generator_starts() -> None:
         def __init__(self, backend: rs.MemoryBackend) -> None:
             self.backend = backend
 
-        def connect(self, on_message):  # type: ignore[no-untyped-def]
+        def connect(self, on_message):
             return _recording(self.backend, on_message, calls)
 
     async def source() -> AsyncIterator[str]:
@@ -171,18 +172,18 @@ async def test_one_round_trip_before_the_generator_starts() -> None:
     assert seen_at_start == ["incr", "subscribe(wait=False)"]
 
 
-def _recording(backend: rs.MemoryBackend, on_message, calls: list[str]):  # type: ignore[no-untyped-def]
+def _recording(backend: rs.MemoryBackend, on_message, calls: list[str]):
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
-    async def connect():  # type: ignore[no-untyped-def]
+    async def connect():
         async with backend.connect(on_message) as inner:
 
             class Proxy:
-                def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+                def __getattr__(self, name: str):
                     method = getattr(inner, name)
 
-                    async def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+                    async def call(*args, **kwargs):
                         suffix = "(wait=False)" if kwargs.get("wait") is False else ""
                         calls.append(name + suffix)
                         return await method(*args, **kwargs)

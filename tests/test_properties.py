@@ -40,10 +40,13 @@ def test_every_offset_gives_exactly_the_suffix(
 
     async def scenario() -> None:
         backend = rs.MemoryBackend()
-        options = {"key_prefix": "prop", "max_message_size": max_message_size}
         async with (
-            rs.ResumableStreamContext(backend=backend, **options) as producer_side,
-            rs.ResumableStreamContext(backend=backend, **options) as follower_side,
+            rs.ResumableStreamContext(
+                backend=backend, max_message_size=max_message_size
+            ) as producer_side,
+            rs.ResumableStreamContext(
+                backend=backend, max_message_size=max_message_size
+            ) as follower_side,
         ):
             source = TestingSource()
             own = await producer_side.resumable_stream("s", source.make)
