@@ -193,3 +193,22 @@ def _recording(backend: rs.MemoryBackend, on_message, calls: list[str]):
             yield Proxy()
 
     return connect()
+
+
+async def test_two_connections_per_context_whatever_the_number_of_streams(
+    redis_server: RedisServer, admin: redis.asyncio.Redis
+) -> None:
+    newest_before = await admin.client_id()  # ids grow: older, closing connections are ignored
+    P, C = contexts(redis_server.url)
+    async with P, C:
+        sources = [TestingSource() for _ in range(50)]
+        owns = [await P.resumable_stream(f"s{i}", s.make) for i, s in enumerate(sources)]
+        for source in sources:
+            source.write("x")
+        followers = [await C.resumable_stream(f"s{i}", never_called) for i in range(50)]
+        clients = [c for c in await admin.client_list() if int(c["id"]) > newest_before]
+        for source in sources:
+            source.close()
+        for stream in [*owns, *followers]:
+            assert await read(stream) == "x"
+    assert len(clients) == 4  # one command and one pub/sub connection for each of P and C
