@@ -59,6 +59,11 @@ class Producer:
         self._publishing = False
         self._published = Signal()
 
+    @property
+    def error_type(self) -> str | None:
+        """The type name of the generator's exception: all that readers elsewhere learn of it."""
+        return type(self.error).__name__ if self.error is not None else None
+
     async def run(self) -> None:
         context = self._context
         connection = context._connection()
@@ -115,7 +120,7 @@ class Producer:
         keys = self._context._keys
         while self._publishing:
             await self._published.wait()
-        detail = type(self.error).__name__ if self.error is not None else None
+        detail = self.error_type
         try:
             await connection.set(
                 keys.sentinel(self.stream_id), p.sentinel_value(state), self._context._ttl
@@ -165,8 +170,8 @@ class Producer:
                     inbox, p.pack(p.REPLAY, [listener, offset, chunks, cont, upto])
                 )
             if state is not None:
-                detail = type(self.error).__name__ if self.error is not None else None
-                await connection.publish(inbox, p.pack(p.END, [listener, length, state, detail]))
+                end = [listener, length, state, self.error_type]
+                await connection.publish(inbox, p.pack(p.END, end))
         except BackendError as exc:
             logger.warning("could not answer a resume request for %r: %s", self.stream_id, exc)
 
@@ -244,8 +249,7 @@ class ProducerReader:
             if producer.settled:
                 assert producer.state is not None
                 self._closed = True
-                detail = type(producer.error).__name__ if producer.error else None
-                error = end_error(producer.stream_id, producer.state, detail)
+                error = end_error(producer.stream_id, producer.state, producer.error_type)
                 if error is not None:
                     raise error from producer.error
                 break

@@ -14,7 +14,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, context
 from typing import Any
 
 import anyio
-import redis.asyncio
 import redis.exceptions
 from anyio.abc import TaskGroup
 from redis.asyncio import Redis
@@ -177,6 +176,7 @@ class _RedisConnection:
             pending.done.set()
 
     async def incr(self, key: str, ttl: int) -> int | None:
+        # redis-py's `incr` sends INCRBY; the raw command keeps the protocol to a plain INCR.
         incr = self._enqueue(lambda pipe: pipe.execute_command("INCR", key))
         expire = self._enqueue(lambda pipe: pipe.expire(key, ttl))
         try:
