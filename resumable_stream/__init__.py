@@ -2,6 +2,7 @@
 
 from ._backend import Backend, Connection, MemoryBackend
 from ._context import ResumableStream, ResumableStreamContext, create_resumable_stream_context
+from ._event import Event
 from ._exceptions import (
     BackendError,
     ProducerUnavailableError,
@@ -17,6 +18,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "Connection",
+    "Event",
     "MemoryBackend",
     "ProducerUnavailableError",
     "ResumableStream",

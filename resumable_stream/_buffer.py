@@ -6,6 +6,13 @@ from bisect import bisect_right
 
 import anyio
 
+from ._event import Event
+
+# What travels in a message for one chunk: its text, or [text, event name, retry] for an Event.
+WireChunk = str | list[object]
+# What a reader hands on for one chunk: the chunk (trimmed if resumed mid-chunk) and its end offset.
+Entry = tuple[str | Event, int]
+
 
 class Signal:
     """A reusable wake-up: `notify()` releases every task currently in `wait()`.
@@ -30,19 +37,27 @@ class Signal:
 
 
 class ChunkBuffer:
-    """Append-only list of non-empty chunks with their end offsets, for slicing by offset."""
+    """Append-only list of non-empty chunks with their end offsets, for slicing by offset.
 
-    __slots__ = ("chunks", "ends", "length")
+    Chunks are kept as text; the few that were yielded as `Event`s are also kept by index.
+    """
+
+    __slots__ = ("chunks", "ends", "events", "length")
 
     def __init__(self) -> None:
         self.chunks: list[str] = []
         self.ends: list[int] = []  # ends[i] == offset just past chunks[i]
+        self.events: dict[int, Event] = {}
         self.length = 0
 
     def append(self, chunk: str) -> None:
         self.length += len(chunk)
         self.chunks.append(chunk)
         self.ends.append(self.length)
+
+    def append_event(self, event: Event) -> None:
+        self.events[len(self.chunks)] = event
+        self.append(event.data)
 
     def index_at(self, offset: int) -> int:
         """Index of the chunk that holds character `offset` (len(chunks) if past the end)."""
@@ -51,14 +66,35 @@ class ChunkBuffer:
     def start_of(self, index: int) -> int:
         return self.ends[index - 1] if index else 0
 
-    def slice(self, offset: int, stop_index: int | None = None) -> list[str]:
+    def wire(self, offset: int, stop_index: int | None = None) -> list[WireChunk]:
         """Chunks from character `offset` up to chunk `stop_index`, the first one trimmed."""
         first = self.index_at(offset)
         stop = len(self.chunks) if stop_index is None else stop_index
         if first >= stop:
             return []
-        out = self.chunks[first:stop]
+        out: list[WireChunk] = list(self.chunks[first:stop])
+        events = self.events
+        if events:
+            for index in range(first, stop):
+                event = events.get(index)
+                if event is not None:
+                    out[index - first] = event._wire()
         skip = offset - self.start_of(first)
         if skip:
-            out[0] = out[0][skip:]
+            head = out[0]
+            if isinstance(head, str):
+                out[0] = head[skip:]
+            else:
+                out[0] = [self.chunks[first][skip:], *head[1:]]
         return out
+
+    def entries(self, index: int, stop: int) -> list[Entry]:
+        """Entries for chunks `index` up to `stop`, each chunk whole."""
+        items: list[str | Event] = list(self.chunks[index:stop])
+        events = self.events
+        if events:
+            for i in range(index, stop):
+                event = events.get(i)
+                if event is not None:
+                    items[i - index] = event
+        return list(zip(items, self.ends[index:stop], strict=True))

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _protocol as p
-from ._buffer import Signal
+from ._buffer import Entry, Signal
+from ._event import Event
 from ._exceptions import ResumableStreamError, StreamIncompleteError
 from ._producer import end_error
 
@@ -31,7 +32,8 @@ class Follower:
         self.acked = anyio.Event()
         self._position = resume_at  # text before this offset has been taken
         self._partial: list[str] = []  # the start of a chunk that continues in the next message
-        self._ready: deque[str] = deque()
+        self._partial_label: list[Any] | None = None
+        self._ready: deque[Entry] = deque()
         self._replayed = False
         self._early: list[tuple[bytes, list[Any]]] = []
         self._end: tuple[int, str, str | None] | None = None
@@ -72,10 +74,16 @@ class Follower:
             _, length, state, detail = payload
             self._end = (length, state, detail)
 
-    def _take(self, start: int, chunks: list[str], cont: bool) -> None:
+    def _take(self, start: int, chunks: list[Any], cont: bool) -> None:
         last = len(chunks) - 1
         for i, chunk in enumerate(chunks):
-            end = start + len(chunk)
+            if isinstance(chunk, str):
+                text, label = chunk, None
+            else:
+                text, *label = chunk
+                if not isinstance(text, str) or len(label) != 2:
+                    raise ValueError("malformed chunk")
+            end = start + len(text)
             if end > self._position:
                 if start > self._position:
                     self._error = StreamIncompleteError(
@@ -83,25 +91,41 @@ class Follower:
                         f"{self._position} and {start}"
                     )
                     return
-                piece = chunk[self._position - start :]
+                piece = text[self._position - start :]
                 self._position = end
                 if cont and i == last:
+                    if not self._partial:
+                        self._partial_label = label
                     self._partial.append(piece)
+                    start = end
+                    continue
+                if self._partial:
+                    self._partial.append(piece)
+                    piece = "".join(self._partial)
+                    self._partial.clear()
+                    label, self._partial_label = self._partial_label, None
+                if label is None:
+                    self._ready.append((piece, end))
                 else:
-                    if self._partial:
-                        self._partial.append(piece)
-                        piece = "".join(self._partial)
-                        self._partial.clear()
-                    self._ready.append(piece)
+                    self._ready.append((Event._from_wire(piece, *label), end))
             start = end
 
     def __aiter__(self) -> Follower:
         return self
 
     async def __anext__(self) -> str:
+        item = self._ready.popleft()[0] if self._ready else (await self._batch(1))[0][0]
+        return item if isinstance(item, str) else item.data
+
+    async def _batch(self, limit: int | None = None) -> list[Entry]:
+        """Wait for chunks and take those available (at most `limit`); StopAsyncIteration at end."""
         while True:
-            if self._ready:
-                return self._ready.popleft()
+            ready = self._ready
+            if ready:
+                if limit is None or len(ready) <= limit:
+                    self._ready = deque()
+                    return list(ready)
+                return [ready.popleft() for _ in range(limit)]
             if self._error is not None:
                 error, self._error = self._error, None
                 await self._detach()

@@ -10,7 +10,6 @@ to the backend and announced to followers, with cleanup shielded from cancellati
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,8 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from . import _protocol as p
-from ._buffer import ChunkBuffer, Signal
+from ._buffer import ChunkBuffer, Entry, Signal
+from ._event import Event
 from ._exceptions import BackendError, StreamCancelledError, StreamFailedError
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("resumable_stream")
 
-MakeStream = Callable[[], AsyncIterable[str]]
+MakeStream = Callable[[], AsyncIterable[str | Event]]
 
 # A source that never awaits would keep every other task (answering resume requests, readers)
 # from running; the producer yields to the event loop after its first chunk and every so many.
@@ -101,10 +101,18 @@ class Producer:
         try:
             async for chunk in iterator:
                 if type(chunk) is not str:
-                    if not isinstance(chunk, str):
-                        raise TypeError(f"streams yield str chunks, not {type(chunk).__name__}")
-                    chunk = str(chunk)
-                if chunk:
+                    if isinstance(chunk, Event):
+                        buffer.append_event(chunk)
+                        notify()
+                    elif isinstance(chunk, str):
+                        if chunk:
+                            buffer.append(str(chunk))
+                            notify()
+                    else:
+                        raise TypeError(
+                            f"streams yield str or Event chunks, not {type(chunk).__name__}"
+                        )
+                elif chunk:
                     buffer.append(chunk)
                     notify()
                 count += 1
@@ -160,7 +168,7 @@ class Producer:
         connection = self._context._connection()
         limit = self._context._max_message_size
         start = min(resume_at, length)
-        pieces = list(p.split_pieces(buffer.slice(resume_at, stop), start, limit))
+        pieces = list(p.split_pieces(buffer.wire(resume_at, stop), start, limit))
         if not pieces:
             pieces = [(start, [], False)]
         try:
@@ -189,9 +197,8 @@ class Producer:
                 self._live_index = stop
                 epoch = self._epoch
                 receivers = 0
-                for offset, chunks, cont in p.split_pieces(
-                    buffer.chunks[index:stop], buffer.start_of(index), limit
-                ):
+                start = buffer.start_of(index)
+                for offset, chunks, cont in p.split_pieces(buffer.wire(start, stop), start, limit):
                     receivers = await connection.publish(
                         self._live_channel, p.pack(p.LIVE, [offset, chunks, cont])
                     )
@@ -225,27 +232,46 @@ class ProducerReader:
         self._producer = producer
         self._offset = resume_at
         self._index: int | None = None  # next chunk to take, once the buffer reached the offset
-        self._ready: deque[str] = deque()
+        self._head: Entry | None = None  # the first chunk, trimmed when resumed mid-chunk
         self._closed = False
 
     def __aiter__(self) -> ProducerReader:
         return self
 
     async def __anext__(self) -> str:
-        if self._ready:
-            return self._ready.popleft()
+        chunks = self._producer.buffer.chunks
+        index = self._index
+        if index is not None and index < len(chunks) and self._head is None and not self._closed:
+            self._index = index + 1
+            return chunks[index]
+        item = (await self._batch(1))[0][0]
+        return item if isinstance(item, str) else item.data
+
+    async def _batch(self, limit: int | None = None) -> list[Entry]:
+        """Wait for chunks and take those available (at most `limit`); StopAsyncIteration at end."""
         producer = self._producer
         buffer = producer.buffer
         while not self._closed:
-            if self._index is None:
-                if buffer.length > self._offset:
-                    self._ready.extend(buffer.slice(self._offset))
-                    self._index = len(buffer.chunks)
-            elif self._index < len(buffer.chunks):
-                self._ready.extend(buffer.chunks[self._index :])
-                self._index = len(buffer.chunks)
-            if self._ready:
-                return self._ready.popleft()
+            if self._index is None and buffer.length > self._offset:
+                index = buffer.index_at(self._offset)
+                [(item, end)] = buffer.entries(index, index + 1)
+                skip = self._offset - buffer.start_of(index)
+                if skip:
+                    if isinstance(item, str):
+                        item = item[skip:]
+                    else:
+                        item = item._with_data(item.data[skip:])
+                self._head = (item, end)
+                self._index = index + 1
+            if self._head is not None:
+                head, self._head = self._head, None
+                if limit == 1:
+                    return [head]
+                rest = self._take(None if limit is None else limit - 1)
+                rest.insert(0, head)
+                return rest
+            if self._index is not None and self._index < len(buffer.chunks):
+                return self._take(limit)
             if producer.settled:
                 assert producer.state is not None
                 self._closed = True
@@ -256,7 +282,16 @@ class ProducerReader:
             await producer.changed.wait()
         raise StopAsyncIteration
 
+    def _take(self, limit: int | None) -> list[Entry]:
+        assert self._index is not None
+        index = self._index
+        stop = len(self._producer.buffer.chunks)
+        if limit is not None:
+            stop = min(stop, index + limit)
+        self._index = stop
+        return self._producer.buffer.entries(index, stop)
+
     async def aclose(self) -> None:
         """Stop reading; the producer carries on for everybody else."""
         self._closed = True
-        self._ready.clear()
+        self._head = None

@@ -8,7 +8,8 @@ a control message:
     L [start, chunks, cont]                       producer -> live channel of a stream
     E [listener|null, length, state, detail]      producer -> live channel, or an inbox
 
-`start` is the character offset of the first element of `chunks`. Every element ends on a chunk
+`start` is the character offset of the first element of `chunks`; an element is a chunk's text,
+or `[text, event, retry]` for a chunk yielded as an `Event`. Every element ends on a chunk
 boundary, except the last one of a message whose `cont` is true: a chunk too large for one message
 continues in the next. The last `R` piece of a replay carries `upto`, the offset the replay covers.
 """
@@ -104,24 +105,32 @@ def unpack(message: bytes) -> tuple[bytes, list[Any]]:
 
 
 def split_pieces(
-    chunks: list[str], start: int, limit: int
-) -> Iterator[tuple[int, list[str], bool]]:
-    """Group chunks into pieces of at most `limit` characters: (start, chunks, cont)."""
-    piece: list[str] = []
+    chunks: list[Any], start: int, limit: int
+) -> Iterator[tuple[int, list[Any], bool]]:
+    """Group wire chunks into pieces of at most `limit` characters: (start, chunks, cont).
+
+    A chunk longer than `limit` is cut; an event's name travels with its first part.
+    """
+    piece: list[Any] = []
     size = 0
     for chunk in chunks:
-        if size + len(chunk) <= limit:
+        length = len(chunk) if isinstance(chunk, str) else len(chunk[0])
+        if size + length <= limit:
             piece.append(chunk)
-            size += len(chunk)
+            size += length
             continue
         if piece:
             yield start, piece, False
             start += size
             piece, size = [], 0
-        while len(chunk) > limit:
-            yield start, [chunk[:limit]], True
+        if isinstance(chunk, str):
+            text, label = chunk, None
+        else:
+            text, label = chunk[0], chunk[1:]
+        while len(text) > limit:
+            yield start, [text[:limit] if label is None else [text[:limit], *label]], True
             start += limit
-            chunk = chunk[limit:]
-        piece, size = [chunk], len(chunk)
+            text, label = text[limit:], None
+        piece, size = [text if label is None else [text, *label]], len(text)
     if piece:
         yield start, piece, False

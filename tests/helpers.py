@@ -20,8 +20,8 @@ class TestingSource:
     __test__ = False
 
     def __init__(self) -> None:
-        send: MemoryObjectSendStream[str | BaseException]
-        receive: MemoryObjectReceiveStream[str | BaseException]
+        send: MemoryObjectSendStream[str | rs.Event | BaseException]
+        receive: MemoryObjectReceiveStream[str | rs.Event | BaseException]
         send, receive = anyio.create_memory_object_stream(math.inf)
         self._send = send
         self._receive = receive
@@ -32,7 +32,7 @@ class TestingSource:
         self._send.close()
         self._receive.close()
 
-    def write(self, chunk: str) -> None:
+    def write(self, chunk: str | rs.Event) -> None:
         self._send.send_nowait(chunk)
 
     def fail(self, exc: BaseException) -> None:
@@ -41,11 +41,11 @@ class TestingSource:
     def close(self) -> None:
         self._send.close()
 
-    def make(self) -> AsyncIterator[str]:
+    def make(self) -> AsyncIterator[str | rs.Event]:
         self.calls += 1
         return self._generate()
 
-    async def _generate(self) -> AsyncIterator[str]:
+    async def _generate(self) -> AsyncIterator[str | rs.Event]:
         try:
             async with self._receive:
                 async for item in self._receive:
@@ -86,3 +86,15 @@ async def read_chunks(stream: rs.ResumableStream | None, max_reads: int | None =
             except StopAsyncIteration:
                 break
     return chunks
+
+
+async def read_entries(stream: rs.ResumableStream | None) -> list[tuple[str | rs.Event, int]]:
+    """Every (chunk, end offset) as the SSE layer reads them, each batch within READ_TIMEOUT."""
+    assert stream is not None, "stream should not be None"
+    entries: list[tuple[str | rs.Event, int]] = []
+    while True:
+        with anyio.fail_after(READ_TIMEOUT):
+            try:
+                entries.extend(await stream._batch())  # type: ignore[attr-defined]
+            except StopAsyncIteration:
+                return entries
