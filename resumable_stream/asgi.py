@@ -1,0 +1,302 @@
+"""ASGI responses that create or resume a stream and send it as Server-Sent Events.
+
+Framework-free: `EventStreamResponse` is an ASGI callable for one request, `EventStreamApp` an
+ASGI app that serves every stream id under a path. `resumable_stream.starlette` wraps the
+response for Starlette and FastAPI endpoints.
+
+Each chunk becomes one event whose `id` is the character offset just past it, so the
+`Last-Event-ID` an `EventSource` sends when it reconnects is exactly where to resume; the
+`resumeAt` query parameter does the same for clients that cannot set headers. A finished stream
+answers 204, which tells `EventSource` to stop reconnecting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio
+
+from . import _protocol as p
+from ._buffer import Entry
+from ._context import ResumableStream, ResumableStreamContext
+from ._event import Event
+from ._exceptions import (
+    BackendError,
+    ProducerUnavailableError,
+    ResumableStreamError,
+    StreamCancelledError,
+    StreamFailedError,
+    StreamIncompleteError,
+)
+from ._producer import MakeStream
+from .sse import encode_event
+
+__all__ = ["EventStreamApp", "EventStreamResponse"]
+
+logger = logging.getLogger("resumable_stream")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_MAX_CURSOR_DIGITS = 18  # anything longer is not an offset this library could have sent
+_CLEANUP_TIMEOUT = 5.0
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class EventStreamResponse:
+    """Create or resume `stream_id` on `context` and send it to this request.
+
+    With `make_stream`, the first request for the id produces the stream and later ones follow
+    it; without, the response only resumes (204 if there is nothing to resume). `raw=True`
+    sends the plain text from the cursor instead of SSE, for fetch-based clients that count
+    characters themselves. `keepalive` is the idle time (seconds) after which a comment is sent
+    so proxies keep the connection open; `retry` (milliseconds) is sent to `EventSource`s as
+    their reconnection delay.
+    """
+
+    def __init__(
+        self,
+        context: ResumableStreamContext,
+        stream_id: str,
+        make_stream: MakeStream | None = None,
+        *,
+        raw: bool = False,
+        keepalive: float | None = 15.0,
+        retry: int | None = None,
+        headers: Iterable[tuple[str, str]] | None = None,
+    ) -> None:
+        _check_options(keepalive, retry)
+        self.context = context
+        self.stream_id = stream_id
+        self.make_stream = make_stream
+        self.raw = raw
+        self.keepalive = keepalive
+        self.retry = retry
+        self.headers = list(headers or ())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            stream_id = p.validate_stream_id(self.stream_id)
+            resume_at = resume_cursor(scope)
+        except (ValueError, _BadRequest) as exc:
+            await _plain(send, 400, str(exc))
+            return
+        try:
+            if self.make_stream is not None:
+                stream = await self.context.resumable_stream(stream_id, self.make_stream, resume_at)
+            else:
+                stream = await self.context.resume_existing_stream(stream_id, resume_at)
+        except ProducerUnavailableError:
+            await _plain(send, 503, "the stream's producer did not answer; try again")
+            return
+        except BackendError as exc:
+            logger.warning("could not open stream %r: %s", stream_id, exc)
+            await _plain(send, 503, "the stream store is unavailable; try again")
+            return
+        if stream is None:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self._stream(stream, receive, send)
+
+    async def _stream(self, stream: ResumableStream, receive: Receive, send: Send) -> None:
+        media = b"text/plain; charset=utf-8" if self.raw else b"text/event-stream; charset=utf-8"
+        headers = [
+            (b"content-type", media),
+            (b"cache-control", b"no-cache, no-transform"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers]
+        batch: Callable[[], Awaitable[list[Entry]]] = stream._batch  # type: ignore[attr-defined]
+        encode = _raw_body if self.raw else _sse_body
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            async with anyio.create_task_group() as tg:
+
+                async def watch_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_disconnect)
+                if self.retry is not None and not self.raw:
+                    await _body(send, f"retry: {self.retry}\n\n".encode())
+                while True:
+                    with anyio.move_on_after(self.keepalive or float("inf")):
+                        try:
+                            entries = await batch()
+                        except StopAsyncIteration:
+                            break
+                        except ResumableStreamError as exc:
+                            if not self.raw:
+                                await _body(send, _error_frame(exc))
+                            break
+                        await _body(send, encode(entries))
+                        continue
+                    if not self.raw:
+                        await _body(send, b": keep-alive\n\n")
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.cancel_scope.cancel()
+        except OSError:
+            pass  # the client went away while we were sending (ASGI spec 2.4 servers)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+                await stream.aclose()
+
+
+class EventStreamApp:
+    """An ASGI app serving `GET <mount>/<stream_id>` for any framework that can mount one.
+
+    `context` is the context or a function of the ASGI scope returning it (for a context made
+    in the lifespan: `lambda scope: scope["state"]["streams"]`). `make_stream(stream_id, scope)`
+    returns the generator for a new stream; without it the app only resumes. `stream_id(scope)`
+    picks the id (default: the last segment of the path). Other options are those of
+    `EventStreamResponse`.
+    """
+
+    def __init__(
+        self,
+        context: ResumableStreamContext | Callable[[Scope], ResumableStreamContext],
+        make_stream: Callable[[str, Scope], AsyncIterable[str | Event]] | None = None,
+        *,
+        stream_id: Callable[[Scope], str] | None = None,
+        raw: bool = False,
+        keepalive: float | None = 15.0,
+        retry: int | None = None,
+        headers: Iterable[tuple[str, str]] | None = None,
+    ) -> None:
+        _check_options(keepalive, retry)
+        self._context = context
+        self._make_stream = make_stream
+        self._stream_id = stream_id or _last_path_segment
+        self._options: dict[str, Any] = {
+            "raw": raw,
+            "keepalive": keepalive,
+            "retry": retry,
+            "headers": list(headers or ()),
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError(f"EventStreamApp serves HTTP only, not {scope['type']!r}")
+        if scope["method"] not in ("GET", "HEAD"):
+            await _plain(send, 405, "use GET", [(b"allow", b"GET")])
+            return
+        context = self._context
+        if not isinstance(context, ResumableStreamContext):
+            context = context(scope)
+        try:
+            stream_id = p.validate_stream_id(self._stream_id(scope))
+        except ValueError as exc:
+            await _plain(send, 400, str(exc))
+            return
+        make_stream = self._make_stream
+        make = None if make_stream is None else (lambda: make_stream(stream_id, scope))
+        response = EventStreamResponse(context, stream_id, make, **self._options)
+        await response(scope, receive, send)
+
+
+def _check_options(keepalive: float | None, retry: int | None) -> None:
+    if keepalive is not None and not keepalive > 0:
+        raise ValueError(f"keepalive must be > 0 seconds or None, got {keepalive!r}")
+    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
+        raise ValueError(f"retry must be a non-negative int (milliseconds), got {retry!r}")
+
+
+def resume_cursor(scope: Scope) -> int | None:
+    """The offset a request resumes from: its `Last-Event-ID` header, else `?resumeAt=`.
+
+    Raises `ValueError` with a message fit for a 400 response if either is malformed.
+    """
+    for name, value in scope.get("headers", ()):
+        if name == b"last-event-id" and value:
+            return _parse_cursor("Last-Event-ID", value.decode("latin-1"))
+    values = [
+        value
+        for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)
+        if name == "resumeAt"
+    ]
+    if len(values) > 1:
+        raise ValueError("give resumeAt at most once")
+    return _parse_cursor("resumeAt", values[0]) if values else None
+
+
+def _parse_cursor(name: str, value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or len(value) > _MAX_CURSOR_DIGITS:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(
+            f"{name} must be a character offset (the id of an event of this stream), got {shown!r}"
+        )
+    return int(value)
+
+
+def _last_path_segment(scope: Scope) -> str:
+    path: str = scope.get("path", "")
+    return path.rstrip("/").rpartition("/")[2]
+
+
+def _sse_body(entries: list[Entry]) -> bytes:
+    parts = []
+    for item, end in entries:
+        if type(item) is str:
+            if "\n" in item or "\r" in item:
+                parts.append(encode_event(item, id=end))
+            else:
+                parts.append(f"id: {end}\ndata: {item}\n\n")
+        else:
+            assert isinstance(item, Event)
+            parts.append(encode_event(item.data, event=item.event, id=end, retry=item.retry))
+    # A lone surrogate cannot be sent as UTF-8; "?" keeps the character count, hence the offsets.
+    return "".join(parts).encode("utf-8", "replace")
+
+
+def _raw_body(entries: list[Entry]) -> bytes:
+    return "".join(
+        [item if type(item) is str else item.data for item, _ in entries]  # type: ignore[union-attr]
+    ).encode("utf-8", "replace")
+
+
+_ERROR_CODES: tuple[tuple[type[ResumableStreamError], str, str], ...] = (
+    (StreamFailedError, "failed", "the stream failed"),
+    (StreamCancelledError, "cancelled", "the stream was cancelled"),
+    (StreamIncompleteError, "incomplete", "part of the stream was lost; resume to retry"),
+    (BackendError, "unavailable", "the stream store is unavailable"),
+)
+
+
+def _error_frame(exc: ResumableStreamError) -> bytes:
+    """A final `event: error` with a stable code; the exception's text stays in the log."""
+    code, message = "error", "the stream ended with an error"
+    for kind, kind_code, kind_message in _ERROR_CODES:
+        if isinstance(exc, kind):
+            code, message = kind_code, kind_message
+            break
+    logger.info("stream ended with %s: %s", code, exc)
+    data = json.dumps({"code": code, "message": message})
+    return encode_event(data, event="error").encode()
+
+
+async def _body(send: Send, body: bytes) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def _plain(
+    send: Send, status: int, text: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8"), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": text.encode("utf-8", "replace")})

@@ -1,0 +1,71 @@
+"""The SSE response as a Starlette `Response`, so Starlette and FastAPI endpoints can return it.
+
+Make the context in the app's lifespan and hand it to requests through the lifespan state::
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with create_resumable_stream_context() as streams:
+            yield {"streams": streams}
+
+    app = FastAPI(lifespan=lifespan)  # or Starlette(routes=..., lifespan=lifespan)
+
+    @app.get("/chat/{stream_id}")
+    async def chat(request: Request, stream_id: str, prompt: str = ""):
+        return EventStreamResponse(request.state.streams, stream_id, lambda: answer(prompt))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from . import asgi
+from ._context import ResumableStreamContext
+from ._producer import MakeStream
+
+__all__ = ["EventStreamResponse"]
+
+
+class EventStreamResponse(Response):
+    """`resumable_stream.asgi.EventStreamResponse` as a Starlette `Response`; same arguments.
+
+    Status and headers are decided when the response runs (200, 204 for a finished stream, 400
+    for a malformed cursor), so `status_code` and `headers` here are only what Starlette expects
+    to find.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        context: ResumableStreamContext,
+        stream_id: str,
+        make_stream: MakeStream | None = None,
+        *,
+        raw: bool = False,
+        keepalive: float | None = 15.0,
+        retry: int | None = None,
+        headers: Iterable[tuple[str, str]] | None = None,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        self._response = asgi.EventStreamResponse(
+            context,
+            stream_id,
+            make_stream,
+            raw=raw,
+            keepalive=keepalive,
+            retry=retry,
+            headers=headers,
+        )
+        self.status_code = 200
+        self.background = background
+        self.body = b""
+        self.raw_headers = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._response(scope, receive, send)
+        if self.background is not None:
+            await self.background()
