@@ -44,8 +44,9 @@ class ResumableStreamContext:
     """Creates and resumes streams on one backend; use it as `async with ctx:`.
 
     Producers run in the context's task group, so they outlive the request that started them.
-    Leaving the context waits up to `drain_timeout` seconds for running producers, then cancels
-    them.
+    After its end a producer keeps its text for `linger` seconds, so a reader cut off near the
+    end can still resume (with a `resume_at`) and get the tail. Leaving the context waits up to
+    `drain_timeout` seconds for running producers, then cancels them.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class ResumableStreamContext:
         resume_timeout: float = 2.0,
         max_message_size: int = 1 << 20,
         drain_timeout: float = 30.0,
+        linger: float = 30.0,
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError("key_prefix must be a non-empty str")
@@ -72,12 +74,15 @@ class ResumableStreamContext:
             raise ValueError(f"max_message_size must be a positive int, got {max_message_size!r}")
         if not drain_timeout >= 0:
             raise ValueError(f"drain_timeout must be >= 0, got {drain_timeout!r}")
+        if not linger >= 0:
+            raise ValueError(f"linger must be >= 0, got {linger!r}")
         self._backend = backend
         self._keys = p.Keys(key_prefix)
         self._ttl = ttl
         self._resume_timeout = resume_timeout
         self._max_message_size = max_message_size
         self._drain_timeout = drain_timeout
+        self._linger = linger
         self._inbox = self._keys.inbox(uuid.uuid4().hex)
         self._stack: AsyncExitStack | None = None
         self._conn: Connection | None = None
@@ -136,12 +141,16 @@ class ResumableStreamContext:
     async def resumable_stream(
         self, stream_id: str, make_stream: MakeStream, resume_at: int | None = None
     ) -> ResumableStream | None:
-        """Produce the stream if nobody does yet, else follow it; None if it already finished."""
+        """Produce the stream if nobody does yet, else follow it; None if it already finished.
+
+        With a `resume_at`, a finished stream whose producer still lingers sends its text from
+        there (None if there is none left).
+        """
         stream_id, offset = _validate(stream_id, make_stream, resume_at)
         connection = self._connection()
         count = await connection.incr(self._keys.sentinel(stream_id), self._ttl)
         if count is None:
-            return None
+            return None if resume_at is None else await self._follow(stream_id, offset, True)
         if count == 1:
             return self._start_producer(stream_id, make_stream).reader(offset)
         return await self._follow(stream_id, offset)
@@ -162,12 +171,18 @@ class ResumableStreamContext:
     async def resume_existing_stream(
         self, stream_id: str, resume_at: int | None = None
     ) -> ResumableStream | None:
-        """Follow a running stream; None if there is no such stream or it already finished."""
+        """Follow a running stream; None if there is no such stream or it already finished.
+
+        With a `resume_at`, a finished stream whose producer still lingers sends its text from
+        there (None if there is none left).
+        """
         stream_id = p.validate_stream_id(stream_id)
         offset = p.validate_resume_at(resume_at)
         value = await self._connection().get(self._keys.sentinel(stream_id))
-        if value is None or p.terminal_state(value) is not None:
+        if value is None:
             return None
+        if p.terminal_state(value) is not None:
+            return None if resume_at is None else await self._follow(stream_id, offset, True)
         return await self._follow(stream_id, offset)
 
     async def has_existing_stream(self, stream_id: str) -> Literal[True, "DONE"] | None:
@@ -193,18 +208,30 @@ class ResumableStreamContext:
 
     # Followers
 
-    async def _follow(self, stream_id: str, resume_at: int) -> ResumableStream | None:
+    async def _follow(
+        self, stream_id: str, resume_at: int, after_end: bool = False
+    ) -> ResumableStream | None:
         connection = self._connection()
         follower = Follower(self, stream_id, uuid.uuid4().hex, resume_at)
         await self._attach_follower(follower)
         try:
-            request = p.pack(p.REQUEST, [follower.listener, self._inbox, resume_at])
+            request = p.pack(p.REQUEST, [follower.listener, self._inbox, resume_at, after_end])
             with anyio.move_on_after(self._resume_timeout):
                 delay = 0.002
                 while True:
                     if await connection.publish(self._keys.request(stream_id), request):
                         await follower.acked.wait()
+                        if after_end:
+                            # A reader that already has everything is told "finished" (None),
+                            # as it would be without lingering.
+                            await follower.ended.wait()
+                            if follower.nothing_left():
+                                await follower.aclose()
+                                return None
                         return follower
+                    if after_end:
+                        await follower.aclose()
+                        return None  # nobody lingers: the text is gone
                     # Nobody subscribed: the producer is not listening yet, finished or gone.
                     value = await connection.get(self._keys.sentinel(stream_id))
                     if value is None or p.terminal_state(value) is not None:

@@ -30,6 +30,7 @@ class Follower:
         self.stream_id = stream_id
         self.listener = listener
         self.acked = anyio.Event()
+        self.ended = anyio.Event()  # the end of the stream (or an error) arrived
         self._position = resume_at  # text before this offset has been taken
         self._partial: list[str] = []  # the start of a chunk that continues in the next message
         self._partial_label: list[Any] | None = None
@@ -59,13 +60,26 @@ class Follower:
                 self._early.append((tag, payload))
         except (ValueError, TypeError):
             self._error = ResumableStreamError(f"malformed message for stream {self.stream_id!r}")
+        if self._error is not None or self._end is not None:
+            self.ended.set()
         self._signal.notify()
 
     def fail(self, error: ResumableStreamError) -> None:
         if self._error is None:
             self._error = error
         self.acked.set()
+        self.ended.set()
         self._signal.notify()
+
+    def nothing_left(self) -> bool:
+        """True once a stream that ended as done has nothing more for this reader."""
+        return (
+            self._end is not None
+            and self._end[1] == p.DONE
+            and self._error is None
+            and not self._ready
+            and not self._partial
+        )
 
     def _apply(self, tag: bytes, payload: list[Any]) -> None:
         if tag == p.LIVE:

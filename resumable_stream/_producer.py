@@ -48,6 +48,7 @@ class Producer:
         self.settled = False
         self.error: BaseException | None = None
         self._request_channel = context._keys.request(stream_id)
+        self._listening = True
         self._live_channel = context._keys.live(stream_id)
         self._tg: TaskGroup | None = None
         # Live publishing: on while somebody follows, from chunk `_live_index` on. `_epoch`
@@ -84,11 +85,28 @@ class Producer:
                     self.changed.notify()
                     with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                         await self._finish(state)
+                        if not context._linger:
+                            await self._stop_listening()
                     self.settled = True
                     self.changed.notify()
+                # Linger: a reader cut off near the end reconnects a moment later; keep the text
+                # to answer it. Leaving the context does not wait for this.
+                context._producer_finished(self)
+                await anyio.sleep(context._linger)
         finally:
-            context._request_routes.pop(self._request_channel, None)
+            if context._request_routes.get(self._request_channel) is self:
+                del context._request_routes[self._request_channel]
             context._producer_finished(self)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+                await self._stop_listening()
+
+    async def _stop_listening(self) -> None:
+        if self._listening:
+            self._listening = False
+            try:
+                await self._context._connection().unsubscribe(self._request_channel)
+            except BackendError as exc:
+                logger.warning("could not unsubscribe %r: %s", self._request_channel, exc)
 
     async def _pump(self) -> None:
         buffer = self.buffer
@@ -136,19 +154,20 @@ class Producer:
             if self._following:
                 end = p.pack(p.END, [None, self.buffer.length, state, detail])
                 await connection.publish(self._live_channel, end)
-            await connection.unsubscribe(self._request_channel)
         except BackendError as exc:
             logger.warning("could not record the end of stream %r: %s", self.stream_id, exc)
 
     def on_request(self, payload: list[Any]) -> None:
         try:
-            listener, inbox, resume_at = payload
+            listener, inbox, resume_at, after_end = payload
             resume_at = p.validate_resume_at(resume_at)
             if not (isinstance(listener, str) and isinstance(inbox, str)):
                 raise ValueError("bad request")
         except ValueError:
             logger.warning("ignored a malformed resume request for %r", self.stream_id)
             return
+        if after_end and self.state is None:
+            return  # for an earlier, finished stream of this id, lingering somewhere
         if self._tg is not None:
             self._tg.start_soon(self._serve, listener, inbox, resume_at)
 

@@ -3,7 +3,7 @@
 Every message is one tag byte followed by a JSON array, so no user text can ever be mistaken for
 a control message:
 
-    Q [listener, inbox, resume_at]                follower -> request channel of a stream
+    Q [listener, inbox, resume_at, after_end]     follower -> request channel of a stream
     R [listener, start, chunks, cont, upto|null]  producer -> inbox of the follower's context
     L [start, chunks, cont]                       producer -> live channel of a stream
     E [listener|null, length, state, detail]      producer -> live channel, or an inbox
@@ -12,6 +12,8 @@ a control message:
 or `[text, event, retry]` for a chunk yielded as an `Event`. Every element ends on a chunk
 boundary, except the last one of a message whose `cont` is true: a chunk too large for one message
 continues in the next. The last `R` piece of a replay carries `upto`, the offset the replay covers.
+A request with `after_end` asks a finished stream for its tail; only a producer lingering after
+the end answers it.
 """
 
 from __future__ import annotations

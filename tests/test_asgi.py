@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 
 import resumable_stream as rs
@@ -225,3 +226,21 @@ async def test_response_options_are_checked_at_construction(workers: Workers) ->
 async def test_only_get(workers: Workers) -> None:
     async with client(EventStreamApp(workers.P)) as c, c.request("/s", method="POST") as response:
         assert response.status == 405
+
+
+async def test_reconnect_after_the_end_gets_the_tail_then_204(two) -> None:
+    a, b, sources = two
+    source = sources["t"]
+    async with a.request("/t") as first:
+        source.write("ab")
+        assert await first.events(1) == [sse("ab", 2)]
+        first.disconnect()
+    source.write(E("cd", "last"))
+    source.close()
+    with anyio.fail_after(5):
+        await source.finished.wait()
+    async with b.request("/t", headers={"Last-Event-ID": "2"}) as second:
+        assert second.status == 200
+        assert await second.events() == [sse("cd", 4, "last")]
+    async with b.request("/t", headers={"Last-Event-ID": "4"}) as third:
+        assert third.status == 204

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -52,11 +53,15 @@ async def admin(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]
     await client.aclose()
 
 
-def contexts(url: str) -> tuple[rs.ResumableStreamContext, rs.ResumableStreamContext]:
+def contexts(
+    url: str, **options: Any
+) -> tuple[rs.ResumableStreamContext, rs.ResumableStreamContext]:
+    # Without lingering, the producer unsubscribes before its reader ends, so counts are exact.
+    options.setdefault("linger", 0)
     prefix = f"cost-{uuid.uuid4().hex}"
     return (
-        rs.ResumableStreamContext(backend=RedisBackend(url), key_prefix=prefix),
-        rs.ResumableStreamContext(backend=RedisBackend(url), key_prefix=prefix),
+        rs.ResumableStreamContext(backend=RedisBackend(url), key_prefix=prefix, **options),
+        rs.ResumableStreamContext(backend=RedisBackend(url), key_prefix=prefix, **options),
     )
 
 

@@ -290,6 +290,16 @@ async def test_follower_close_detaches_only_itself(workers: Workers) -> None:
     assert await read(quitter) == ""
 
 
+async def channels_of(workers: Workers) -> list[str]:
+    if isinstance(workers.backends[0], rs.MemoryBackend):
+        channels = list(workers.backends[0].channels())
+    else:
+        raw = await workers.redis_client.pubsub_channels(f"{workers.prefix}:*")
+        channels = [c.decode() for c in raw]
+    return [c for c in channels if ":inbox:" not in c]
+
+
+@pytest.mark.parametrize("workers", [{"linger": 0}], indirect=True)
 async def test_no_subscription_left_once_followers_are_gone(workers: Workers) -> None:
     source = TestingSource()
     own = await workers.P.resumable_stream("s", source.make)
@@ -300,12 +310,70 @@ async def test_no_subscription_left_once_followers_are_gone(workers: Workers) ->
     await follower.aclose()
     source.close()
     assert await read(own) == "1"
-    if isinstance(workers.backends[0], rs.MemoryBackend):
-        channels = workers.backends[0].channels()
-    else:
-        raw = await workers.redis_client.pubsub_channels(f"{workers.prefix}:*")
-        channels = {c.decode(): 1 for c in raw}
-    assert [c for c in channels if ":inbox:" not in c] == []
+    assert await channels_of(workers) == []
+
+
+async def test_a_lingering_producer_holds_one_subscription_until_its_context_closes(
+    workers: Workers,
+) -> None:
+    async with workers.context(0, linger=60) as ctx:
+        source = TestingSource()
+        own = await ctx.resumable_stream("linger", source.make)
+        source.write("x")
+        source.close()
+        assert await read(own) == "x"
+        assert await channels_of(workers) == [f"{workers.prefix}:v1:request:linger"]
+    assert await channels_of(workers) == []
+
+
+# Lingering: the tail of a finished stream, for a reader cut off near its end
+
+
+async def test_a_reader_cut_off_near_the_end_gets_the_tail_after_the_end(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    for chunk in ("a", "b", "c"):
+        source.write(chunk)
+    source.close()
+    assert await read(own) == "abc"
+    await poll_until(lambda: workers.C.has_existing_stream("s"), "DONE")
+    for ctx in (workers.C, workers.P):
+        assert await read_chunks(await ctx.resumable_stream("s", never_called, 1)) == ["b", "c"]
+        assert await read(await ctx.resume_existing_stream("s", resume_at=0)) == "abc"
+        assert await read(await ctx.resume_existing_stream("s", resume_at=2)) == "c"
+        # Nothing left, or no cursor at all: finished, as without lingering.
+        assert await ctx.resumable_stream("s", never_called, 3) is None
+        assert await ctx.resume_existing_stream("s", resume_at=7) is None
+        assert await ctx.resumable_stream("s", never_called) is None
+        assert await ctx.resume_existing_stream("s") is None
+
+
+async def test_a_late_reader_of_a_failed_stream_learns_it_failed(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("ab")
+    source.fail(RuntimeError("boom"))
+    with pytest.raises(rs.StreamFailedError):
+        await read(own)
+    await poll_until(lambda: workers.C.has_existing_stream("s"), "DONE")
+    late = await workers.C.resumable_stream("s", never_called, 1)
+    assert await read(late, 1) == "b"
+    with pytest.raises(rs.StreamFailedError, match="RuntimeError"):
+        await read(late)
+    with pytest.raises(rs.StreamFailedError):
+        await read(await workers.C.resume_existing_stream("s", resume_at=2))
+
+
+@pytest.mark.parametrize("workers", [{"linger": 0}], indirect=True)
+async def test_without_lingering_the_tail_is_gone(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("abc")
+    source.close()
+    assert await read(own) == "abc"
+    await poll_until(lambda: workers.C.has_existing_stream("s"), "DONE")
+    assert await workers.C.resumable_stream("s", never_called, 1) is None
+    assert await workers.C.resume_existing_stream("s", resume_at=0) is None
 
 
 # 7. Stream ids and arguments
