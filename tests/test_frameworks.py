@@ -1,0 +1,55 @@
+"""The FastAPI, Starlette and Litestar examples, through their lifespans, in-process."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+
+from .asgi_driver import serve
+
+pytestmark = pytest.mark.anyio
+
+EXAMPLES = ["fastapi_app", "starlette_app", "litestar_app"]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=EXAMPLES)
+def example(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    return importlib.import_module(f"examples.{request.param}")
+
+
+def expected(prompt: str) -> str:
+    return "".join(
+        word + " "
+        for word in f"You asked {prompt!r}. Here is a long answer, one word at a time.".split(" ")
+    )
+
+
+async def test_stream_drop_and_resume(example: Any) -> None:
+    async with serve(example.app) as client:
+        async with client.request("/chat/c1", query="prompt=hi") as first:
+            assert first.status == 200
+            assert first.header("content-type") == "text/event-stream; charset=utf-8"
+            head = await first.events(3)
+            first.disconnect()
+        cursor = head[-1].id
+        assert int(cursor) == sum(len(e.data) for e in head)
+        async with client.request("/chat/c1", headers={"Last-Event-ID": cursor}) as second:
+            tail = await second.events()
+        assert "".join(e.data for e in head + tail) == expected("hi")
+        async with client.request("/chat/c1", headers={"Last-Event-ID": tail[-1].id}) as third:
+            assert third.status == 204
+
+
+async def test_bad_cursor_is_a_400(example: Any) -> None:
+    async with serve(example.app) as client:
+        async with client.request("/chat/c2", query="resumeAt=x") as response:
+            assert response.status == 400
+            assert b"resumeAt must be a character offset" in await response.read()
