@@ -49,7 +49,6 @@ async def test_stream_drop_and_resume(example: Any) -> None:
 
 
 async def test_bad_cursor_is_a_400(example: Any) -> None:
-    async with serve(example.app) as client:
-        async with client.request("/chat/c2", query="resumeAt=x") as response:
-            assert response.status == 400
-            assert b"resumeAt must be a character offset" in await response.read()
+    async with serve(example.app) as client, client.request("/chat/c2", query="resumeAt=x") as r:
+        assert r.status == 400
+        assert b"resumeAt must be a character offset" in await r.read()
