@@ -188,7 +188,7 @@ class EventStreamApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             raise RuntimeError(f"EventStreamApp serves HTTP only, not {scope['type']!r}")
-        if scope["method"] not in ("GET", "HEAD"):
+        if scope["method"] != "GET":
             await _plain(send, 405, "use GET", [(b"allow", b"GET")])
             return
         context = self._context
