@@ -5,6 +5,7 @@ from ._context import ResumableStream, ResumableStreamContext, create_resumable_
 from ._event import Event
 from ._exceptions import (
     BackendError,
+    ProducerLostError,
     ProducerUnavailableError,
     ResumableStreamError,
     StreamCancelledError,
@@ -20,6 +21,7 @@ __all__ = [
     "Connection",
     "Event",
     "MemoryBackend",
+    "ProducerLostError",
     "ProducerUnavailableError",
     "ResumableStream",
     "ResumableStreamContext",

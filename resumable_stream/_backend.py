@@ -36,6 +36,9 @@ class Connection(Protocol):
     async def swap(self, key: str, value: str, ttl: int) -> str | None:
         """Set `key` and return its previous value, atomically."""
 
+    async def create(self, key: str, value: str, ttl: int) -> bool:
+        """Set `key` only if it does not exist; True if it was set."""
+
     async def publish(self, channel: str, message: bytes) -> int:
         """Send `message`; returns how many connections are subscribed to `channel`."""
 
@@ -138,6 +141,14 @@ class _MemoryConnection:
         entry = self._backend._lookup(key)
         self._backend._values[key] = (value, time.monotonic() + ttl)
         return None if entry is None else entry[0]
+
+    async def create(self, key: str, value: str, ttl: int) -> bool:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["set"] += 1
+        if self._backend._lookup(key) is not None:
+            return False
+        self._backend._values[key] = (value, time.monotonic() + ttl)
+        return True
 
     async def publish(self, channel: str, message: bytes) -> int:
         await anyio.lowlevel.checkpoint()

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 import anyio
 from anyio.abc import TaskGroup
@@ -16,9 +16,15 @@ from anyio.abc import TaskGroup
 from . import _protocol as p
 from ._backend import Backend, Connection, MemoryBackend
 from ._buffer import Signal
-from ._exceptions import BackendError, ProducerUnavailableError, ResumableStreamError
+from ._exceptions import (
+    BackendError,
+    ProducerLostError,
+    ProducerUnavailableError,
+    ResumableStreamError,
+    StreamIncompleteError,
+)
 from ._follower import Follower
-from ._producer import MakeStream, Producer
+from ._producer import MakeStream, Producer, end_error
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -47,6 +53,10 @@ class ResumableStreamContext:
     After its end a producer keeps its text for `linger` seconds, so a reader cut off near the
     end can still resume (with a `resume_at`) and get the tail. Leaving the context waits up to
     `drain_timeout` seconds for running producers, then cancels them.
+
+    A producer with followers proves it is alive at least three times per `liveness_timeout`;
+    a follower that hears nothing for that long asks again, and learns `ProducerLostError` if
+    the producer is gone. A dead stream keeps its id for `lost_ttl` seconds.
     """
 
     def __init__(
@@ -59,6 +69,8 @@ class ResumableStreamContext:
         max_message_size: int = 1 << 20,
         drain_timeout: float = 30.0,
         linger: float = 30.0,
+        liveness_timeout: float = 3.0,
+        lost_ttl: int = 60,
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError("key_prefix must be a non-empty str")
@@ -76,6 +88,10 @@ class ResumableStreamContext:
             raise ValueError(f"drain_timeout must be >= 0, got {drain_timeout!r}")
         if not linger >= 0:
             raise ValueError(f"linger must be >= 0, got {linger!r}")
+        if not liveness_timeout > 0:
+            raise ValueError(f"liveness_timeout must be > 0, got {liveness_timeout!r}")
+        if isinstance(lost_ttl, bool) or not isinstance(lost_ttl, int) or lost_ttl <= 0:
+            raise ValueError(f"lost_ttl must be a positive int (seconds), got {lost_ttl!r}")
         self._backend = backend
         self._keys = p.Keys(key_prefix)
         self._ttl = ttl
@@ -83,6 +99,8 @@ class ResumableStreamContext:
         self._max_message_size = max_message_size
         self._drain_timeout = drain_timeout
         self._linger = linger
+        self._liveness_timeout = liveness_timeout
+        self._lost_ttl = lost_ttl
         self._inbox = self._keys.inbox(uuid.uuid4().hex)
         self._stack: AsyncExitStack | None = None
         self._conn: Connection | None = None
@@ -150,7 +168,7 @@ class ResumableStreamContext:
         connection = self._connection()
         count = await connection.incr(self._keys.sentinel(stream_id), self._ttl)
         if count is None:
-            return None if resume_at is None else await self._follow(stream_id, offset, True)
+            return await self._finished(stream_id, offset, resume_at)
         if count == 1:
             return self._start_producer(stream_id, make_stream).reader(offset)
         return await self._follow(stream_id, offset)
@@ -182,8 +200,55 @@ class ResumableStreamContext:
         if value is None:
             return None
         if p.terminal_state(value) is not None:
-            return None if resume_at is None else await self._follow(stream_id, offset, True)
+            return await self._finished(stream_id, offset, resume_at, value)
         return await self._follow(stream_id, offset)
+
+    async def cancel_stream(self, stream_id: str) -> None:
+        """Stop a stream from any process: its generator is cancelled and every reader ends
+        with `StreamCancelledError`. A stream about to start is prevented; one that already
+        ended is left as it is. Idempotent.
+        """
+        stream_id = p.validate_stream_id(stream_id)
+        producer = self._request_routes.get(self._keys.request(stream_id))
+        if producer is not None and producer.state is None:
+            producer.stop()
+            return
+        connection = self._connection()
+        key = self._keys.sentinel(stream_id)
+        cancel = p.pack(p.CANCEL, [])
+        with anyio.move_on_after(self._resume_timeout):
+            delay = 0.002
+            while True:
+                value = await connection.get(key)
+                if value is None:
+                    if await connection.create(key, p.sentinel_value(p.CANCELLED), self._ttl):
+                        return  # nobody started it: whoever tries next finds it cancelled
+                    continue
+                if p.terminal_state(value) is not None:
+                    return
+                if await connection.publish(self._keys.request(stream_id), cancel):
+                    return
+                # Running, but its producer is not listening yet (about to start) or gone.
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        await connection.set(key, p.sentinel_value(p.CANCELLED), self._ttl)
+
+    async def _finished(
+        self, stream_id: str, offset: int, resume_at: int | None, value: str | None = None
+    ) -> ResumableStream | None:
+        """A finished stream: its tail from a lingering producer, None, or its error."""
+        if resume_at is not None:
+            reader = await self._follow(stream_id, offset, after_end=True)
+            if not isinstance(reader, _Nobody):
+                return reader
+            value = None
+        if value is None:
+            value = await self._connection().get(self._keys.sentinel(stream_id))
+        state = p.terminal_state(value)
+        error = None if state is None else end_error(stream_id, state, None)
+        if error is not None:
+            raise error
+        return None
 
     async def has_existing_stream(self, stream_id: str) -> Literal[True, "DONE"] | None:
         """None if there is no such stream, "DONE" if it finished, else True."""
@@ -208,41 +273,63 @@ class ResumableStreamContext:
 
     # Followers
 
+    @overload
+    async def _follow(
+        self, stream_id: str, resume_at: int, after_end: Literal[False] = False
+    ) -> ResumableStream | None: ...
+
+    @overload
+    async def _follow(
+        self, stream_id: str, resume_at: int, after_end: Literal[True]
+    ) -> ResumableStream | _Nobody | None: ...
+
     async def _follow(
         self, stream_id: str, resume_at: int, after_end: bool = False
-    ) -> ResumableStream | None:
+    ) -> ResumableStream | _Nobody | None:
         connection = self._connection()
         follower = Follower(self, stream_id, uuid.uuid4().hex, resume_at)
         await self._attach_follower(follower)
+        reached = False
         try:
             request = p.pack(p.REQUEST, [follower.listener, self._inbox, resume_at, after_end])
             with anyio.move_on_after(self._resume_timeout):
                 delay = 0.002
                 while True:
                     if await connection.publish(self._keys.request(stream_id), request):
+                        reached = True
                         await follower.acked.wait()
                         if after_end:
-                            # A reader that already has everything is told "finished" (None),
-                            # as it would be without lingering.
+                            # A reader that already has everything learns how the stream
+                            # ended at once, as it would without lingering.
                             await follower.ended.wait()
-                            if follower.nothing_left():
+                            state = follower.ended_with_nothing_left()
+                            if state is not None:
                                 await follower.aclose()
-                                return None
+                                if state == p.DONE:
+                                    return None
+                                raise end_error(stream_id, state, None) or AssertionError
+                        follower.heard = anyio.current_time()
                         return follower
                     if after_end:
                         await follower.aclose()
-                        return None  # nobody lingers: the text is gone
+                        return _NOBODY  # nobody lingers: the text is gone
                     # Nobody subscribed: the producer is not listening yet, finished or gone.
                     value = await connection.get(self._keys.sentinel(stream_id))
                     if value is None or p.terminal_state(value) is not None:
                         await follower.aclose()
-                        return None
+                        return await self._finished(stream_id, resume_at, None, value)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 0.1)
             value = await connection.get(self._keys.sentinel(stream_id))
             await follower.aclose()
             if value is None or p.terminal_state(value) is not None:
-                return None
+                return await self._finished(stream_id, resume_at, None, value)
+            if not reached:
+                await self._record_lost(stream_id)
+                raise ProducerLostError(
+                    f"the producer of stream {stream_id!r} is gone: nobody listened for "
+                    f"{self._resume_timeout}s"
+                )
             raise ProducerUnavailableError(
                 f"no producer answered for stream {stream_id!r} within {self._resume_timeout}s"
             )
@@ -250,6 +337,33 @@ class ResumableStreamContext:
             with anyio.CancelScope(shield=True):
                 await follower.aclose()
             raise
+
+    async def _probe(self, follower: Follower) -> None:
+        """A follower heard nothing for `liveness_timeout`: ask again, or learn why not."""
+        stream_id = follower.stream_id
+        connection = self._connection()
+        request = [follower.listener, self._inbox, follower.position, False]
+        try:
+            if await connection.publish(self._keys.request(stream_id), p.pack(p.REQUEST, request)):
+                follower.heard = anyio.current_time()
+                return
+            value = await connection.get(self._keys.sentinel(stream_id))
+            state = p.terminal_state(value)
+            if state is None:
+                await self._record_lost(stream_id)
+                state = p.LOST
+        except BackendError as exc:
+            follower.fail(exc)
+            return
+        error = end_error(stream_id, state, None) or StreamIncompleteError(
+            f"stream {stream_id!r} ended but its end never arrived"
+        )
+        follower.fail(error)  # type: ignore[arg-type]
+
+    async def _record_lost(self, stream_id: str) -> None:
+        # The id stays taken for `lost_ttl` seconds, so late readers learn what happened.
+        value = p.sentinel_value(p.LOST)
+        await self._connection().set(self._keys.sentinel(stream_id), value, self._lost_ttl)
 
     async def _attach_follower(self, follower: Follower) -> None:
         channel = self._keys.live(follower.stream_id)
@@ -294,9 +408,20 @@ class ResumableStreamContext:
             producer = self._request_routes.get(channel)
             if producer is not None:
                 producer.on_request(payload)
+        elif tag == p.CANCEL:
+            producer = self._request_routes.get(channel)
+            if producer is not None:
+                producer.stop()
         else:
             for follower in tuple(self._live_routes.get(channel, ())):
                 follower.deliver(tag, payload)
+
+
+class _Nobody:
+    """What `_follow(after_end=True)` returns when no producer lingers to answer."""
+
+
+_NOBODY = _Nobody()
 
 
 def _validate(stream_id: object, make_stream: object, resume_at: object) -> tuple[str, int]:

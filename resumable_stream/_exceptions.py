@@ -8,6 +8,7 @@ derives from one base class:
     ├── StreamCancelledError       the stream was stopped before it finished
     ├── StreamIncompleteError      the stream ended but some of its text never arrived
     ├── ProducerUnavailableError   no producer answered a resume request (also a TimeoutError)
+    │   └── ProducerLostError      the producer died (its process went away) before the end
     └── BackendError               the backend (Redis) failed or could not be reached
                                    (also a ConnectionError)
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "ProducerLostError",
     "ProducerUnavailableError",
     "ResumableStreamError",
     "StreamCancelledError",
@@ -52,3 +54,11 @@ class ProducerUnavailableError(ResumableStreamError, TimeoutError):
 
 class BackendError(ResumableStreamError, ConnectionError):
     """Raised when the backend failed or could not be reached; the cause is chained."""
+
+
+class ProducerLostError(ProducerUnavailableError):
+    """Raised when the stream's producer died before the end: the stream can never complete.
+
+    Followers learn it within the context's `liveness_timeout`; the id stays in this state for
+    `lost_ttl` seconds, then a new stream may take it.
+    """

@@ -31,6 +31,7 @@ class Follower:
         self.listener = listener
         self.acked = anyio.Event()
         self.ended = anyio.Event()  # the end of the stream (or an error) arrived
+        self.heard = anyio.current_time()  # when a message for this follower last arrived
         self._position = resume_at  # text before this offset has been taken
         self._partial: list[str] = []  # the start of a chunk that continues in the next message
         self._partial_label: list[Any] | None = None
@@ -44,6 +45,9 @@ class Follower:
 
     def deliver(self, tag: bytes, payload: list[Any]) -> None:
         """Called by the context for every message addressed to this follower."""
+        self.heard = anyio.current_time()
+        if tag == p.HEARTBEAT:
+            return
         try:
             if tag == p.REPLAY:
                 _, start, chunks, cont, upto = payload
@@ -71,15 +75,18 @@ class Follower:
         self.ended.set()
         self._signal.notify()
 
-    def nothing_left(self) -> bool:
-        """True once a stream that ended as done has nothing more for this reader."""
-        return (
-            self._end is not None
-            and self._end[1] == p.DONE
-            and self._error is None
-            and not self._ready
-            and not self._partial
-        )
+    @property
+    def position(self) -> int:
+        """The offset up to which this follower has the text."""
+        return self._position
+
+    def ended_with_nothing_left(self) -> str | None:
+        """The end state, once the stream ended with nothing more for this reader."""
+        if self._end is None or self._error is not None or self._ready or self._partial:
+            return None
+        if self._position < self._end[0]:
+            return None
+        return self._end[1]
 
     def _apply(self, tag: bytes, payload: list[Any]) -> None:
         if tag == p.LIVE:
@@ -160,7 +167,11 @@ class Follower:
                 raise StopAsyncIteration
             if self._detached:
                 raise StopAsyncIteration
-            await self._signal.wait()
+            silence = self.heard + self._context._liveness_timeout - anyio.current_time()
+            with anyio.move_on_after(silence):
+                await self._signal.wait()
+                continue
+            await self._context._probe(self)
 
     async def aclose(self) -> None:
         """Stop following; the producer and every other reader carry on."""

@@ -20,7 +20,12 @@ from anyio.abc import TaskGroup
 from . import _protocol as p
 from ._buffer import ChunkBuffer, Entry, Signal
 from ._event import Event
-from ._exceptions import BackendError, StreamCancelledError, StreamFailedError
+from ._exceptions import (
+    BackendError,
+    ProducerLostError,
+    StreamCancelledError,
+    StreamFailedError,
+)
 
 if TYPE_CHECKING:
     from ._context import ResumableStreamContext
@@ -49,6 +54,8 @@ class Producer:
         self.error: BaseException | None = None
         self._request_channel = context._keys.request(stream_id)
         self._listening = True
+        # Cancelling this scope is a stop: it interrupts whatever the generator awaits.
+        self._stop = anyio.CancelScope()
         self._live_channel = context._keys.live(stream_id)
         self._tg: TaskGroup | None = None
         # Live publishing: on while somebody follows, from chunk `_live_index` on. `_epoch`
@@ -73,9 +80,10 @@ class Producer:
         try:
             async with anyio.create_task_group() as self._tg:
                 try:
-                    await connection.subscribe(self._request_channel, wait=False)
-                    await self._pump()
-                    state = p.DONE
+                    with self._stop:
+                        await connection.subscribe(self._request_channel, wait=False)
+                        await self._pump()
+                        state = p.DONE
                 except Exception as exc:
                     state = p.FAILED
                     self.error = exc
@@ -157,6 +165,10 @@ class Producer:
         except BackendError as exc:
             logger.warning("could not record the end of stream %r: %s", self.stream_id, exc)
 
+    def stop(self) -> None:
+        """Stop the generator; the stream ends as cancelled (no effect once it ended)."""
+        self._stop.cancel()
+
     def on_request(self, payload: list[Any]) -> None:
         try:
             listener, inbox, resume_at, after_end = payload
@@ -206,12 +218,23 @@ class Producer:
         connection = self._context._connection()
         limit = self._context._max_message_size
         buffer = self.buffer
+        heartbeat = self._context._liveness_timeout / 3
         try:
             while True:
                 while self._live_index == len(buffer.chunks):
                     if self.state is not None:
                         return
-                    await self.changed.wait()
+                    with anyio.move_on_after(heartbeat) as idle:
+                        await self.changed.wait()
+                    if idle.cancelled_caught:
+                        # Followers hear something at least every `heartbeat` seconds, so
+                        # silence means this producer is gone.
+                        epoch = self._epoch
+                        alive = p.pack(p.HEARTBEAT, [buffer.length])
+                        receivers = await connection.publish(self._live_channel, alive)
+                        if not receivers and epoch == self._epoch:
+                            self._following = False
+                            return
                 index, stop = self._live_index, len(buffer.chunks)
                 self._live_index = stop
                 epoch = self._epoch
@@ -241,6 +264,8 @@ def end_error(stream_id: str, state: str, detail: str | None) -> Exception | Non
         return StreamFailedError(f"stream {stream_id!r} failed{cause}")
     if state == p.CANCELLED:
         return StreamCancelledError(f"stream {stream_id!r} was cancelled")
+    if state == p.LOST:
+        return ProducerLostError(f"the producer of stream {stream_id!r} died before its end")
     return None
 
 

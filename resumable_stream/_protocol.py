@@ -4,8 +4,10 @@ Every message is one tag byte followed by a JSON array, so no user text can ever
 a control message:
 
     Q [listener, inbox, resume_at, after_end]     follower -> request channel of a stream
+    C []                                          anyone -> request channel: stop the stream
     R [listener, start, chunks, cont, upto|null]  producer -> inbox of the follower's context
     L [start, chunks, cont]                       producer -> live channel of a stream
+    H [length]                                    producer -> live channel, when idle: alive
     E [listener|null, length, state, detail]      producer -> live channel, or an inbox
 
 `start` is the character offset of the first element of `chunks`; an element is a chunk's text,
@@ -27,7 +29,8 @@ MAX_STREAM_ID_LENGTH: Final = 256
 DONE: Final = "done"
 FAILED: Final = "failed"
 CANCELLED: Final = "cancelled"
-TERMINAL_STATES: Final = (DONE, FAILED, CANCELLED)
+LOST: Final = "lost"  # the producer died: recorded by whoever found it gone
+TERMINAL_STATES: Final = (DONE, FAILED, CANCELLED, LOST)
 # The sentinel key holds the INCR count while the stream runs, then its terminal state in capitals.
 _SENTINEL_VALUES: Final = {state.upper(): state for state in TERMINAL_STATES}
 
@@ -35,6 +38,8 @@ REQUEST: Final = b"Q"
 REPLAY: Final = b"R"
 LIVE: Final = b"L"
 END: Final = b"E"
+HEARTBEAT: Final = b"H"
+CANCEL: Final = b"C"
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads

@@ -26,6 +26,7 @@ from ._context import ResumableStream, ResumableStreamContext
 from ._event import Event
 from ._exceptions import (
     BackendError,
+    ProducerLostError,
     ProducerUnavailableError,
     ResumableStreamError,
     StreamCancelledError,
@@ -91,10 +92,15 @@ class EventStreamResponse:
             await _plain(send, 400, str(exc))
             return
         try:
-            if self.make_stream is not None:
-                stream = await self.context.resumable_stream(stream_id, self.make_stream, resume_at)
+            # A request with a cursor continues a stream it saw; it never starts a new one
+            # (that would serve the new stream's text from an offset into the old one).
+            if self.make_stream is not None and resume_at is None:
+                stream = await self.context.resumable_stream(stream_id, self.make_stream)
             else:
                 stream = await self.context.resume_existing_stream(stream_id, resume_at)
+        except (StreamFailedError, StreamCancelledError, ProducerLostError) as exc:
+            await self._ended(exc, resume_at, send)
+            return
         except ProducerUnavailableError:
             await _plain(send, 503, "the stream's producer did not answer; try again")
             return
@@ -107,6 +113,18 @@ class EventStreamResponse:
             await send({"type": "http.response.body", "body": b""})
             return
         await self._stream(stream, receive, send)
+
+    async def _ended(self, exc: ResumableStreamError, resume_at: int | None, send: Send) -> None:
+        """A stream that already ended badly: a new viewer learns how; a reconnect is stopped."""
+        if resume_at is not None:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        elif self.raw:
+            await _plain(send, 410, _error_info(exc)[1])
+        else:
+            headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": _error_frame(exc)})
 
     async def _stream(self, stream: ResumableStream, receive: Receive, send: Send) -> None:
         media = b"text/plain; charset=utf-8" if self.raw else b"text/event-stream; charset=utf-8"
@@ -268,18 +286,22 @@ def _raw_body(entries: list[Entry]) -> bytes:
 _ERROR_CODES: tuple[tuple[type[ResumableStreamError], str, str], ...] = (
     (StreamFailedError, "failed", "the stream failed"),
     (StreamCancelledError, "cancelled", "the stream was cancelled"),
+    (ProducerLostError, "producer_lost", "the stream's producer stopped before the end"),
     (StreamIncompleteError, "incomplete", "part of the stream was lost; resume to retry"),
     (BackendError, "unavailable", "the stream store is unavailable"),
 )
 
 
-def _error_frame(exc: ResumableStreamError) -> bytes:
-    """A final `event: error` with a stable code; the exception's text stays in the log."""
-    code, message = "error", "the stream ended with an error"
-    for kind, kind_code, kind_message in _ERROR_CODES:
+def _error_info(exc: ResumableStreamError) -> tuple[str, str]:
+    """A stable code and a safe message; the exception's own text stays in the log."""
+    for kind, code, message in _ERROR_CODES:
         if isinstance(exc, kind):
-            code, message = kind_code, kind_message
-            break
+            return code, message
+    return "error", "the stream ended with an error"
+
+
+def _error_frame(exc: ResumableStreamError) -> bytes:
+    code, message = _error_info(exc)
     logger.info("stream ended with %s: %s", code, exc)
     data = json.dumps({"code": code, "message": message})
     return encode_event(data, event="error").encode()

@@ -204,6 +204,13 @@ class _RedisConnection:
                 )
             )
 
+    async def create(self, key: str, value: str, ttl: int) -> bool:
+        with map_exceptions():
+            created = await self._result(
+                self._enqueue(lambda pipe: pipe.set(key, value, ex=ttl, nx=True))
+            )
+        return bool(created)
+
     async def publish(self, channel: str, message: bytes) -> int:
         with map_exceptions():
             return int(

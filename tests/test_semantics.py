@@ -245,7 +245,11 @@ async def test_generator_failure_reaches_every_reader(workers: Workers) -> None:
     with pytest.raises(rs.StreamFailedError, match="KeyError"):
         await read(follower)
     assert await workers.C.has_existing_stream("bad") == "DONE"
-    assert await workers.C.resumable_stream("bad", never_called) is None
+    # A late reader learns how it ended, not a bare "finished".
+    with pytest.raises(rs.StreamFailedError):
+        await workers.C.resumable_stream("bad", never_called)
+    with pytest.raises(rs.StreamFailedError):
+        await workers.C.resume_existing_stream("bad")
     healthy.write("fine")
     healthy.close()
     assert await read(other) == "fine"

@@ -1,0 +1,118 @@
+"""Failure semantics: stop, producer liveness, and the terminal states readers learn."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+import resumable_stream as rs
+
+from .conftest import Workers
+from .helpers import TestingSource, never_called, poll_until, read
+
+pytestmark = pytest.mark.anyio
+
+
+# Stop
+
+
+async def test_cancel_interrupts_an_await_and_ends_every_reader(workers: Workers) -> None:
+    started = anyio.Event()
+    interrupted = anyio.Event()
+
+    async def slow_llm() -> AsyncIterator[str]:
+        yield "thinking"
+        started.set()
+        try:
+            await anyio.sleep_forever()  # a model call that takes forever
+        finally:
+            interrupted.set()
+        yield "never"
+
+    own = await workers.P.resumable_stream("s", slow_llm)
+    follower = await workers.C.resume_existing_stream("s")
+    assert await read(own, 1) == "thinking"
+    assert await read(follower, 1) == "thinking"
+    with anyio.fail_after(5):
+        await started.wait()
+        await workers.C.cancel_stream("s")  # from the other worker
+        await interrupted.wait()
+    for reader in (own, follower):
+        with pytest.raises(rs.StreamCancelledError):
+            await read(reader)
+    await poll_until(lambda: workers.C.has_existing_stream("s"), "DONE")
+    with pytest.raises(rs.StreamCancelledError):
+        await workers.C.resumable_stream("s", never_called)
+    with anyio.fail_after(5):
+        await workers.C.cancel_stream("s")  # idempotent
+        await workers.P.cancel_stream("s")
+
+
+async def test_cancel_before_start_prevents_the_stream(workers: Workers) -> None:
+    with anyio.fail_after(5):
+        await workers.P.cancel_stream("later")
+        await workers.P.cancel_stream("later")
+    with pytest.raises(rs.StreamCancelledError):
+        await workers.C.resumable_stream("later", never_called)
+
+
+async def test_cancel_reaches_a_producer_that_is_about_to_listen(workers: Workers) -> None:
+    # The id was taken (INCR) but its producer is not subscribed yet: the stop waits for it.
+    key = f"{workers.prefix}:v1:sentinel:soon"
+    await workers.P._connection().set(key, "1", 60)
+    source = TestingSource()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(workers.C.cancel_stream, "soon")
+        own = workers.P._start_producer("soon", source.make).reader(0)
+        with pytest.raises(rs.StreamCancelledError):
+            await read(own)
+    assert source.calls <= 1
+
+
+@pytest.mark.parametrize("workers", [{"resume_timeout": 0.2}], indirect=True)
+async def test_cancel_of_a_stream_whose_producer_is_gone_records_cancelled(
+    workers: Workers,
+) -> None:
+    await workers.P._connection().set(f"{workers.prefix}:v1:sentinel:orphan", "1", 60)
+    with anyio.fail_after(5):
+        await workers.C.cancel_stream("orphan")
+    with pytest.raises(rs.StreamCancelledError):
+        await workers.P.resume_existing_stream("orphan")
+
+
+async def test_cancel_leaves_other_streams_alone(workers: Workers) -> None:
+    a, b = TestingSource(), TestingSource()
+    stream_a = await workers.P.resumable_stream("a", a.make)
+    stream_b = await workers.P.resumable_stream("b", b.make)
+    await workers.C.cancel_stream("a")
+    with pytest.raises(rs.StreamCancelledError):
+        await read(stream_a)
+    b.write("ok")
+    b.close()
+    assert await read(stream_b) == "ok"
+
+
+# Liveness
+
+
+@pytest.mark.parametrize("workers", [{"liveness_timeout": 0.3}], indirect=True)
+async def test_an_idle_producer_keeps_its_followers_with_heartbeats(workers: Workers) -> None:
+    source = TestingSource()
+    await workers.P.resumable_stream("s", source.make)
+    follower = await workers.C.resume_existing_stream("s")
+    source.write("before")
+    assert await read(follower, 1) == "before"
+    # The stimulus, not a synchronisation: stay idle for several liveness timeouts.
+    await anyio.sleep(1.2)
+    source.write("after")
+    source.close()
+    assert await read(follower) == "after"
+
+
+def test_liveness_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="liveness_timeout"):
+        rs.ResumableStreamContext(backend=rs.MemoryBackend(), liveness_timeout=0)
+    with pytest.raises(ValueError, match="lost_ttl"):
+        rs.ResumableStreamContext(backend=rs.MemoryBackend(), lost_ttl=0)
