@@ -12,6 +12,7 @@ from ._exceptions import (
     StreamFailedError,
     StreamIncompleteError,
 )
+from ._protocol import new_stream_id
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "StreamFailedError",
     "StreamIncompleteError",
     "create_resumable_stream_context",
+    "new_stream_id",
 ]

@@ -21,6 +21,7 @@ the end answers it.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -78,6 +79,15 @@ def validate_stream_id(stream_id: object) -> str:
     except UnicodeEncodeError:
         raise ValueError("stream_id must be valid Unicode (it contains a lone surrogate)") from None
     return stream_id
+
+
+def new_stream_id() -> str:
+    """A fresh stream id nobody can guess (192 random bits, URL-safe).
+
+    Stream ids are capabilities: whoever knows one can read the stream. To bind ids to their
+    owner, prefix them (`f"{user_id}.{new_stream_id()}"`) and check the prefix in `authorize`.
+    """
+    return secrets.token_urlsafe(24)
 
 
 def validate_resume_at(resume_at: object) -> int:

@@ -12,6 +12,7 @@ answers 204, which tells `EventSource` to stop reconnecting.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, MutableMapping
@@ -36,7 +37,7 @@ from ._exceptions import (
 from ._producer import MakeStream
 from .sse import encode_event
 
-__all__ = ["EventStreamApp", "EventStreamResponse"]
+__all__ = ["Authorize", "EventStreamApp", "EventStreamResponse", "StopStreamApp"]
 
 logger = logging.getLogger("resumable_stream")
 
@@ -44,6 +45,9 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+
+Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
+"""`authorize(scope, stream_id)`: may this request create, read or stop that stream?"""
 
 _MAX_CURSOR_DIGITS = 18  # anything longer is not an offset this library could have sent
 _CLEANUP_TIMEOUT = 5.0
@@ -74,8 +78,10 @@ class EventStreamResponse:
         keepalive: float | None = 15.0,
         retry: int | None = None,
         headers: Iterable[tuple[str, str]] | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         _check_options(keepalive, retry)
+        self.authorize = authorize
         self.context = context
         self.stream_id = stream_id
         self.make_stream = make_stream
@@ -90,6 +96,9 @@ class EventStreamResponse:
             resume_at = resume_cursor(scope)
         except (ValueError, _BadRequest) as exc:
             await _plain(send, 400, str(exc))
+            return
+        if not await _allowed(self.authorize, scope, stream_id):
+            await _plain(send, 403, "not allowed")
             return
         try:
             # A request with a cursor continues a stream it saw; it never starts a new one
@@ -177,7 +186,8 @@ class EventStreamApp:
     `context` is the context or a function of the ASGI scope returning it (for a context made
     in the lifespan: `lambda scope: scope["state"]["streams"]`). `make_stream(stream_id, scope)`
     returns the generator for a new stream; without it the app only resumes. `stream_id(scope)`
-    picks the id (default: the last segment of the path). Other options are those of
+    picks the id (default: the last segment of the path). `authorize(scope, stream_id)` is
+    asked before anything is created or read (403 if it says no). Other options are those of
     `EventStreamResponse`.
     """
 
@@ -191,6 +201,7 @@ class EventStreamApp:
         keepalive: float | None = 15.0,
         retry: int | None = None,
         headers: Iterable[tuple[str, str]] | None = None,
+        authorize: Authorize | None = None,
     ) -> None:
         _check_options(keepalive, retry)
         self._context = context
@@ -201,6 +212,7 @@ class EventStreamApp:
             "keepalive": keepalive,
             "retry": retry,
             "headers": list(headers or ()),
+            "authorize": authorize,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -209,9 +221,7 @@ class EventStreamApp:
         if scope["method"] != "GET":
             await _plain(send, 405, "use GET", [(b"allow", b"GET")])
             return
-        context = self._context
-        if not isinstance(context, ResumableStreamContext):
-            context = context(scope)
+        context = _context_of(self._context, scope)
         try:
             stream_id = p.validate_stream_id(self._stream_id(scope))
         except ValueError as exc:
@@ -221,6 +231,64 @@ class EventStreamApp:
         make = None if make_stream is None else (lambda: make_stream(stream_id, scope))
         response = EventStreamResponse(context, stream_id, make, **self._options)
         await response(scope, receive, send)
+
+
+class StopStreamApp:
+    """An ASGI app: `POST` (or `DELETE`) `<mount>/<stream_id>` stops that stream, from any worker.
+
+    Answers 204 once the stop reached the producer (or recorded it, for a stream not started
+    yet); 400 for a malformed id, 403 if `authorize(scope, stream_id)` says no. A client
+    disconnecting from a stream is not a stop; this is.
+    """
+
+    def __init__(
+        self,
+        context: ResumableStreamContext | Callable[[Scope], ResumableStreamContext],
+        *,
+        stream_id: Callable[[Scope], str] | None = None,
+        authorize: Authorize | None = None,
+    ) -> None:
+        self._context = context
+        self._stream_id = stream_id or _last_path_segment
+        self._authorize = authorize
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError(f"StopStreamApp serves HTTP only, not {scope['type']!r}")
+        if scope["method"] not in ("POST", "DELETE"):
+            await _plain(send, 405, "use POST or DELETE", [(b"allow", b"POST, DELETE")])
+            return
+        try:
+            stream_id = p.validate_stream_id(self._stream_id(scope))
+        except ValueError as exc:
+            await _plain(send, 400, str(exc))
+            return
+        if not await _allowed(self._authorize, scope, stream_id):
+            await _plain(send, 403, "not allowed")
+            return
+        try:
+            await _context_of(self._context, scope).cancel_stream(stream_id)
+        except BackendError as exc:
+            logger.warning("could not stop stream %r: %s", stream_id, exc)
+            await _plain(send, 503, "the stream store is unavailable; try again")
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _context_of(
+    context: ResumableStreamContext | Callable[[Scope], ResumableStreamContext], scope: Scope
+) -> ResumableStreamContext:
+    return context if isinstance(context, ResumableStreamContext) else context(scope)
+
+
+async def _allowed(authorize: Authorize | None, scope: Scope, stream_id: str) -> bool:
+    if authorize is None:
+        return True
+    verdict = authorize(scope, stream_id)
+    if inspect.isawaitable(verdict):
+        verdict = await verdict
+    return verdict is True
 
 
 def _check_options(keepalive: float | None, retry: int | None) -> None:
