@@ -57,6 +57,9 @@ class ResumableStreamContext:
     A producer with followers proves it is alive at least three times per `liveness_timeout`;
     a follower that hears nothing for that long asks again, and learns `ProducerLostError` if
     the producer is gone. A dead stream keeps its id for `lost_ttl` seconds.
+
+    A follower holding more than `max_backlog` unread characters is ended with
+    `SlowReaderError`, so a reader that stops reading cannot make memory grow without bound.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class ResumableStreamContext:
         linger: float = 30.0,
         liveness_timeout: float = 3.0,
         lost_ttl: int = 60,
+        max_backlog: int = 64 << 20,
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError("key_prefix must be a non-empty str")
@@ -90,6 +94,8 @@ class ResumableStreamContext:
             raise ValueError(f"linger must be >= 0, got {linger!r}")
         if not liveness_timeout > 0:
             raise ValueError(f"liveness_timeout must be > 0, got {liveness_timeout!r}")
+        if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 1:
+            raise ValueError(f"max_backlog must be a positive int, got {max_backlog!r}")
         if isinstance(lost_ttl, bool) or not isinstance(lost_ttl, int) or lost_ttl <= 0:
             raise ValueError(f"lost_ttl must be a positive int (seconds), got {lost_ttl!r}")
         self._backend = backend
@@ -101,6 +107,7 @@ class ResumableStreamContext:
         self._linger = linger
         self._liveness_timeout = liveness_timeout
         self._lost_ttl = lost_ttl
+        self._max_backlog = max_backlog
         self._inbox = self._keys.inbox(uuid.uuid4().hex)
         self._stack: AsyncExitStack | None = None
         self._conn: Connection | None = None

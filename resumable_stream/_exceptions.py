@@ -7,6 +7,7 @@ derives from one base class:
     ├── StreamFailedError          the producer's generator raised
     ├── StreamCancelledError       the stream was stopped before it finished
     ├── StreamIncompleteError      the stream ended but some of its text never arrived
+    ├── SlowReaderError            a reader fell too far behind and was ended
     ├── ProducerUnavailableError   no producer answered a resume request (also a TimeoutError)
     │   └── ProducerLostError      the producer died (its process went away) before the end
     └── BackendError               the backend (Redis) failed or could not be reached
@@ -22,6 +23,7 @@ __all__ = [
     "ProducerLostError",
     "ProducerUnavailableError",
     "ResumableStreamError",
+    "SlowReaderError",
     "StreamCancelledError",
     "StreamFailedError",
     "StreamIncompleteError",
@@ -61,4 +63,12 @@ class ProducerLostError(ProducerUnavailableError):
 
     Followers learn it within the context's `liveness_timeout`; the id stays in this state for
     `lost_ttl` seconds, then a new stream may take it.
+    """
+
+
+class SlowReaderError(ResumableStreamError):
+    """Raised by a follower that fell more than the context's `max_backlog` characters behind.
+
+    Its unread text was dropped to keep memory bounded; the stream itself and every other reader
+    carry on. Resuming from the offset in the message catches up.
     """

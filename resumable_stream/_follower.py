@@ -15,7 +15,7 @@ import anyio
 from . import _protocol as p
 from ._buffer import Entry, Signal
 from ._event import Event
-from ._exceptions import ResumableStreamError, StreamIncompleteError
+from ._exceptions import ResumableStreamError, SlowReaderError, StreamIncompleteError
 from ._producer import end_error
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ class Follower:
         self.ended = anyio.Event()  # the end of the stream (or an error) arrived
         self.heard = anyio.current_time()  # when a message for this follower last arrived
         self._position = resume_at  # text before this offset has been taken
+        self._consumed = resume_at  # text before this offset has been handed to the reader
         self._partial: list[str] = []  # the start of a chunk that continues in the next message
         self._partial_label: list[Any] | None = None
         self._ready: deque[Entry] = deque()
@@ -42,11 +43,12 @@ class Follower:
         self._error: ResumableStreamError | None = None
         self._signal = Signal()
         self._detached = False
+        self._overflowed = False
 
     def deliver(self, tag: bytes, payload: list[Any]) -> None:
         """Called by the context for every message addressed to this follower."""
         self.heard = anyio.current_time()
-        if tag == p.HEARTBEAT:
+        if tag == p.HEARTBEAT or self._overflowed:
             return
         try:
             if tag == p.REPLAY:
@@ -130,12 +132,27 @@ class Follower:
                 else:
                     self._ready.append((Event._from_wire(piece, *label), end))
             start = end
+        backlog = self._position - self._consumed
+        if backlog > self._context._max_backlog:
+            # A reader this far behind would make the process hold the stream twice; drop
+            # what it has not read and end it, so memory stays bounded.
+            self._overflowed = True
+            self._ready.clear()
+            self._partial.clear()
+            self._error = SlowReaderError(
+                f"a reader of stream {self.stream_id!r} fell {backlog} characters behind "
+                f"(max_backlog={self._context._max_backlog}); resume from offset "
+                f"{self._consumed} to catch up"
+            )
 
     def __aiter__(self) -> Follower:
         return self
 
     async def __anext__(self) -> str:
-        item = self._ready.popleft()[0] if self._ready else (await self._batch(1))[0][0]
+        if self._ready:
+            item, self._consumed = self._ready.popleft()
+        else:
+            item = (await self._batch(1))[0][0]
         return item if isinstance(item, str) else item.data
 
     async def _batch(self, limit: int | None = None) -> list[Entry]:
@@ -145,8 +162,11 @@ class Follower:
             if ready:
                 if limit is None or len(ready) <= limit:
                     self._ready = deque()
-                    return list(ready)
-                return [ready.popleft() for _ in range(limit)]
+                    batch = list(ready)
+                else:
+                    batch = [ready.popleft() for _ in range(limit)]
+                self._consumed = batch[-1][1]
+                return batch
             if self._error is not None:
                 error, self._error = self._error, None
                 await self._detach()

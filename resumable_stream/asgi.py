@@ -30,6 +30,7 @@ from ._exceptions import (
     ProducerLostError,
     ProducerUnavailableError,
     ResumableStreamError,
+    SlowReaderError,
     StreamCancelledError,
     StreamFailedError,
     StreamIncompleteError,
@@ -356,6 +357,7 @@ _ERROR_CODES: tuple[tuple[type[ResumableStreamError], str, str], ...] = (
     (StreamCancelledError, "cancelled", "the stream was cancelled"),
     (ProducerLostError, "producer_lost", "the stream's producer stopped before the end"),
     (StreamIncompleteError, "incomplete", "part of the stream was lost; resume to retry"),
+    (SlowReaderError, "too_slow", "this reader fell too far behind; resume to catch up"),
     (BackendError, "unavailable", "the stream store is unavailable"),
 )
 

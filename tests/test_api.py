@@ -24,11 +24,12 @@ def test_public_names_are_pinned() -> None:
         "ResumableStream",
         "ResumableStreamContext",
         "ResumableStreamError",
+        "SlowReaderError",
         "StreamCancelledError",
         "StreamFailedError",
         "StreamIncompleteError",
         "create_resumable_stream_context",
-    "new_stream_id",
+        "new_stream_id",
     ]
     for name in rs.__all__:
         assert getattr(rs, name).__module__.startswith("resumable_stream")

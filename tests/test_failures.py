@@ -116,3 +116,32 @@ def test_liveness_options_are_checked() -> None:
         rs.ResumableStreamContext(backend=rs.MemoryBackend(), liveness_timeout=0)
     with pytest.raises(ValueError, match="lost_ttl"):
         rs.ResumableStreamContext(backend=rs.MemoryBackend(), lost_ttl=0)
+
+
+# Slow followers
+
+
+@pytest.mark.parametrize("workers", [{"max_backlog": 1000}], indirect=True)
+async def test_a_reader_that_never_reads_is_ended_and_holds_nothing(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    stuck = await workers.C.resume_existing_stream("s")
+    reading = await workers.C.resume_existing_stream("s")
+    assert stuck is not None
+    assert reading is not None
+    chunk = "x" * 100
+    received = ""
+    for _ in range(200):  # 20 times the backlog allowed
+        source.write(chunk)
+        received += await read(reading, 1)
+    source.close()
+    assert received == chunk * 200
+    assert await read(reading) == ""
+    assert await read(own) == chunk * 200
+    held = stuck._ready  # type: ignore[attr-defined]
+    assert sum(len(item[0]) for item in held) <= 1000
+    with pytest.raises(rs.SlowReaderError, match=r"fell \d+ characters behind"):
+        await read(stuck)
+    # The text is still there for whoever resumes.
+    late = await workers.C.resume_existing_stream("s", resume_at=19_950)
+    assert await read(late) == "x" * 50
