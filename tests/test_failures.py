@@ -145,3 +145,35 @@ async def test_a_reader_that_never_reads_is_ended_and_holds_nothing(workers: Wor
     # The text is still there for whoever resumes.
     late = await workers.C.resume_existing_stream("s", resume_at=19_950)
     assert await read(late) == "x" * 50
+
+
+# Graceful shutdown
+
+
+async def test_leaving_the_context_drains_then_cancels_releasing_other_workers(
+    workers: Workers,
+) -> None:
+    async def endless() -> AsyncIterator[str]:
+        yield "forever"
+        await anyio.sleep_forever()
+        yield "never"
+
+    async def finishing() -> AsyncIterator[str]:
+        yield "done "
+        await anyio.sleep(0.2)  # still running when the context starts to close
+        yield "in time"
+
+    with anyio.fail_after(15):
+        async with workers.context(0, drain_timeout=1.5, linger=60) as worker:
+            stuck = await worker.resumable_stream("endless", endless)
+            drained = await worker.resumable_stream("finishing", finishing)
+            follower = await workers.C.resume_existing_stream("endless")
+            assert await read(stuck, 1) == "forever"
+            assert await read(follower, 1) == "forever"
+        # Left the context after drain_timeout, not after the 60 s linger.
+    assert await read(drained) == "done in time"
+    with pytest.raises(rs.StreamCancelledError):
+        await read(follower)  # released at once on the other worker
+    with pytest.raises(rs.StreamCancelledError):
+        await workers.C.resumable_stream("endless", never_called)
+    assert await workers.C.resumable_stream("finishing", never_called) is None
