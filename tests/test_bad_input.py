@@ -49,7 +49,7 @@ def test_the_api_accepts_or_raises_value_error(stream_id: Any, resume_at: Any) -
                     lambda: ctx.cancel_stream(stream_id),
                 ):
                     try:
-                        stream = await call()
+                        stream: Any = await call()
                     except ValueError:
                         continue
                     except rs.ResumableStreamError:
