@@ -60,6 +60,10 @@ class ResumableStreamContext:
 
     A follower holding more than `max_backlog` unread characters is ended with
     `SlowReaderError`, so a reader that stops reading cannot make memory grow without bound.
+
+    If the backend cannot be reached when a stream starts, `resumable_stream` still runs it,
+    for this caller only and not resumable, and logs a warning (`on_backend_error="degrade"`,
+    the default); with `"raise"` it raises `BackendError` instead.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class ResumableStreamContext:
         liveness_timeout: float = 3.0,
         lost_ttl: int = 60,
         max_backlog: int = 64 << 20,
+        on_backend_error: Literal["degrade", "raise"] = "degrade",
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError("key_prefix must be a non-empty str")
@@ -94,6 +99,10 @@ class ResumableStreamContext:
             raise ValueError(f"linger must be >= 0, got {linger!r}")
         if not liveness_timeout > 0:
             raise ValueError(f"liveness_timeout must be > 0, got {liveness_timeout!r}")
+        if on_backend_error not in ("degrade", "raise"):
+            raise ValueError(
+                f"on_backend_error must be 'degrade' or 'raise', got {on_backend_error!r}"
+            )
         if isinstance(max_backlog, bool) or not isinstance(max_backlog, int) or max_backlog < 1:
             raise ValueError(f"max_backlog must be a positive int, got {max_backlog!r}")
         if isinstance(lost_ttl, bool) or not isinstance(lost_ttl, int) or lost_ttl <= 0:
@@ -108,6 +117,7 @@ class ResumableStreamContext:
         self._liveness_timeout = liveness_timeout
         self._lost_ttl = lost_ttl
         self._max_backlog = max_backlog
+        self._degrade = on_backend_error == "degrade"
         self._inbox = self._keys.inbox(uuid.uuid4().hex)
         self._stack: AsyncExitStack | None = None
         self._conn: Connection | None = None
@@ -173,7 +183,17 @@ class ResumableStreamContext:
         """
         stream_id, offset = _validate(stream_id, make_stream, resume_at)
         connection = self._connection()
-        count = await connection.incr(self._keys.sentinel(stream_id), self._ttl)
+        try:
+            count = await connection.incr(self._keys.sentinel(stream_id), self._ttl)
+        except BackendError as exc:
+            if not self._degrade:
+                raise
+            logger.warning(
+                "stream %r runs without resumability: the backend is unreachable (%s)",
+                stream_id,
+                exc,
+            )
+            return self._start_producer(stream_id, make_stream, offline=True).reader(offset)
         if count is None:
             return await self._finished(stream_id, offset, resume_at)
         if count == 1:
@@ -267,9 +287,11 @@ class ResumableStreamContext:
 
     # Producers
 
-    def _start_producer(self, stream_id: str, make_stream: MakeStream) -> Producer:
+    def _start_producer(
+        self, stream_id: str, make_stream: MakeStream, offline: bool = False
+    ) -> Producer:
         assert self._tg is not None
-        producer = Producer(self, stream_id, make_stream)
+        producer = Producer(self, stream_id, make_stream, offline)
         self._producers.add(producer)
         self._tg.start_soon(producer.run, name=f"resumable_stream producer {stream_id!r}")
         return producer

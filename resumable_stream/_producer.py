@@ -41,7 +41,16 @@ _CLEANUP_TIMEOUT = 5.0
 
 
 class Producer:
-    def __init__(self, context: ResumableStreamContext, stream_id: str, make_stream: MakeStream):
+    def __init__(
+        self,
+        context: ResumableStreamContext,
+        stream_id: str,
+        make_stream: MakeStream,
+        offline: bool = False,
+    ) -> None:
+        # Offline: started while the backend was unreachable, so it never won the election;
+        # it serves its own reader only and leaves the backend alone.
+        self.offline = offline
         self._context = context
         self.stream_id = stream_id
         self._make_stream = make_stream
@@ -53,7 +62,7 @@ class Producer:
         self.settled = False
         self.error: BaseException | None = None
         self._request_channel = context._keys.request(stream_id)
-        self._listening = True
+        self._listening = not offline
         # Cancelling this scope is a stop: it interrupts whatever the generator awaits.
         self._stop = anyio.CancelScope()
         self._live_channel = context._keys.live(stream_id)
@@ -75,13 +84,15 @@ class Producer:
     async def run(self) -> None:
         context = self._context
         connection = context._connection()
-        context._request_routes[self._request_channel] = self
+        if not self.offline:
+            context._request_routes[self._request_channel] = self
         state = p.CANCELLED
         try:
             async with anyio.create_task_group() as self._tg:
                 try:
                     with self._stop:
-                        await connection.subscribe(self._request_channel, wait=False)
+                        if not self.offline:
+                            await connection.subscribe(self._request_channel, wait=False)
                         await self._pump()
                         state = p.DONE
                 except Exception as exc:
@@ -100,7 +111,7 @@ class Producer:
                 # Linger: a reader cut off near the end reconnects a moment later; keep the text
                 # to answer it. Leaving the context does not wait for this.
                 context._producer_finished(self)
-                await anyio.sleep(context._linger)
+                await anyio.sleep(0 if self.offline else context._linger)
         finally:
             if context._request_routes.get(self._request_channel) is self:
                 del context._request_routes[self._request_channel]
@@ -154,6 +165,8 @@ class Producer:
         keys = self._context._keys
         while self._publishing:
             await self._published.wait()
+        if self.offline:
+            return
         detail = self.error_type
         try:
             await connection.set(

@@ -111,6 +111,8 @@ class _RedisConnection:
         self._subscribe_lock = anyio.Lock()
         self._confirmations: dict[tuple[bytes, str], deque[anyio.Event]] = {}
         self._pubsub_error: BaseException | None = None
+        # What we want to be subscribed to, so a reconnect can restore what an outage lost.
+        self._wanted: set[str] = set()
 
     async def start(self, tg: TaskGroup) -> None:
         with map_exceptions():
@@ -230,7 +232,15 @@ class _RedisConnection:
         confirmed = anyio.Event()
         waiters = self._confirmations.setdefault((kind, channel), deque())
         async with self._subscribe_lock:
+            if kind == b"subscribe":
+                self._wanted.add(channel)
+            else:
+                self._wanted.discard(channel)
             if self._pubsub_error is not None:
+                # Down: the reconnect subscribes what is wanted then (and forgets the rest).
+                self._pubsub.channels.pop(channel.encode(), None)
+                if not wait:
+                    return
                 raise BackendError("the Redis subscriber connection is down") from (
                     self._pubsub_error
                 )
@@ -250,6 +260,22 @@ class _RedisConnection:
                 raise BackendError("the Redis subscriber connection is down") from (
                     self._pubsub_error
                 )
+
+    async def _restore_subscriptions(self) -> None:
+        # redis-py resubscribes what it knew of; whatever was asked for during the outage is
+        # subscribed here, and what was dropped meanwhile is let go.
+        async with self._subscribe_lock:
+            known = {_text(name) for name in self._pubsub.channels}
+            missing = [channel for channel in self._wanted if channel not in known]
+            stale = [channel for channel in known if channel not in self._wanted]
+            try:
+                with map_exceptions():
+                    if missing:
+                        await self._pubsub.subscribe(*missing)
+                    if stale:
+                        await self._pubsub.unsubscribe(*stale)
+            except BackendError as exc:
+                logger.warning("could not restore Redis subscriptions: %s", exc)
 
     def _confirm(self, kind: bytes, channel: str) -> None:
         waiters = self._confirmations.get((kind, channel))
@@ -278,8 +304,9 @@ class _RedisConnection:
                 await anyio.sleep(delay)
                 continue
             if self._pubsub_error is not None:
-                logger.info("Redis subscriber connection restored")
+                logger.warning("Redis subscriber connection restored")
                 self._pubsub_error = None
+                await self._restore_subscriptions()
             failures = 0
             if not response:
                 continue
