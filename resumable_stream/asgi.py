@@ -12,6 +12,7 @@ answers 204, which tells `EventSource` to stop reconnecting.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -145,7 +146,6 @@ class EventStreamResponse:
         ]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers]
         batch: Callable[[], Awaitable[list[Entry]]] = stream._batch  # type: ignore[attr-defined]
-        encode = _raw_body if self.raw else _sse_body
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             async with anyio.create_task_group() as tg:
@@ -156,29 +156,35 @@ class EventStreamResponse:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
-                if self.retry is not None and not self.raw:
-                    await _body(send, f"retry: {self.retry}\n\n".encode())
-                while True:
-                    with anyio.move_on_after(self.keepalive or float("inf")):
-                        try:
-                            entries = await batch()
-                        except StopAsyncIteration:
-                            break
-                        except ResumableStreamError as exc:
-                            if not self.raw:
-                                await _body(send, _error_frame(exc))
-                            break
-                        await _body(send, encode(entries))
-                        continue
-                    if not self.raw:
-                        await _body(send, b": keep-alive\n\n")
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                # The client went away while we were sending (how ASGI 2.4 servers tell).
+                with contextlib.suppress(OSError):
+                    await self._send_body(batch, send)
                 tg.cancel_scope.cancel()
         except OSError:
-            pass  # the client went away while we were sending (ASGI spec 2.4 servers)
+            pass
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                 await stream.aclose()
+
+    async def _send_body(self, batch: Callable[[], Awaitable[list[Entry]]], send: Send) -> None:
+        encode = _raw_body if self.raw else _sse_body
+        if self.retry is not None and not self.raw:
+            await _body(send, f"retry: {self.retry}\n\n".encode())
+        while True:
+            with anyio.move_on_after(self.keepalive or float("inf")):
+                try:
+                    entries = await batch()
+                except StopAsyncIteration:
+                    break
+                except ResumableStreamError as exc:
+                    if not self.raw:
+                        await _body(send, _error_frame(exc))
+                    break
+                await _body(send, encode(entries))
+                continue
+            if not self.raw:
+                await _body(send, b": keep-alive\n\n")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class EventStreamApp:

@@ -14,7 +14,7 @@ from resumable_stream.sse import ServerSentEvent
 
 from .asgi_driver import Client, client
 from .conftest import Workers
-from .helpers import TestingSource
+from .helpers import TestingSource, read
 
 pytestmark = pytest.mark.anyio
 
@@ -244,3 +244,31 @@ async def test_reconnect_after_the_end_gets_the_tail_then_204(two) -> None:
         assert await second.events() == [sse("cd", 4, "last")]
     async with b.request("/t", headers={"Last-Event-ID": "4"}) as third:
         assert third.status == 204
+
+
+async def test_a_send_failing_with_oserror_ends_the_response_quietly(workers: Workers) -> None:
+    # ASGI 2.4 servers need not send http.disconnect; a send to a gone client raises OSError.
+    source = TestingSource()
+    app = EventStreamApp(workers.P, lambda sid, scope: source.make(), keepalive=None)
+    sent: list[dict[str, object]] = []
+    never = anyio.Event()
+
+    async def receive() -> dict[str, object]:
+        await never.wait()
+        return {}
+
+    async def send(message: dict[str, object]) -> None:
+        if len(sent) == 2:
+            raise OSError("connection reset by peer")
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/s", "headers": [], "query_string": b""}
+    source.write("one")
+    source.write("two")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app, scope, receive, send)
+        source.write("three")  # the send of this one fails: the app must simply return
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    source.close()
+    follower = await workers.C.resume_existing_stream("s", resume_at=0)
+    assert await read(follower) == "onetwothree"  # the producer was not disturbed
