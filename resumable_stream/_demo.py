@@ -206,6 +206,11 @@ class DemoApp:
             cancel_scope.cancel()
         return len(scopes)
 
+    def cut_all(self) -> None:
+        """End every open response (the producers go on), as when the server shuts down."""
+        for stream_id in list(self._active):
+            self.cut(stream_id)
+
     async def _stream(self, stream_id: str, scope: Scope, receive: Receive, send: Send) -> None:
         context = self._context
         if context is None:
@@ -258,9 +263,7 @@ class DemoApp:
                 while (await receive())["type"] != "lifespan.shutdown":
                     pass
                 self._context = None
-                for scopes in self._active.values():
-                    for cancel_scope in scopes:
-                        cancel_scope.cancel()
+                self.cut_all()
         except Exception as exc:
             self._context = None
             phase = "shutdown" if started else "startup"
@@ -411,7 +414,15 @@ def run(host: str, port: int, redis_url: str | None, delay: float) -> int:
         timeout_graceful_shutdown=3,
         log_level="info",
     )
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # uvicorn waits for open responses before it shuts down, and an SSE response only
+            # ends with its stream: end them now, or Ctrl+C would wait and then cancel them.
+            app.cut_all()
+            await super().shutdown(sockets)
+
+    server = Server(config)
     with sock:
         try:
             server.run(sockets=[sock])

@@ -351,9 +351,7 @@ def test_encode_rejects_wrong_types(kwargs):
 # CR and LF are stripped from event and id, and NUL in an id is refused, so those have none.
 # Surrogates are excluded: a lone one cannot be sent as UTF-8 at all.
 no_cr = st.text(st.characters(exclude_characters="\r", exclude_categories=["Cs"]), max_size=20)
-one_line = st.text(
-    st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=10
-)
+one_line = st.text(st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=10)
 events_st = st.tuples(
     no_cr,
     st.none() | one_line,
