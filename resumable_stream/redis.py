@@ -71,8 +71,11 @@ class RedisBackend:
             client = self._client
         connection = _RedisConnection(client, on_message)
         try:
+            # Connect before the task group, so a refused connection raises BackendError itself
+            # rather than inside an ExceptionGroup.
+            await connection.connect()
             async with anyio.create_task_group() as tg:
-                await connection.start(tg)
+                connection.start(tg)
                 try:
                     yield connection
                 finally:
@@ -114,9 +117,11 @@ class _RedisConnection:
         # What we want to be subscribed to, so a reconnect can restore what an outage lost.
         self._wanted: set[str] = set()
 
-    async def start(self, tg: TaskGroup) -> None:
+    async def connect(self) -> None:
         with map_exceptions():
             await self._pubsub.connect()  # type: ignore[no-untyped-call]
+
+    def start(self, tg: TaskGroup) -> None:
         tg.start_soon(self._send_commands)
         tg.start_soon(self._read_messages)
 
