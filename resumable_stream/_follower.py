@@ -155,6 +155,15 @@ class Follower:
             item = (await self._batch(1))[0][0]
         return item if isinstance(item, str) else item.data
 
+    def _take_ready(self) -> list[Entry]:
+        """The chunks available right now, without waiting (possibly none)."""
+        ready = self._ready
+        if not ready:
+            return []
+        self._ready = deque()
+        self._consumed = ready[-1][1]
+        return list(ready)
+
     async def _batch(self, limit: int | None = None) -> list[Entry]:
         """Wait for chunks and take those available (at most `limit`); StopAsyncIteration at end."""
         while True:

@@ -339,6 +339,15 @@ class ProducerReader:
             await producer.changed.wait()
         raise StopAsyncIteration
 
+    def _take_ready(self) -> list[Entry]:
+        """The chunks available right now, without waiting (possibly none)."""
+        index = self._index
+        if index is None or self._head is not None or self._closed:
+            return []
+        if index < len(self._producer.buffer.chunks):
+            return self._take(None)
+        return []
+
     def _take(self, limit: int | None) -> list[Entry]:
         assert self._index is not None
         index = self._index

@@ -17,10 +17,12 @@ import inspect
 import json
 import logging
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup
 
 from . import _protocol as p
 from ._buffer import Entry
@@ -51,6 +53,19 @@ Send = Callable[[Message], Awaitable[None]]
 Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
 """`authorize(scope, stream_id)`: may this request create, read or stop that stream?"""
 
+
+class _Reader(Protocol):
+    """What the readers the context hands out offer beyond `ResumableStream`."""
+
+    def _take_ready(self) -> list[Entry]: ...
+
+    async def _batch(self, limit: int | None = None) -> list[Entry]: ...
+
+    async def aclose(self) -> None: ...
+
+
+_SMALL_BATCH = 16
+_COALESCE_TURNS = 4
 _MAX_CURSOR_DIGITS = 18  # anything longer is not an offset this library could have sent
 _CLEANUP_TIMEOUT = 5.0
 
@@ -145,7 +160,7 @@ class EventStreamResponse:
             (b"x-accel-buffering", b"no"),
         ]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers]
-        batch: Callable[[], Awaitable[list[Entry]]] = stream._batch  # type: ignore[attr-defined]
+        reader: _Reader = stream  # type: ignore[assignment]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             async with anyio.create_task_group() as tg:
@@ -156,9 +171,7 @@ class EventStreamResponse:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
-                # The client went away while we were sending (how ASGI 2.4 servers tell).
-                with contextlib.suppress(OSError):
-                    await self._send_body(batch, send)
+                await self._send_body(reader, send, tg)
                 tg.cancel_scope.cancel()
         except OSError:
             pass
@@ -166,25 +179,61 @@ class EventStreamResponse:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                 await stream.aclose()
 
-    async def _send_body(self, batch: Callable[[], Awaitable[list[Entry]]], send: Send) -> None:
+    async def _send_body(self, reader: _Reader, send: Send, tg: TaskGroup) -> None:
         encode = _raw_body if self.raw else _sse_body
-        if self.retry is not None and not self.raw:
-            await _body(send, f"retry: {self.retry}\n\n".encode())
-        while True:
-            with anyio.move_on_after(self.keepalive or float("inf")):
-                try:
-                    entries = await batch()
-                except StopAsyncIteration:
-                    break
-                except ResumableStreamError as exc:
-                    if not self.raw:
-                        await _body(send, _error_frame(exc))
-                    break
+        keepalive = self.keepalive
+        # Time of the last send, and whether one is in progress, for the keep-alive task.
+        last_sent = anyio.current_time()
+        sending = False
+
+        async def keep_alive(interval: float) -> None:
+            # A task rather than a timeout around each wait: a cancel scope per batch would
+            # cost more than the send itself.
+            nonlocal last_sent, sending
+            while True:
+                await anyio.sleep(last_sent + interval - anyio.current_time())
+                if not sending and anyio.current_time() - last_sent >= interval:
+                    sending = True
+                    try:
+                        await _body(send, b": keep-alive\n\n")
+                    except OSError:
+                        return  # the client is gone; the next send of the body says so too
+                    sending = False
+                    last_sent = anyio.current_time()
+
+        if keepalive is not None and not self.raw:
+            tg.start_soon(keep_alive, keepalive)
+        # OSError is how ASGI 2.4 servers say the client went away; caught here, in the
+        # task group's own body, as anyio would wrap it in an ExceptionGroup otherwise.
+        with contextlib.suppress(OSError):
+            if self.retry is not None and not self.raw:
+                await _body(send, f"retry: {self.retry}\n\n".encode())
+            while True:
+                entries = reader._take_ready()
+                if not entries:
+                    try:
+                        entries = await reader._batch()
+                    except StopAsyncIteration:
+                        break
+                    except ResumableStreamError as exc:
+                        if not self.raw:
+                            await _body(send, _error_frame(exc))
+                        break
+                    # A generator handing over one chunk per loop turn would cost one send
+                    # per chunk; a few more turns let the next chunks join this send.
+                    for _ in range(_COALESCE_TURNS):
+                        if len(entries) >= _SMALL_BATCH:
+                            break
+                        await anyio.lowlevel.checkpoint()
+                        more = reader._take_ready()
+                        if not more:
+                            break
+                        entries += more
+                sending = True
                 await _body(send, encode(entries))
-                continue
-            if not self.raw:
-                await _body(send, b": keep-alive\n\n")
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                sending = False
+                last_sent = anyio.current_time()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class EventStreamApp:
