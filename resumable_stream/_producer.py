@@ -10,12 +10,11 @@ to the backend and announced to followers, with cleanup shielded from cancellati
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import TaskGroup
 
 from . import _protocol as p
 from ._buffer import ChunkBuffer, Entry, Signal
@@ -41,6 +40,28 @@ _CLEANUP_TIMEOUT = 5.0
 
 
 class Producer:
+    # Slots: thousands of idle streams each hold one of these.
+    __slots__ = (
+        "_context",
+        "_epoch",
+        "_following",
+        "_listening",
+        "_live_channel",
+        "_live_index",
+        "_make_stream",
+        "_published",
+        "_publishing",
+        "_request_channel",
+        "_stop",
+        "buffer",
+        "changed",
+        "error",
+        "offline",
+        "settled",
+        "state",
+        "stream_id",
+    )
+
     def __init__(
         self,
         context: ResumableStreamContext,
@@ -66,7 +87,6 @@ class Producer:
         # Cancelling this scope is a stop: it interrupts whatever the generator awaits.
         self._stop = anyio.CancelScope()
         self._live_channel = context._keys.live(stream_id)
-        self._tg: TaskGroup | None = None
         # Live publishing: on while somebody follows, from chunk `_live_index` on. `_epoch`
         # counts requests so a publish that reached nobody only turns it off if no follower
         # joined while that publish was in flight.
@@ -88,30 +108,29 @@ class Producer:
             context._request_routes[self._request_channel] = self
         state = p.CANCELLED
         try:
-            async with anyio.create_task_group() as self._tg:
-                try:
-                    with self._stop:
-                        if not self.offline:
-                            await connection.subscribe(self._request_channel, wait=False)
-                        await self._pump()
-                        state = p.DONE
-                except Exception as exc:
-                    state = p.FAILED
-                    self.error = exc
-                    logger.warning("stream %r failed", self.stream_id, exc_info=exc)
-                finally:
-                    self.state = state
-                    self.changed.notify()
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
-                        await self._finish(state)
-                        if not context._linger:
-                            await self._stop_listening()
-                    self.settled = True
-                    self.changed.notify()
-                # Linger: a reader cut off near the end reconnects a moment later; keep the text
-                # to answer it. Leaving the context does not wait for this.
-                context._producer_finished(self)
-                await anyio.sleep(0 if self.offline else context._linger)
+            try:
+                with self._stop:
+                    if not self.offline:
+                        await connection.subscribe(self._request_channel, wait=False)
+                    await self._pump()
+                    state = p.DONE
+            except Exception as exc:
+                state = p.FAILED
+                self.error = exc
+                logger.warning("stream %r failed", self.stream_id, exc_info=exc)
+            finally:
+                self.state = state
+                self.changed.notify()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+                    await self._finish(state)
+                    if not context._linger:
+                        await self._stop_listening()
+                self.settled = True
+                self.changed.notify()
+            # Linger: a reader cut off near the end reconnects a moment later; keep the text
+            # to answer it. Leaving the context does not wait for this.
+            context._producer_finished(self)
+            await anyio.sleep(0 if self.offline else context._linger)
         finally:
             if context._request_routes.get(self._request_channel) is self:
                 del context._request_routes[self._request_channel]
@@ -193,8 +212,16 @@ class Producer:
             return
         if after_end and self.state is None:
             return  # for an earlier, finished stream of this id, lingering somewhere
-        if self._tg is not None:
-            self._tg.start_soon(self._serve, listener, inbox, resume_at)
+        self._start(self._serve, listener, inbox, resume_at)
+
+    def _start(self, task: Callable[..., Awaitable[None]], *args: object) -> bool:
+        # Helpers run in the context's task group: a task group per stream would cost more
+        # memory than the rest of an idle stream. They must never raise into it.
+        tg = self._context._tg
+        if tg is None:
+            return False
+        tg.start_soon(_contained, self.stream_id, task, *args)
+        return True
 
     async def _serve(self, listener: str, inbox: str, resume_at: int) -> None:
         buffer = self.buffer
@@ -206,9 +233,7 @@ class Producer:
                 self._following = True
                 self._live_index = stop
             if not self._publishing:
-                self._publishing = True
-                assert self._tg is not None
-                self._tg.start_soon(self._publish_live)
+                self._publishing = self._start(self._publish_live)
         connection = self._context._connection()
         limit = self._context._max_message_size
         start = min(resume_at, length)
@@ -270,6 +295,13 @@ class Producer:
         return ProducerReader(self, resume_at)
 
 
+async def _contained(stream_id: str, task: Callable[..., Awaitable[None]], *args: object) -> None:
+    try:
+        await task(*args)
+    except Exception:
+        logger.exception("a helper task of stream %r failed", stream_id)
+
+
 def end_error(stream_id: str, state: str, detail: str | None) -> Exception | None:
     """The exception a reader raises for a stream that ended in `state`, or None if done."""
     if state == p.FAILED:
@@ -284,6 +316,8 @@ def end_error(stream_id: str, state: str, detail: str | None) -> Exception | Non
 
 class ProducerReader:
     """The producer's own reader: reads the in-memory buffer, taking every new chunk per wake-up."""
+
+    __slots__ = ("_closed", "_head", "_index", "_offset", "_producer")
 
     def __init__(self, producer: Producer, resume_at: int) -> None:
         self._producer = producer
