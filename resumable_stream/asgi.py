@@ -80,9 +80,9 @@ class EventStreamResponse:
     With `make_stream`, the first request for the id produces the stream and later ones follow
     it; without, the response only resumes (204 if there is nothing to resume). `raw=True`
     sends the plain text from the cursor instead of SSE, for fetch-based clients that count
-    characters themselves. `keepalive` is the idle time (seconds) after which a comment is sent
-    so proxies keep the connection open; `retry` (milliseconds) is sent to `EventSource`s as
-    their reconnection delay.
+    characters themselves. `keepalive` is the idle time (seconds) after which `keepalive_frame`
+    (a comment) is sent so proxies keep the connection open; `retry` (milliseconds) is sent to
+    `EventSource`s as their reconnection delay.
     """
 
     def __init__(
@@ -96,8 +96,10 @@ class EventStreamResponse:
         retry: int | None = None,
         headers: Iterable[tuple[str, str]] | None = None,
         authorize: Authorize | None = None,
+        keepalive_frame: bytes = b": keep-alive\n\n",
     ) -> None:
         _check_options(keepalive, retry)
+        self.keepalive_frame = keepalive_frame
         self.authorize = authorize
         self.context = context
         self.stream_id = stream_id
@@ -195,7 +197,7 @@ class EventStreamResponse:
                 if not sending and anyio.current_time() - last_sent >= interval:
                     sending = True
                     try:
-                        await _body(send, b": keep-alive\n\n")
+                        await _body(send, self.keepalive_frame)
                     except OSError:
                         return  # the client is gone; the next send of the body says so too
                     sending = False
