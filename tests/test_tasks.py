@@ -118,12 +118,15 @@ async def test_a_retried_request_with_the_task_id_joins_the_running_task(
 async def test_stopping_a_task_cancels_it(workers: Workers) -> None:
     gate = Gate()
     app = TaskApp(workers.P, gate, wait_interval=0.05)
-    async with client(app) as c, client(StopStreamApp(workers.C)) as s:
-        async with c.request("/t", method="POST", body=b"1", headers={"X-Task-Id": "j"}) as r:
-            await r.events(1)
-            async with s.request("/j", method="POST") as stopped:
-                assert stopped.status == 204
-            [error] = [e for e in await r.events() if e.event != "wait"]
+    async with (
+        client(app) as c,
+        client(StopStreamApp(workers.C)) as s,
+        c.request("/t", method="POST", body=b"1", headers={"X-Task-Id": "j"}) as r,
+    ):
+        await r.events(1)
+        async with s.request("/j", method="POST") as stopped:
+            assert stopped.status == 204
+        [error] = [e for e in await r.events() if e.event != "wait"]
     assert error.event == "error"
     assert json.loads(error.data)["code"] == "cancelled"
 
