@@ -207,7 +207,14 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                         for index in range(args.streams):
                             tg.start_soon(run.one_stream, index, workers)
                 clients = await admin.info("clients")
-            channels = await admin.pubsub_channels()
+            # The server drops a closed connection's subscriptions when it reads the close,
+            # a moment after the client closed it: allow a bounded moment.
+            for _ in range(100):  # at most ~5 s
+                channels = await admin.pubsub_channels()
+                if not channels:
+                    break
+                await anyio.sleep(0.05)
+            clients_after = len(await admin.client_list()) - 1
             keys = [key async for key in admin.scan_iter("soak:*")]
             no_ttl = [key for key in keys if await admin.ttl(key) < 0]
     finally:
@@ -220,6 +227,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "outcomes": dict(sorted(run.outcomes.items())),
         "mismatches": run.mismatches[:10],
         "redis_clients_while_running": clients.get("connected_clients"),
+        "redis_clients_after": clients_after,
         "channels_left": [str(c) for c in channels],
         "keys_without_ttl": [str(k) for k in no_ttl],
         "keys_left": len(keys),
@@ -241,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         and not report["channels_left"]
         and not report["keys_without_ttl"]
         and report["tasks_left"] == 0
+        and report["redis_clients_after"] == 0
     )
     return 0 if ok else 1
 

@@ -145,6 +145,9 @@ class Producer:
                 await self._context._connection().unsubscribe(self._request_channel)
             except BackendError as exc:
                 logger.warning("could not unsubscribe %r: %s", self._request_channel, exc)
+            except Exception:
+                # Cleanup of one stream must never take the context (and every stream) down.
+                logger.exception("could not unsubscribe %r", self._request_channel)
 
     async def _pump(self) -> None:
         buffer = self.buffer

@@ -41,6 +41,16 @@ def map_exceptions() -> Iterator[None]:
         raise BackendError(f"Redis connection error: {exc}") from exc
 
 
+@contextmanager
+def _broken_connection() -> Iterator[None]:
+    # redis-py's PubSub, used while its connection is being torn down (after a read was
+    # cancelled, say), fails with AttributeError or RuntimeError rather than a RedisError.
+    try:
+        yield
+    except (AttributeError, RuntimeError) as exc:
+        raise BackendError(f"the Redis subscriber connection is broken: {exc!r}") from exc
+
+
 class RedisBackend:
     """A backend on a Redis server, given as a URL or a `redis.asyncio.Redis` client.
 
@@ -241,6 +251,8 @@ class _RedisConnection:
                 self._wanted.add(channel)
             else:
                 self._wanted.discard(channel)
+            if self._closed and kind == b"unsubscribe":
+                return  # the subscriptions end with the connection
             if self._pubsub_error is not None:
                 # Down: the reconnect subscribes what is wanted then (and forgets the rest).
                 self._pubsub.channels.pop(channel.encode(), None)
@@ -251,7 +263,7 @@ class _RedisConnection:
                 )
             waiters.append(confirmed)
             try:
-                with map_exceptions():
+                with map_exceptions(), _broken_connection():
                     if kind == b"subscribe":
                         await self._pubsub.subscribe(channel)
                     else:
