@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -177,3 +178,49 @@ async def test_leaving_the_context_drains_then_cancels_releasing_other_workers(
     with pytest.raises(rs.StreamCancelledError):
         await workers.C.resumable_stream("endless", never_called)
     assert await workers.C.resumable_stream("finishing", never_called) is None
+
+
+# A lost end message
+
+
+class LosesLiveEnds:
+    """A backend wrapper whose connection never receives the end message on live channels."""
+
+    def __init__(self, inner: rs.Backend) -> None:
+        self.inner = inner
+
+    def connect(self, on_message: Any) -> Any:
+        def filtered(channel: str, message: bytes) -> None:
+            if ":live:" in channel and message[:1] == b"E":
+                return
+            on_message(channel, message)
+
+        return self.inner.connect(filtered)
+
+
+@pytest.mark.parametrize("linger", [30, 0])
+async def test_a_lost_end_message_never_leaves_a_follower_hanging(
+    workers: Workers, linger: float
+) -> None:
+    backend = LosesLiveEnds(workers.backends[1])
+    options = {"liveness_timeout": 0.5, "drain_timeout": 2.0, "linger": linger}
+    async with rs.ResumableStreamContext(
+        backend=backend, key_prefix=workers.prefix, **options
+    ) as C:
+        source = TestingSource()
+        async with workers.context(0, **options) as P:
+            own = await P.resumable_stream("s", source.make)
+            follower = await C.resume_existing_stream("s")
+            source.write("all ")
+            source.write("of it")
+            source.close()
+            assert await read(own) == "all of it"
+            with anyio.fail_after(5):
+                if linger:
+                    # The producer lingers: asked again, it sends the end once more.
+                    assert await read(follower) == "all of it"
+                else:
+                    # Nobody can say whether text is missing: a clear error, not a hang.
+                    assert await read(follower, 2) == "all of it"
+                    with pytest.raises(rs.StreamIncompleteError, match="end never arrived"):
+                        await read(follower)
