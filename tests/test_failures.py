@@ -203,7 +203,7 @@ async def test_a_lost_end_message_never_leaves_a_follower_hanging(
     workers: Workers, linger: float
 ) -> None:
     backend = LosesLiveEnds(workers.backends[1])
-    options = {"liveness_timeout": 0.5, "drain_timeout": 2.0, "linger": linger}
+    options: dict[str, Any] = {"liveness_timeout": 0.5, "drain_timeout": 2.0, "linger": linger}
     async with rs.ResumableStreamContext(
         backend=backend, key_prefix=workers.prefix, **options
     ) as C:
