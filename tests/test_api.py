@@ -93,3 +93,12 @@ def test_invalid_options_raise_value_error(options: dict[str, object]) -> None:
     options.setdefault("backend", rs.MemoryBackend())
     with pytest.raises(ValueError, match=r"must|either"):
         rs.create_resumable_stream_context(**options)  # type: ignore[arg-type]
+
+
+def test_the_console_script_runs_the_command_line() -> None:
+    from importlib.metadata import entry_points
+
+    from resumable_stream.__main__ import main
+
+    [script] = entry_points(group="console_scripts", name="resumable-stream")
+    assert script.load() is main
