@@ -4,6 +4,8 @@ Subcommands:
 
 - `demo`: serve a page where a simulated LLM streams answers that survive cut connections,
   reloads and extra viewers.
+- `tail URL`: print the text of an event stream as it arrives, resuming after dropped
+  connections, until the server says the stream is over (needs httpx).
 """
 
 from __future__ import annotations
@@ -44,6 +46,66 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run(args.host, args.port, redis_url or None, args.delay)
 
 
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise argparse.ArgumentTypeError(f"a header is 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _retries(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of attempts: {text!r}") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"the number of retries is >= 0, got {count}")
+    return count
+
+
+def _run_tail(args: argparse.Namespace) -> int:
+    try:
+        import httpx
+    except ImportError:
+        print("resumable-stream tail needs httpx: pip install httpx", file=sys.stderr)
+        return 2
+    import anyio
+
+    from .client import ResumableClientError
+
+    try:
+        anyio.run(_tail, args)
+    except (ResumableClientError, httpx.HTTPError, httpx.InvalidURL) as exc:
+        # An error of the stream or of the request (a bad URL, say), not of this program.
+        print(f"resumable-stream tail: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _tail(args: argparse.Namespace) -> None:
+    from contextlib import aclosing
+
+    from .client import follow
+
+    stream = follow(
+        args.url,
+        headers=dict(args.header),
+        last_event_id=args.last_event_id,
+        max_retries=args.max_retries,
+    )
+    last = ""  # the last character printed
+    async with aclosing(stream) as events:
+        async for event in events:
+            if event.event == "message" and event.data:
+                sys.stdout.write(event.data)
+                sys.stdout.flush()  # as it arrives, not when a buffer fills
+                last = event.data[-1]
+    if last not in ("", "\n") and sys.stdout.isatty():
+        sys.stdout.write("\n")  # keep the prompt off the text; a pipe gets the text exactly
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._demo import DEFAULT_DELAY
 
@@ -80,6 +142,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="time between two tokens of the simulated model (%(default)s)",
     )
     demo.set_defaults(handler=_run_demo)
+    tail = commands.add_parser(
+        "tail",
+        help="print the text of an event stream as it arrives, resuming after dropped connections",
+        description=(
+            "Print the data of the message events of the Server-Sent Events stream at URL as "
+            "they arrive. A dropped connection is resumed with Last-Event-ID; the command ends "
+            "(status 0) when the server answers 204, and fails (status 1) on an error."
+        ),
+    )
+    tail.add_argument("url", metavar="URL", help="the stream's URL")
+    tail.add_argument(
+        "--header",
+        "-H",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header (repeatable), e.g. for authorization",
+    )
+    tail.add_argument(
+        "--last-event-id", metavar="ID", default=None, help="resume after this event id"
+    )
+    tail.add_argument(
+        "--max-retries",
+        type=_retries,
+        default=5,
+        metavar="N",
+        help="give up after N reconnections in a row that bring nothing (%(default)s)",
+    )
+    tail.set_defaults(handler=_run_tail)
     return parser
 
 
