@@ -41,7 +41,7 @@ from ._exceptions import (
 from ._producer import MakeStream
 from .sse import encode_event
 
-__all__ = ["Authorize", "EventStreamApp", "EventStreamResponse", "StopStreamApp"]
+__all__ = ["Authorize", "ClientScriptApp", "EventStreamApp", "EventStreamResponse", "StopStreamApp"]
 
 logger = logging.getLogger("resumable_stream")
 
@@ -449,3 +449,39 @@ async def _plain(
         }
     )
     await send({"type": "http.response.body", "body": text.encode("utf-8", "replace")})
+
+
+class ClientScriptApp:
+    """An ASGI app serving the browser client `static/client.js` (`runTask`, `follow`) to GET.
+
+    Mount it where pages import it from, e.g. `import { runTask } from "/client.js"`. Answers
+    with an ETag (304 when `If-None-Match` has it) and `cache_control` (default: revalidate).
+    """
+
+    def __init__(self, *, cache_control: str = "no-cache") -> None:
+        import hashlib
+        import importlib.resources
+
+        script = importlib.resources.files("resumable_stream").joinpath("static/client.js")
+        self.body = script.read_bytes()
+        self.etag = f'"{hashlib.sha256(self.body).hexdigest()[:32]}"'.encode()
+        self._headers = [(b"etag", self.etag), (b"cache-control", cache_control.encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError(f"ClientScriptApp serves HTTP only, not {scope['type']!r}")
+        if scope["method"] not in ("GET", "HEAD"):
+            await _plain(send, 405, "use GET", [(b"allow", b"GET, HEAD")])
+            return
+        tags = b",".join(v for k, v in scope.get("headers", ()) if k == b"if-none-match")
+        if any(t.strip().removeprefix(b"W/") in (self.etag, b"*") for t in tags.split(b",")):
+            await send({"type": "http.response.start", "status": 304, "headers": self._headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        headers = [
+            (b"content-type", b"text/javascript; charset=utf-8"),
+            (b"content-length", str(len(self.body)).encode()),
+            *self._headers,
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})

@@ -253,6 +253,7 @@ async def test_a_send_failing_with_oserror_ends_the_response_quietly(workers: Wo
     app = EventStreamApp(workers.P, lambda sid, scope: source.make(), keepalive=None)
     sent: list[Any] = []
     never = anyio.Event()
+    first_body = anyio.Event()
 
     async def receive() -> Any:
         await never.wait()
@@ -261,13 +262,17 @@ async def test_a_send_failing_with_oserror_ends_the_response_quietly(workers: Wo
         if len(sent) == 2:
             raise OSError("connection reset by peer")
         sent.append(message)
+        if message["type"] == "http.response.body":
+            first_body.set()
 
     scope: Any = {"type": "http", "method": "GET", "path": "/s", "headers": [], "query_string": b""}
     source.write("one")
     source.write("two")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(app, scope, receive, send)
-        source.write("three")  # the send of this one fails: the app must simply return
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app, scope, receive, send)
+            await first_body.wait()
+            source.write("three")  # the send of this one fails: the app must simply return
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     source.close()
     follower = await workers.C.resume_existing_stream("s", resume_at=0)
