@@ -13,12 +13,9 @@ answers 204, which tells `EventSource` to stop reconnecting.
 from __future__ import annotations
 
 import contextlib
-import inspect
-import json
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any, Protocol
-from urllib.parse import parse_qsl
 
 import anyio
 import anyio.lowlevel
@@ -33,25 +30,43 @@ from ._exceptions import (
     ProducerLostError,
     ProducerUnavailableError,
     ResumableStreamError,
-    SlowReaderError,
     StreamCancelledError,
     StreamFailedError,
-    StreamIncompleteError,
+)
+from ._http import (
+    Authorize,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    allowed,
+    body,
+    check_options,
+    context_of,
+    error_frame,
+    error_info,
+    last_path_segment,
+    plain,
+    raw_body,
+    resume_cursor,
+    sse_body,
 )
 from ._producer import MakeStream
-from .sse import encode_event
 
-__all__ = ["Authorize", "ClientScriptApp", "EventStreamApp", "EventStreamResponse", "StopStreamApp"]
+__all__ = [
+    "Authorize",
+    "ClientScriptApp",
+    "EventStreamApp",
+    "EventStreamResponse",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "StopStreamApp",
+    "resume_cursor",
+]
 
 logger = logging.getLogger("resumable_stream")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
-"""`authorize(scope, stream_id)`: may this request create, read or stop that stream?"""
 
 
 class _Reader(Protocol):
@@ -66,12 +81,7 @@ class _Reader(Protocol):
 
 _SMALL_BATCH = 16
 _COALESCE_TURNS = 4
-_MAX_CURSOR_DIGITS = 18  # anything longer is not an offset this library could have sent
 _CLEANUP_TIMEOUT = 5.0
-
-
-class _BadRequest(Exception):
-    pass
 
 
 class EventStreamResponse:
@@ -98,7 +108,7 @@ class EventStreamResponse:
         authorize: Authorize | None = None,
         keepalive_frame: bytes = b": keep-alive\n\n",
     ) -> None:
-        _check_options(keepalive, retry)
+        check_options(keepalive, retry)
         self.keepalive_frame = keepalive_frame
         self.authorize = authorize
         self.context = context
@@ -113,11 +123,11 @@ class EventStreamResponse:
         try:
             stream_id = p.validate_stream_id(self.stream_id)
             resume_at = resume_cursor(scope)
-        except (ValueError, _BadRequest) as exc:
-            await _plain(send, 400, str(exc))
+        except ValueError as exc:
+            await plain(send, 400, str(exc))
             return
-        if not await _allowed(self.authorize, scope, stream_id):
-            await _plain(send, 403, "not allowed")
+        if not await allowed(self.authorize, scope, stream_id):
+            await plain(send, 403, "not allowed")
             return
         try:
             # A request with a cursor continues a stream it saw; it never starts a new one
@@ -130,11 +140,11 @@ class EventStreamResponse:
             await self._ended(exc, resume_at, send)
             return
         except ProducerUnavailableError:
-            await _plain(send, 503, "the stream's producer did not answer; try again")
+            await plain(send, 503, "the stream's producer did not answer; try again")
             return
         except BackendError as exc:
             logger.warning("could not open stream %r: %s", stream_id, exc)
-            await _plain(send, 503, "the stream store is unavailable; try again")
+            await plain(send, 503, "the stream store is unavailable; try again")
             return
         if stream is None:
             await send({"type": "http.response.start", "status": 204, "headers": []})
@@ -148,11 +158,11 @@ class EventStreamResponse:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
         elif self.raw:
-            await _plain(send, 410, _error_info(exc)[1])
+            await plain(send, 410, error_info(exc)[1])
         else:
             headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": _error_frame(exc)})
+            await send({"type": "http.response.body", "body": error_frame(exc)})
 
     async def _stream(self, stream: ResumableStream, receive: Receive, send: Send) -> None:
         media = b"text/plain; charset=utf-8" if self.raw else b"text/event-stream; charset=utf-8"
@@ -182,7 +192,7 @@ class EventStreamResponse:
                 await stream.aclose()
 
     async def _send_body(self, reader: _Reader, send: Send, tg: TaskGroup) -> None:
-        encode = _raw_body if self.raw else _sse_body
+        encode = raw_body if self.raw else sse_body
         keepalive = self.keepalive
         # Time of the last send, and whether one is in progress, for the keep-alive task.
         last_sent = anyio.current_time()
@@ -197,7 +207,7 @@ class EventStreamResponse:
                 if not sending and anyio.current_time() - last_sent >= interval:
                     sending = True
                     try:
-                        await _body(send, self.keepalive_frame)
+                        await body(send, self.keepalive_frame)
                     except OSError:
                         return  # the client is gone; the next send of the body says so too
                     sending = False
@@ -209,7 +219,7 @@ class EventStreamResponse:
         # task group's own body, as anyio would wrap it in an ExceptionGroup otherwise.
         with contextlib.suppress(OSError):
             if self.retry is not None and not self.raw:
-                await _body(send, f"retry: {self.retry}\n\n".encode())
+                await body(send, f"retry: {self.retry}\n\n".encode())
             while True:
                 entries = reader._take_ready()
                 if not entries:
@@ -219,7 +229,7 @@ class EventStreamResponse:
                         break
                     except ResumableStreamError as exc:
                         if not self.raw:
-                            await _body(send, _error_frame(exc))
+                            await body(send, error_frame(exc))
                         break
                     # A generator handing over one chunk per loop turn would cost one send
                     # per chunk; a few more turns let the next chunks join this send.
@@ -232,7 +242,7 @@ class EventStreamResponse:
                             break
                         entries += more
                 sending = True
-                await _body(send, encode(entries))
+                await body(send, encode(entries))
                 sending = False
                 last_sent = anyio.current_time()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -261,10 +271,10 @@ class EventStreamApp:
         headers: Iterable[tuple[str, str]] | None = None,
         authorize: Authorize | None = None,
     ) -> None:
-        _check_options(keepalive, retry)
+        check_options(keepalive, retry)
         self._context = context
         self._make_stream = make_stream
-        self._stream_id = stream_id or _last_path_segment
+        self._stream_id = stream_id or last_path_segment
         self._options: dict[str, Any] = {
             "raw": raw,
             "keepalive": keepalive,
@@ -277,13 +287,13 @@ class EventStreamApp:
         if scope["type"] != "http":
             raise RuntimeError(f"EventStreamApp serves HTTP only, not {scope['type']!r}")
         if scope["method"] != "GET":
-            await _plain(send, 405, "use GET", [(b"allow", b"GET")])
+            await plain(send, 405, "use GET", [(b"allow", b"GET")])
             return
-        context = _context_of(self._context, scope)
+        context = context_of(self._context, scope)
         try:
             stream_id = p.validate_stream_id(self._stream_id(scope))
         except ValueError as exc:
-            await _plain(send, 400, str(exc))
+            await plain(send, 400, str(exc))
             return
         make_stream = self._make_stream
         make = None if make_stream is None else (lambda: make_stream(stream_id, scope))
@@ -307,148 +317,31 @@ class StopStreamApp:
         authorize: Authorize | None = None,
     ) -> None:
         self._context = context
-        self._stream_id = stream_id or _last_path_segment
+        self._stream_id = stream_id or last_path_segment
         self._authorize = authorize
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             raise RuntimeError(f"StopStreamApp serves HTTP only, not {scope['type']!r}")
         if scope["method"] not in ("POST", "DELETE"):
-            await _plain(send, 405, "use POST or DELETE", [(b"allow", b"POST, DELETE")])
+            await plain(send, 405, "use POST or DELETE", [(b"allow", b"POST, DELETE")])
             return
         try:
             stream_id = p.validate_stream_id(self._stream_id(scope))
         except ValueError as exc:
-            await _plain(send, 400, str(exc))
+            await plain(send, 400, str(exc))
             return
-        if not await _allowed(self._authorize, scope, stream_id):
-            await _plain(send, 403, "not allowed")
+        if not await allowed(self._authorize, scope, stream_id):
+            await plain(send, 403, "not allowed")
             return
         try:
-            await _context_of(self._context, scope).cancel_stream(stream_id)
+            await context_of(self._context, scope).cancel_stream(stream_id)
         except BackendError as exc:
             logger.warning("could not stop stream %r: %s", stream_id, exc)
-            await _plain(send, 503, "the stream store is unavailable; try again")
+            await plain(send, 503, "the stream store is unavailable; try again")
             return
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
-
-
-def _context_of(
-    context: ResumableStreamContext | Callable[[Scope], ResumableStreamContext], scope: Scope
-) -> ResumableStreamContext:
-    return context if isinstance(context, ResumableStreamContext) else context(scope)
-
-
-async def _allowed(authorize: Authorize | None, scope: Scope, stream_id: str) -> bool:
-    if authorize is None:
-        return True
-    verdict = authorize(scope, stream_id)
-    if inspect.isawaitable(verdict):
-        verdict = await verdict
-    return verdict is True
-
-
-def _check_options(keepalive: float | None, retry: int | None) -> None:
-    if keepalive is not None and not keepalive > 0:
-        raise ValueError(f"keepalive must be > 0 seconds or None, got {keepalive!r}")
-    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
-        raise ValueError(f"retry must be a non-negative int (milliseconds), got {retry!r}")
-
-
-def resume_cursor(scope: Scope) -> int | None:
-    """The offset a request resumes from: its `Last-Event-ID` header, else `?resumeAt=`.
-
-    Raises `ValueError` with a message fit for a 400 response if either is malformed.
-    """
-    for name, value in scope.get("headers", ()):
-        if name == b"last-event-id" and value:
-            return _parse_cursor("Last-Event-ID", value.decode("latin-1"))
-    values = [
-        value
-        for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)
-        if name == "resumeAt"
-    ]
-    if len(values) > 1:
-        raise ValueError("give resumeAt at most once")
-    return _parse_cursor("resumeAt", values[0]) if values else None
-
-
-def _parse_cursor(name: str, value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or len(value) > _MAX_CURSOR_DIGITS:
-        shown = value if len(value) <= 40 else value[:40] + "..."
-        raise ValueError(
-            f"{name} must be a character offset (the id of an event of this stream), got {shown!r}"
-        )
-    return int(value)
-
-
-def _last_path_segment(scope: Scope) -> str:
-    path: str = scope.get("path", "")
-    return path.rstrip("/").rpartition("/")[2]
-
-
-def _sse_body(entries: list[Entry]) -> bytes:
-    parts = []
-    for item, end in entries:
-        if type(item) is str:
-            if "\n" in item or "\r" in item:
-                parts.append(encode_event(item, id=end))
-            else:
-                parts.append(f"id: {end}\ndata: {item}\n\n")
-        else:
-            assert isinstance(item, Event)
-            parts.append(encode_event(item.data, event=item.event, id=end, retry=item.retry))
-    # A lone surrogate cannot be sent as UTF-8; "?" keeps the character count, hence the offsets.
-    return "".join(parts).encode("utf-8", "replace")
-
-
-def _raw_body(entries: list[Entry]) -> bytes:
-    return "".join(
-        [item if type(item) is str else item.data for item, _ in entries]  # type: ignore[union-attr]
-    ).encode("utf-8", "replace")
-
-
-_ERROR_CODES: tuple[tuple[type[ResumableStreamError], str, str], ...] = (
-    (StreamFailedError, "failed", "the stream failed"),
-    (StreamCancelledError, "cancelled", "the stream was cancelled"),
-    (ProducerLostError, "producer_lost", "the stream's producer stopped before the end"),
-    (StreamIncompleteError, "incomplete", "part of the stream was lost; resume to retry"),
-    (SlowReaderError, "too_slow", "this reader fell too far behind; resume to catch up"),
-    (BackendError, "unavailable", "the stream store is unavailable"),
-)
-
-
-def _error_info(exc: ResumableStreamError) -> tuple[str, str]:
-    """A stable code and a safe message; the exception's own text stays in the log."""
-    for kind, code, message in _ERROR_CODES:
-        if isinstance(exc, kind):
-            return code, message
-    return "error", "the stream ended with an error"
-
-
-def _error_frame(exc: ResumableStreamError) -> bytes:
-    code, message = _error_info(exc)
-    logger.info("stream ended with %s: %s", code, exc)
-    data = json.dumps({"code": code, "message": message})
-    return encode_event(data, event="error").encode()
-
-
-async def _body(send: Send, body: bytes) -> None:
-    await send({"type": "http.response.body", "body": body, "more_body": True})
-
-
-async def _plain(
-    send: Send, status: int, text: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"text/plain; charset=utf-8"), *(headers or [])],
-        }
-    )
-    await send({"type": "http.response.body", "body": text.encode("utf-8", "replace")})
 
 
 class ClientScriptApp:
@@ -471,7 +364,7 @@ class ClientScriptApp:
         if scope["type"] != "http":
             raise RuntimeError(f"ClientScriptApp serves HTTP only, not {scope['type']!r}")
         if scope["method"] not in ("GET", "HEAD"):
-            await _plain(send, 405, "use GET", [(b"allow", b"GET, HEAD")])
+            await plain(send, 405, "use GET", [(b"allow", b"GET, HEAD")])
             return
         tags = b",".join(v for k, v in scope.get("headers", ()) if k == b"if-none-match")
         if any(t.strip().removeprefix(b"W/") in (self.etag, b"*") for t in tags.split(b",")):

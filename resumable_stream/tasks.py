@@ -26,17 +26,8 @@ from urllib.parse import parse_qsl
 from . import _protocol as p
 from ._context import ResumableStreamContext
 from ._event import Event
-from .asgi import (
-    Authorize,
-    EventStreamResponse,
-    Receive,
-    Scope,
-    Send,
-    _allowed,
-    _context_of,
-    _plain,
-    resume_cursor,
-)
+from ._http import Authorize, Receive, Scope, Send, allowed, context_of, plain, resume_cursor
+from .asgi import EventStreamResponse
 
 __all__ = ["TaskApp", "TaskError", "TaskRequest"]
 
@@ -101,7 +92,7 @@ class TaskApp:
             raise RuntimeError(f"TaskApp serves HTTP only, not {scope['type']!r}")
         method = scope["method"]
         if method not in ("GET", "POST"):
-            await _plain(send, 405, "use POST (or GET)", [(b"allow", b"GET, POST")])
+            await plain(send, 405, "use POST (or GET)", [(b"allow", b"GET, POST")])
             return
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)
         try:
@@ -112,17 +103,17 @@ class TaskApp:
                 raw = next((v.encode() for k, v in query if k == "input"), b"null")
             task_input = json.loads(raw) if raw.strip() else None
         except _TooLarge:
-            await _plain(send, 413, f"the input is larger than {self._max_input_size} bytes")
+            await plain(send, 413, f"the input is larger than {self._max_input_size} bytes")
             return
         except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
-            await _plain(send, 400, f"bad task request: {exc}")
+            await plain(send, 400, f"bad task request: {exc}")
             return
-        if not await _allowed(self._authorize, scope, task_id):
-            await _plain(send, 403, "not allowed")
+        if not await allowed(self._authorize, scope, task_id):
+            await plain(send, 403, "not allowed")
             return
         request = TaskRequest(task_id, scope)
         response = EventStreamResponse(
-            _context_of(self._context, scope),
+            context_of(self._context, scope),
             task_id,
             lambda: self._run(task_input, request),
             keepalive=self._wait_interval,

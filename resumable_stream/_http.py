@@ -1,0 +1,153 @@
+"""ASGI plumbing shared by the endpoints: request cursors, authorization, framing, replies."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ._buffer import Entry
+from ._context import ResumableStreamContext
+from ._event import Event
+from ._exceptions import (
+    BackendError,
+    ProducerLostError,
+    ResumableStreamError,
+    SlowReaderError,
+    StreamCancelledError,
+    StreamFailedError,
+    StreamIncompleteError,
+)
+from .sse import encode_event
+
+logger = logging.getLogger("resumable_stream")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
+"""`authorize(scope, stream_id)`: may this request create, read or stop that stream?"""
+
+_MAX_CURSOR_DIGITS = 18  # anything longer is not an offset this library could have sent
+
+
+def context_of(
+    context: ResumableStreamContext | Callable[[Scope], ResumableStreamContext], scope: Scope
+) -> ResumableStreamContext:
+    return context if isinstance(context, ResumableStreamContext) else context(scope)
+
+
+async def allowed(authorize: Authorize | None, scope: Scope, stream_id: str) -> bool:
+    if authorize is None:
+        return True
+    verdict = authorize(scope, stream_id)
+    if inspect.isawaitable(verdict):
+        verdict = await verdict
+    return verdict is True
+
+
+def check_options(keepalive: float | None, retry: int | None) -> None:
+    if keepalive is not None and not keepalive > 0:
+        raise ValueError(f"keepalive must be > 0 seconds or None, got {keepalive!r}")
+    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
+        raise ValueError(f"retry must be a non-negative int (milliseconds), got {retry!r}")
+
+
+def resume_cursor(scope: Scope) -> int | None:
+    """The offset a request resumes from: its `Last-Event-ID` header, else `?resumeAt=`.
+
+    Raises `ValueError` with a message fit for a 400 response if either is malformed.
+    """
+    for name, value in scope.get("headers", ()):
+        if name == b"last-event-id" and value:
+            return _parse_cursor("Last-Event-ID", value.decode("latin-1"))
+    values = [
+        value
+        for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)
+        if name == "resumeAt"
+    ]
+    if len(values) > 1:
+        raise ValueError("give resumeAt at most once")
+    return _parse_cursor("resumeAt", values[0]) if values else None
+
+
+def _parse_cursor(name: str, value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or len(value) > _MAX_CURSOR_DIGITS:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(
+            f"{name} must be a character offset (the id of an event of this stream), got {shown!r}"
+        )
+    return int(value)
+
+
+def last_path_segment(scope: Scope) -> str:
+    path: str = scope.get("path", "")
+    return path.rstrip("/").rpartition("/")[2]
+
+
+def sse_body(entries: list[Entry]) -> bytes:
+    parts = []
+    for item, end in entries:
+        if type(item) is str:
+            if "\n" in item or "\r" in item:
+                parts.append(encode_event(item, id=end))
+            else:
+                parts.append(f"id: {end}\ndata: {item}\n\n")
+        else:
+            assert isinstance(item, Event)
+            parts.append(encode_event(item.data, event=item.event, id=end, retry=item.retry))
+    # A lone surrogate cannot be sent as UTF-8; "?" keeps the character count, hence the offsets.
+    return "".join(parts).encode("utf-8", "replace")
+
+
+def raw_body(entries: list[Entry]) -> bytes:
+    return "".join(
+        [item if type(item) is str else item.data for item, _ in entries]  # type: ignore[union-attr]
+    ).encode("utf-8", "replace")
+
+
+_ERROR_CODES: tuple[tuple[type[ResumableStreamError], str, str], ...] = (
+    (StreamFailedError, "failed", "the stream failed"),
+    (StreamCancelledError, "cancelled", "the stream was cancelled"),
+    (ProducerLostError, "producer_lost", "the stream's producer stopped before the end"),
+    (StreamIncompleteError, "incomplete", "part of the stream was lost; resume to retry"),
+    (SlowReaderError, "too_slow", "this reader fell too far behind; resume to catch up"),
+    (BackendError, "unavailable", "the stream store is unavailable"),
+)
+
+
+def error_info(exc: ResumableStreamError) -> tuple[str, str]:
+    """A stable code and a safe message; the exception's own text stays in the log."""
+    for kind, code, message in _ERROR_CODES:
+        if isinstance(exc, kind):
+            return code, message
+    return "error", "the stream ended with an error"
+
+
+def error_frame(exc: ResumableStreamError) -> bytes:
+    code, message = error_info(exc)
+    logger.info("stream ended with %s: %s", code, exc)
+    data = json.dumps({"code": code, "message": message})
+    return encode_event(data, event="error").encode()
+
+
+async def body(send: Send, body: bytes) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def plain(
+    send: Send, status: int, text: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8"), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": text.encode("utf-8", "replace")})
