@@ -13,7 +13,6 @@ The browser tests fail (never skip) when Chromium or Playwright is missing, unle
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 from collections import defaultdict
@@ -42,20 +41,10 @@ from resumable_stream.sse import SSEDecoder
 from resumable_stream.tasks import TaskApp, TaskError, TaskRequest
 
 from .asgi_driver import client
+from .browser import chromium
 
 pytestmark = pytest.mark.anyio
 
-CHROMIUM = os.environ.get("RESUMABLE_STREAM_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 STEP = 10.0  # seconds: the bound of any one wait
 BROWSER_TIMEOUT_MS = 10_000
 RETRY_MS = 50  # the servers' `retry:`, so reconnections are quick
@@ -377,26 +366,8 @@ async def server() -> AsyncIterator[Harness]:
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Any]:
     """One Chromium for the module; each test gets its own browser context (`page`)."""
-    if os.environ.get("RESUMABLE_STREAM_SKIP_BROWSER") == "1":
-        pytest.skip("RESUMABLE_STREAM_SKIP_BROWSER=1")
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.fail(
-            "the browser tests need playwright (pip install playwright), or set "
-            "RESUMABLE_STREAM_SKIP_BROWSER=1"
-        )
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium, or set "
-            "RESUMABLE_STREAM_CHROMIUM), or set RESUMABLE_STREAM_SKIP_BROWSER=1"
-        )
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    async with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

@@ -28,22 +28,12 @@ from resumable_stream.__main__ import main
 from resumable_stream._demo import DemoApp, answer_text, answer_tokens
 
 from .asgi_driver import serve
+from .browser import chromium
 
 pytestmark = pytest.mark.anyio
 
 PROMPT = "Why do streams need to be resumable?"
 ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM = os.environ.get("RESUMABLE_STREAM_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SERVER_START_TIMEOUT = 30.0
 BROWSER_TIMEOUT_MS = 20_000  # any one wait in the page; a whole stream takes about 4 s
 
@@ -308,28 +298,10 @@ def demo_server() -> Iterator[DemoServer]:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    if os.environ.get("RESUMABLE_STREAM_SKIP_BROWSER") == "1":
-        pytest.skip("RESUMABLE_STREAM_SKIP_BROWSER=1")
-    try:
-        from playwright.async_api import async_playwright
-    except ImportError:
-        pytest.fail(
-            "the browser tests need playwright (pip install playwright), or set "
-            "RESUMABLE_STREAM_SKIP_BROWSER=1"
-        )
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium, or set "
-            "RESUMABLE_STREAM_CHROMIUM), or set RESUMABLE_STREAM_SKIP_BROWSER=1"
-        )
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = await chromium.new_context(viewport={"width": 1280, "height": 860})
-            context.set_default_timeout(BROWSER_TIMEOUT_MS)
-            yield context
-        finally:
-            await chromium.close()
+    async with chromium() as browser:
+        context = await browser.new_context(viewport={"width": 1280, "height": 860})
+        context.set_default_timeout(BROWSER_TIMEOUT_MS)
+        yield context
 
 
 async def start_stream(page: Any, url: str, prompt: str = PROMPT, offset: int = 40) -> None:
