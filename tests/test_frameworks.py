@@ -52,3 +52,20 @@ async def test_bad_cursor_is_a_400(example: Any) -> None:
     async with serve(example.app) as client, client.request("/chat/c2", query="resumeAt=x") as r:
         assert r.status == 400
         assert b"resumeAt must be a character offset" in await r.read()
+
+
+async def test_task_example_settles_and_reports_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    module = importlib.import_module("examples.task_app")
+    async with serve(module.app) as client:
+        async with client.request("/tasks/report", method="POST", body=b'{"month": 3}') as bad:
+            [event] = [e for e in await bad.events() if e.event != "wait"]
+        assert event.event == "server-error"
+        assert '"code": "BAD_INPUT"' in event.data
+        async with client.request(
+            "/tasks/report", method="POST", body=b'{"month": "2026-11"}'
+        ) as good:
+            task_id = good.header("x-task-id")
+            events = await good.events()
+    assert [e.event for e in events if e.event != "wait"] == ["settle"]
+    assert f'"task": "{task_id}"' in events[-1].data
