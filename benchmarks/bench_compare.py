@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import anyio
 import redis
 import redis.asyncio
-from bench_core import commandstats, start_redis
+from bench_core import commandstats, median_of, start_redis
 
 import resumable_stream as rs
 
@@ -306,17 +305,6 @@ async def replay_big(
     with anyio.move_on_after(10):
         await read_all(own)
     return result
-
-
-def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in runs[0]:
-        values = [run[key] for run in runs]
-        if isinstance(values[0], bool):
-            out[key] = all(values)
-        elif isinstance(values[0], int | float):
-            out[key] = statistics.median(values)
-    return out
 
 
 async def worker(args: argparse.Namespace) -> dict[str, Any]:

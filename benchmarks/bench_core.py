@@ -161,10 +161,14 @@ async def commands_with_followers(
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per key: the median of numbers, whether all runs were true for flags; others dropped."""
     out: dict[str, Any] = {}
     for key in runs[0]:
         values = [run[key] for run in runs]
-        out[key] = all(values) if isinstance(values[0], bool) else statistics.median(values)
+        if isinstance(values[0], bool):
+            out[key] = all(values)
+        elif isinstance(values[0], int | float):
+            out[key] = statistics.median(values)
     return out
 
 

@@ -37,7 +37,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +51,7 @@ import anyio
 import anyio.lowlevel
 import httpx
 import redis.asyncio
-from bench_core import commandstats, start_redis
+from bench_core import commandstats, median_of, start_redis
 
 import resumable_stream as rs
 from resumable_stream.redis import RedisBackend
@@ -104,17 +103,6 @@ def command_delta(after: Counter[str], before: Counter[str]) -> dict[str, int]:
 
 def quantile(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in runs[0]:
-        values = [run[key] for run in runs]
-        if isinstance(values[0], bool):
-            out[key] = all(values)
-        elif isinstance(values[0], int | float):
-            out[key] = statistics.median(values)
-    return out
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
