@@ -170,10 +170,8 @@ class Follower:
             ready = self._ready
             if ready:
                 if limit is None or len(ready) <= limit:
-                    self._ready = deque()
-                    batch = list(ready)
-                else:
-                    batch = [ready.popleft() for _ in range(limit)]
+                    return self._take_ready()
+                batch = [ready.popleft() for _ in range(limit)]
                 self._consumed = batch[-1][1]
                 return batch
             if self._error is not None:
