@@ -189,7 +189,7 @@ class ResumableStreamContext:
             if not self._degrade:
                 raise
             logger.warning(
-                "stream %r runs without resumability: the backend is unreachable (%s)",
+                "stream %r runs without resumability: the backend failed (%s)",
                 stream_id,
                 exc,
             )
@@ -464,15 +464,19 @@ def create_resumable_stream_context(
     *,
     backend: Backend | None = None,
     key_prefix: str = "resumable-stream",
+    command_timeout: float | None = None,
     **options: Any,
 ) -> ResumableStreamContext:
     """Make a context on Redis (a URL or a `redis.asyncio.Redis` client) or on a backend.
 
     With neither, `REDIS_URL` is used if set, else an in-memory backend (streams are then
-    resumable only inside this process). Other options go to `ResumableStreamContext`.
+    resumable only inside this process). `command_timeout` bounds every Redis command (seconds,
+    default 5). Other options go to `ResumableStreamContext`.
     """
     if redis is not None and backend is not None:
         raise ValueError("pass either redis= or backend=, not both")
+    if backend is not None and command_timeout is not None:
+        raise ValueError("command_timeout is an option of the Redis backend: pass redis=")
     if backend is None:
         url = redis if redis is not None else os.environ.get("REDIS_URL") or None
         if url is None:
@@ -482,7 +486,8 @@ def create_resumable_stream_context(
             )
             backend = MemoryBackend()
         else:
-            from .redis import RedisBackend
+            from .redis import DEFAULT_COMMAND_TIMEOUT, RedisBackend
 
-            backend = RedisBackend(url)
+            timeout = DEFAULT_COMMAND_TIMEOUT if command_timeout is None else command_timeout
+            backend = RedisBackend(url, command_timeout=timeout)
     return ResumableStreamContext(backend=backend, key_prefix=key_prefix, **options)

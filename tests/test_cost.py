@@ -19,7 +19,11 @@ from .helpers import TestingSource, never_called, read, read_chunks
 
 pytestmark = pytest.mark.anyio
 
-_ADMIN = {"info", "client|info", "client|setinfo", "hello", "ping", "pubsub|numsub", "select"}
+# CONFIG GET: once per context, to warn about an evicting policy.
+_ADMIN = {
+    *("info", "client|info", "client|setinfo", "hello", "ping", "pubsub|numsub", "select"),
+    "config|get",
+}
 
 
 @pytest.fixture
