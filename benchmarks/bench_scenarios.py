@@ -54,6 +54,7 @@ import redis.asyncio
 from bench_core import commandstats, median_of, start_redis
 
 import resumable_stream as rs
+from resumable_stream._protocol import Keys
 from resumable_stream.redis import RedisBackend
 
 HERE = Path(__file__).resolve().parent
@@ -381,7 +382,7 @@ async def scale(
                 result["start_all_s"] = now() - started
                 if ctx is not None:
                     result["redis_connections"] = clients(await admin.client_list()) - 1
-                    channels = await admin.pubsub_channels(f"{prefix}:v1:request:*")
+                    channels = await admin.pubsub_channels(Keys(prefix).request("*"))
                     result["request_channels_subscribed"] = len(channels)
                 gc.collect()
                 cpu, wall = time.process_time(), now()

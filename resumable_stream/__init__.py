@@ -1,10 +1,11 @@
 """Streamed responses that survive dropped connections and serve extra viewers."""
 
 from ._backend import Backend, Connection, MemoryBackend
-from ._context import ResumableStream, ResumableStreamContext, create_resumable_stream_context
+from ._context import ResumableStreamContext, create_resumable_stream_context
 from ._event import Event
 from ._exceptions import (
     BackendError,
+    ProducerConflictError,
     ProducerLostError,
     ProducerUnavailableError,
     ResumableStreamError,
@@ -14,6 +15,7 @@ from ._exceptions import (
     StreamIncompleteError,
 )
 from ._protocol import new_stream_id
+from ._reader import ResumableStream
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,7 @@ __all__ = [
     "Connection",
     "Event",
     "MemoryBackend",
+    "ProducerConflictError",
     "ProducerLostError",
     "ProducerUnavailableError",
     "ResumableStream",

@@ -9,9 +9,8 @@ from bisect import bisect_right
 import anyio
 
 from ._event import Event
+from ._protocol import WireChunk, wire_event
 
-# What travels in a message for one chunk: its text, or [text, event name, retry] for an Event.
-WireChunk = str | list[object]
 # What a reader hands on for one chunk: the chunk (trimmed if resumed mid-chunk) and its end offset.
 Entry = tuple[str | Event, int]
 
@@ -104,14 +103,12 @@ class ChunkBuffer:
             for index in range(first, stop):
                 event = events.get(index)
                 if event is not None:
-                    out[index - first] = event._wire()
+                    out[index - first] = wire_event(event)
         skip = offset - self.start_of(first)
         if skip:
-            head = out[0]
-            if isinstance(head, str):
-                out[0] = head[skip:]
-            else:
-                out[0] = [self.chunks[first][skip:], *head[1:]]
+            head = self.chunks[first][skip:]
+            event = events.get(first)
+            out[0] = head if event is None else wire_event(event, head)
         return out
 
     def entries(self, index: int, stop: int) -> list[Entry]:

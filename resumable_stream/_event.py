@@ -32,17 +32,3 @@ class Event:
             isinstance(self.retry, bool) or not isinstance(self.retry, int) or self.retry < 0
         ):
             raise ValueError("Event.retry must be a non-negative int (milliseconds), or None")
-
-    def _wire(self) -> list[object]:
-        return [self.data, self.event, self.retry]
-
-    @classmethod
-    def _from_wire(cls, data: str, event: object, retry: object) -> Event:
-        if event is not None and not isinstance(event, str):
-            raise ValueError("malformed event")
-        if retry is not None and not isinstance(retry, int):
-            raise ValueError("malformed event")
-        return cls(data, event, retry)
-
-    def _with_data(self, data: str) -> Event:
-        return Event(data, self.event, self.retry)

@@ -7,6 +7,7 @@ derives from one base class:
     ├── StreamFailedError          the producer's generator raised
     ├── StreamCancelledError       the stream was stopped before it finished
     ├── StreamIncompleteError      the stream ended but some of its text never arrived
+    │   └── ProducerConflictError  two producers wrote under one id (the backend lost its state)
     ├── SlowReaderError            a reader fell too far behind and was ended
     ├── ProducerUnavailableError   no producer answered a resume request (also a TimeoutError)
     │   └── ProducerLostError      the producer died (its process went away) before the end
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "ProducerConflictError",
     "ProducerLostError",
     "ProducerUnavailableError",
     "ResumableStreamError",
@@ -48,6 +50,15 @@ class StreamCancelledError(ResumableStreamError):
 
 class StreamIncompleteError(ResumableStreamError):
     """Raised by a reader when the stream ended but part of its text was lost in transit."""
+
+
+class ProducerConflictError(StreamIncompleteError):
+    """Raised by a follower that heard from two producers of one stream id.
+
+    It happens only when the backend lost a running stream's state (Redis evicting its keys
+    under memory pressure, say): a second caller then became a producer too. The follower stops
+    rather than mix the two texts.
+    """
 
 
 class ProducerUnavailableError(ResumableStreamError, TimeoutError):

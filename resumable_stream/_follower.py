@@ -1,74 +1,273 @@
 """A follower: a reader of a stream produced elsewhere (another context, process or machine).
 
-It merges the replay (sent to its context's inbox) and the live batches (on the stream's live
-channel) by character offset, so overlap between them is dropped and chunk boundaries are kept.
-Live messages that arrive before the replay is complete wait until it is.
+It asks the producer for the text from its offset (a `Request`), then merges the replay (sent
+to its context's reply channel) and the live batches (on the stream's live channel) by character
+offset, so overlap is dropped and chunk boundaries are kept. Live messages that arrive while a
+replay is due wait until it is complete.
+
+Messages get lost: Redis drops a subscriber that falls behind, restarts, fails over. Whenever
+the offsets show a gap (a live batch starting past what arrived, a heartbeat or an end past it)
+or the producer falls silent, the follower asks again from its position and holds live batches
+aside until that replay arrives. Only a producer that no longer has the text (or is gone) ends
+it with an error. Every message names its producer, and a follower never mixes two producers.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from . import _protocol as p
 from ._buffer import Entry, Signal
-from ._event import Event
-from ._exceptions import ResumableStreamError, SlowReaderError, StreamIncompleteError
-from ._producer import end_error
+from ._exceptions import (
+    ProducerConflictError,
+    ProducerLostError,
+    ProducerUnavailableError,
+    ResumableStreamError,
+    SlowReaderError,
+    StreamIncompleteError,
+)
+from ._hub import Hub
+from ._reader import CHECKPOINT_EVERY
 
-if TYPE_CHECKING:
-    from ._context import ResumableStreamContext
+__all__ = ["Follower"]
+
+_FIRST_RETRY = 0.002
+_MAX_RETRY = 0.1
+# Requests in a row that the producer got (somebody was subscribed) but never answered.
+_MAX_UNANSWERED = 3
 
 
 class Follower:
-    def __init__(
-        self, context: ResumableStreamContext, stream_id: str, listener: str, resume_at: int
-    ) -> None:
-        self._context = context
+    def __init__(self, hub: Hub, stream_id: str, resume_at: int) -> None:
+        self._hub = hub
         self.stream_id = stream_id
-        self.listener = listener
-        self.acked = anyio.Event()
+        self.listener: str | None = None  # the id of the request whose answers count
+        self.acked = anyio.Event()  # the producer answered the first request
         self.ended = anyio.Event()  # the end of the stream (or an error) arrived
         self.heard = anyio.current_time()  # when a message for this follower last arrived
         self._position = resume_at  # text before this offset has been taken
         self._consumed = resume_at  # text before this offset has been handed to the reader
         self._partial: list[str] = []  # the start of a chunk that continues in the next message
-        self._partial_label: list[Any] | None = None
+        self._partial_label: tuple[str | None, int | None] | None = None
         self._ready: deque[Entry] = deque()
-        self._replayed = False
-        self._early: list[tuple[bytes, list[Any]]] = []
-        self._end: tuple[int, str, str | None] | None = None
+        self._producer: str | None = None  # the token of the producer whose text this is
+        self._awaiting = True  # a request is out whose replay has not all arrived
+        self._answered = False  # some of that replay arrived
+        self._requested = anyio.current_time()
+        self._unanswered = 0
+        self._recovering = False
+        self._early: list[p.Message] = []  # live messages held aside while a replay is due
+        self._end: p.End | None = None
         self._error: ResumableStreamError | None = None
         self._signal = Signal()
         self._detached = False
         self._overflowed = False
+        self._turns = 0
 
-    def deliver(self, tag: bytes, payload: list[Any]) -> None:
-        """Called by the context for every message addressed to this follower."""
-        self.heard = anyio.current_time()
-        if tag == p.HEARTBEAT or self._overflowed:
-            return
+    # Asking the producer
+
+    async def join(self, after_end: bool = False) -> str | None:
+        """Ask the producer for the text from the reader's offset.
+
+        Returns the stream's state as found: `RUNNING` once the producer answered (the reader
+        is ready), a terminal state when there is nothing to read, or None if there is no
+        such stream. With `after_end`, only a producer lingering after the end may answer.
+        Raises `ProducerUnavailableError` if the producer got the request but did not answer
+        within `resume_timeout`, `ProducerLostError` if nobody listens for a running stream.
+        """
+        hub = self._hub
+        await hub.follow(self)
         try:
-            if tag == p.REPLAY:
-                _, start, chunks, cont, upto = payload
-                self.acked.set()
-                self._take(start, chunks, cont)
-                if upto is not None:
-                    self._replayed = True
-                    early, self._early = self._early, []
-                    for item in early:
-                        self._apply(*item)
-            elif self._replayed:
-                self._apply(tag, payload)
+            request = self._new_request(after_end)
+            reached = False
+            with anyio.move_on_after(hub.settings.resume_timeout):
+                delay = _FIRST_RETRY
+                while True:
+                    if await self._send(request):
+                        reached = True
+                        await self.acked.wait()
+                        if after_end:
+                            # A reader that already has everything learns at once how the
+                            # stream ended, as it would without lingering.
+                            while not (self._ready or self._partial or self.ended.is_set()):
+                                await self._signal.wait()
+                            state = self._nothing_left()
+                            if state is not None:
+                                await self.aclose()
+                                return state
+                        self.heard = anyio.current_time()
+                        return p.RUNNING
+                    # Nobody subscribed: the producer is not listening yet, finished or gone.
+                    state = await hub.state(self.stream_id)
+                    if after_end or state != p.RUNNING:
+                        await self.aclose()
+                        return None if after_end and state == p.RUNNING else state
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, _MAX_RETRY)
+            state = await hub.state(self.stream_id)
+            if reached:
+                raise ProducerUnavailableError(
+                    f"the producer of stream {self.stream_id!r} did not answer within "
+                    f"{hub.settings.resume_timeout}s"
+                )
+            if state != p.RUNNING:
+                await self.aclose()
+                return state
+            await hub.record_lost(self.stream_id)
+            raise ProducerLostError(
+                f"the producer of stream {self.stream_id!r} is gone: nobody listened for "
+                f"{hub.settings.resume_timeout}s"
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+            raise
+
+    def _new_request(self, after_end: bool = False) -> p.Request:
+        hub = self._hub
+        hub.forget(self.listener)  # answers to an earlier request no longer count
+        self.listener = uuid.uuid4().hex
+        hub.listen(self.listener, self)
+        self._awaiting = True
+        self._answered = False
+        self._requested = anyio.current_time()
+        return p.Request(self.listener, hub.reply_channel, self._position, after_end)
+
+    async def _send(self, request: p.Request) -> bool:
+        """Publish `request`; True if somebody (the producer) was subscribed."""
+        channel = self._hub.keys.request(self.stream_id)
+        return bool(await self._hub.connection.publish(channel, request.pack()))
+
+    async def _recover(self, deadline: float) -> None:
+        """Ask again for the text from this follower's position: after a gap, or silence.
+
+        Nobody subscribed to the request channel may be a producer resubscribing after an
+        outage; that is retried until `deadline`, then the producer counts as gone.
+        """
+        hub = self._hub
+        try:
+            request = self._new_request()
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                delay = _FIRST_RETRY
+                while True:
+                    if await self._send(request):
+                        return
+                    if await hub.state(self.stream_id) != p.RUNNING:
+                        break
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, _MAX_RETRY)
+            state = await hub.state(self.stream_id)
+            if state == p.RUNNING:
+                await hub.record_lost(self.stream_id)
+                state = p.LOST
+            if state is None:
+                self.fail(StreamIncompleteError(f"stream {self.stream_id!r} is gone"))
+                return
+            error = p.end_error(self.stream_id, state, None)
+            self.fail(
+                error  # type: ignore[arg-type]
+                or StreamIncompleteError(
+                    f"stream {self.stream_id!r} ended but its end never arrived, and its "
+                    f"producer no longer has the text: what came after offset {self._position} "
+                    "is unknown"
+                )
+            )
+        except ResumableStreamError as exc:  # BackendError
+            self.fail(exc)
+        finally:
+            self._recovering = False
+            self._signal.notify()
+
+    def _recover_soon(self) -> None:
+        """A gap: the producer was alive a moment ago, so give it `resume_timeout` to answer."""
+        self._awaiting = True  # hold live messages aside from now on
+        if not self._recovering:
+            deadline = anyio.current_time() + self._hub.settings.resume_timeout
+            self._recovering = self._hub.spawn(self.stream_id, self._recover, deadline)
+
+    # Messages
+
+    def deliver(self, message: p.Message) -> None:
+        """Called by the hub for every message addressed to this follower."""
+        self.heard = anyio.current_time()
+        if self._overflowed or self._detached:
+            return
+        kind = type(message)
+        try:
+            if kind is p.Replay:
+                assert isinstance(message, p.Replay)
+                self._replay(message)
+            elif self._awaiting:
+                if kind is not p.Heartbeat:
+                    self._early.append(message)
             else:
-                self._early.append((tag, payload))
-        except (ValueError, TypeError):
+                self._apply(message)
+        except ValueError:
             self._error = ResumableStreamError(f"malformed message for stream {self.stream_id!r}")
         if self._error is not None or self._end is not None:
             self.ended.set()
         self._signal.notify()
+
+    def _replay(self, replay: p.Replay) -> None:
+        if replay.listener != self.listener:
+            return  # the answer to an earlier request
+        if self._producer is None:
+            self._producer = replay.producer
+        elif not self._same_producer(replay.producer):
+            return
+        self.acked.set()
+        self._answered = True
+        self._unanswered = 0
+        if replay.start > self._position:
+            raise ValueError("a replay from past the requested offset")
+        self._take(replay.start, replay.chunks, replay.cont)
+        if replay.upto is not None:
+            self._awaiting = False
+            early, self._early = self._early, []
+            for i, message in enumerate(early):
+                if self._awaiting or self._error is not None:
+                    self._early.extend(early[i:])  # another gap: held until the next replay
+                    break
+                self._apply(message)
+
+    def _same_producer(self, token: str) -> bool:
+        if token == self._producer:
+            return True
+        if self._error is None:
+            self._error = ProducerConflictError(
+                f"stream {self.stream_id!r} has two producers: the backend lost its state "
+                "(Redis evicting keys under memory pressure?), so another caller started it again"
+            )
+        return False
+
+    def _apply(self, message: p.Message) -> None:
+        kind = type(message)
+        if kind is p.Live:
+            assert isinstance(message, p.Live)
+            if not self._same_producer(message.producer):
+                return
+            if message.start > self._position:
+                self._early.append(message)  # text was lost before it: ask again
+                self._recover_soon()
+                return
+            self._take(message.start, message.chunks, message.cont)
+        elif kind is p.Heartbeat:
+            assert isinstance(message, p.Heartbeat)
+            if self._same_producer(message.producer) and message.length > self._position:
+                self._recover_soon()  # the producer has text that never arrived
+        elif kind is p.End:
+            assert isinstance(message, p.End)
+            if not self._same_producer(message.producer):
+                return
+            if message.length > self._position:
+                self._early.append(message)
+                self._recover_soon()
+                return
+            self._end = message
 
     def fail(self, error: ResumableStreamError) -> None:
         if self._error is None:
@@ -77,45 +276,23 @@ class Follower:
         self.ended.set()
         self._signal.notify()
 
-    @property
-    def position(self) -> int:
-        """The offset up to which this follower has the text."""
-        return self._position
-
-    def ended_with_nothing_left(self) -> str | None:
+    def _nothing_left(self) -> str | None:
         """The end state, once the stream ended with nothing more for this reader."""
         if self._end is None or self._error is not None or self._ready or self._partial:
             return None
-        if self._position < self._end[0]:
+        if self._position < self._end.length:
             return None
-        return self._end[1]
+        return self._end.state
 
-    def _apply(self, tag: bytes, payload: list[Any]) -> None:
-        if tag == p.LIVE:
-            self._take(*payload)
-        elif tag == p.END:
-            _, length, state, detail = payload
-            self._end = (length, state, detail)
-
-    def _take(self, start: int, chunks: list[Any], cont: bool) -> None:
+    def _take(self, start: int, chunks: list[p.WireChunk], cont: bool) -> None:
         last = len(chunks) - 1
         for i, chunk in enumerate(chunks):
-            if isinstance(chunk, str):
-                text, label = chunk, None
-            else:
-                text, *label = chunk
-                if not isinstance(text, str) or len(label) != 2:
-                    raise ValueError("malformed chunk")
+            text = p.chunk_text(chunk)
             end = start + len(text)
             if end > self._position:
-                if start > self._position:
-                    self._error = StreamIncompleteError(
-                        f"stream {self.stream_id!r} lost text between offsets "
-                        f"{self._position} and {start}"
-                    )
-                    return
                 piece = text[self._position - start :]
                 self._position = end
+                label = p.chunk_label(chunk)
                 if cont and i == last:
                     if not self._partial:
                         self._partial_label = label
@@ -127,35 +304,38 @@ class Follower:
                     piece = "".join(self._partial)
                     self._partial.clear()
                     label, self._partial_label = self._partial_label, None
-                if label is None:
-                    self._ready.append((piece, end))
-                else:
-                    self._ready.append((Event._from_wire(piece, *label), end))
+                self._ready.append((p.with_label(piece, label), end))
             start = end
         backlog = self._position - self._consumed
-        if backlog > self._context._max_backlog:
+        if backlog > self._hub.settings.max_backlog:
             # A reader this far behind would make the process hold the stream twice; drop
             # what it has not read and end it, so memory stays bounded.
             self._overflowed = True
             self._ready.clear()
             self._partial.clear()
+            self._early.clear()
             self._error = SlowReaderError(
                 f"a reader of stream {self.stream_id!r} fell {backlog} characters behind "
-                f"(max_backlog={self._context._max_backlog}); resume from offset "
+                f"(max_backlog={self._hub.settings.max_backlog}); resume from offset "
                 f"{self._consumed} to catch up"
             )
+
+    # Reading
 
     def __aiter__(self) -> Follower:
         return self
 
     async def __anext__(self) -> str:
+        self._turns += 1
+        if self._turns % CHECKPOINT_EVERY == 0:
+            await anyio.lowlevel.checkpoint()
         if self._ready:
             item, self._consumed = self._ready.popleft()
         else:
-            item = (await self._batch(1))[0][0]
+            item = (await self.next_batch(1))[0][0]
         return item if isinstance(item, str) else item.data
 
-    def _take_ready(self) -> list[Entry]:
+    def take_ready(self) -> list[Entry]:
         """The chunks available right now, without waiting (possibly none)."""
         ready = self._ready
         if not ready:
@@ -164,41 +344,62 @@ class Follower:
         self._consumed = ready[-1][1]
         return list(ready)
 
-    async def _batch(self, limit: int | None = None) -> list[Entry]:
+    async def next_batch(self, limit: int | None = None) -> list[Entry]:
         """Wait for chunks and take those available (at most `limit`); StopAsyncIteration at end."""
+        settings = self._hub.settings
         while True:
             ready = self._ready
             if ready:
                 if limit is None or len(ready) <= limit:
-                    return self._take_ready()
+                    return self.take_ready()
                 batch = [ready.popleft() for _ in range(limit)]
                 self._consumed = batch[-1][1]
                 return batch
             if self._error is not None:
                 error, self._error = self._error, None
-                await self._detach()
-                self._end = (0, p.DONE, None)
+                await self._finish_reading()
                 raise error
             if self._end is not None:
-                await self._detach()
-                length, state, detail = self._end
-                self._end = (0, p.DONE, None)
-                ended = end_error(self.stream_id, state, detail)
+                end = self._end
+                await self._finish_reading()
+                ended = p.end_error(self.stream_id, end.state, end.detail)
                 if ended is not None:
                     raise ended
-                if self._position < length:
-                    raise StreamIncompleteError(
-                        f"stream {self.stream_id!r} ended at offset {length} but only "
-                        f"{self._position} characters arrived"
-                    )
                 raise StopAsyncIteration
             if self._detached:
                 raise StopAsyncIteration
-            silence = self.heard + self._context._liveness_timeout - anyio.current_time()
-            with anyio.move_on_after(silence):
+            if self._recovering:
+                await self._signal.wait()  # the recovery ends with an answer or an error
+                continue
+            unanswered = self._awaiting and not self._answered
+            if unanswered:
+                wake = self._requested + settings.resume_timeout
+            else:
+                # A producer with followers is heard three times per liveness_timeout: after
+                # two silent periods, ask; it counts as gone at the end of the third.
+                wake = self.heard + settings.heartbeat * 2
+            with anyio.move_on_after(max(0.0, wake - anyio.current_time())):
                 await self._signal.wait()
                 continue
-            await self._context._probe(self)
+            if unanswered:
+                self._unanswered += 1
+                if self._unanswered >= _MAX_UNANSWERED:
+                    self.fail(
+                        ProducerUnavailableError(
+                            f"the producer of stream {self.stream_id!r} got {self._unanswered} "
+                            "requests in a row and answered none in time"
+                        )
+                    )
+                    continue
+                deadline = anyio.current_time() + settings.resume_timeout
+            else:
+                deadline = self.heard + settings.liveness_timeout
+            self._recovering = True
+            await self._recover(deadline)
+
+    async def _finish_reading(self) -> None:
+        await self._detach()
+        self._end = p.End(None, "", 0, p.DONE, None)  # any later call just stops
 
     async def aclose(self) -> None:
         """Stop following; the producer and every other reader carry on."""
@@ -208,4 +409,5 @@ class Follower:
     async def _detach(self) -> None:
         if not self._detached:
             self._detached = True
-            await self._context._detach_follower(self)
+            self._hub.forget(self.listener)
+            await self._hub.unfollow(self)

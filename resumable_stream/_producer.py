@@ -1,17 +1,18 @@
 """The producer: runs the user's generator to completion and serves the stream to readers.
 
 It keeps every chunk in memory. Its own reader reads that buffer directly. Followers elsewhere
-send a request; the producer answers with a replay to their context's inbox, then publishes live
+send a request; the producer answers with a replay to their reply channel, then publishes live
 batches on the stream's one live channel while anybody listens (zero commands per chunk while
-nobody does). Whatever the generator does, the stream ends in a terminal state that is written
-to the backend and announced to followers, with cleanup shielded from cancellation.
+nobody does). Whatever the generator does, the stream ends in a terminal state that is announced
+to followers and written to the backend, with cleanup shielded from cancellation; a write that
+fails (a full or unreachable Redis) is retried until it lands or the stream's TTL makes it moot.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterable, Callable
 
 import anyio
 import anyio.lowlevel
@@ -19,15 +20,9 @@ import anyio.lowlevel
 from . import _protocol as p
 from ._buffer import ChunkBuffer, Entry, Signal
 from ._event import Event
-from ._exceptions import (
-    BackendError,
-    ProducerLostError,
-    StreamCancelledError,
-    StreamFailedError,
-)
-
-if TYPE_CHECKING:
-    from ._context import ResumableStreamContext
+from ._exceptions import BackendError
+from ._hub import Hub
+from ._reader import CHECKPOINT_EVERY
 
 logger = logging.getLogger("resumable_stream")
 
@@ -36,22 +31,26 @@ MakeStream = Callable[[], AsyncIterable[str | Event]]
 # A source that never awaits would keep every other task (answering resume requests, readers)
 # from running; the producer yields to the event loop after its first chunk and every so many.
 _CHECKPOINT_EVERY = 64
-_CLEANUP_TIMEOUT = 5.0
+# Recording the end takes up to two commands, each bounded by the backend's own deadline.
+_CLEANUP_TIMEOUT = 15.0
+_RECORD_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class Producer:
     # Slots: thousands of idle streams each hold one of these.
     __slots__ = (
-        "_context",
         "_epoch",
         "_following",
+        "_hub",
         "_listening",
         "_live_channel",
         "_live_index",
         "_make_stream",
         "_published",
         "_publishing",
+        "_recorded",
         "_request_channel",
+        "_started",
         "_stop",
         "buffer",
         "changed",
@@ -60,33 +59,33 @@ class Producer:
         "settled",
         "state",
         "stream_id",
+        "token",
     )
 
     def __init__(
-        self,
-        context: ResumableStreamContext,
-        stream_id: str,
-        make_stream: MakeStream,
-        offline: bool = False,
+        self, hub: Hub, stream_id: str, make_stream: MakeStream, offline: bool = False
     ) -> None:
         # Offline: started while the backend was unreachable, so it never won the election;
         # it serves its own reader only and leaves the backend alone.
         self.offline = offline
-        self._context = context
+        self._hub = hub
         self.stream_id = stream_id
+        self.token = p.new_producer_token()
         self._make_stream = make_stream
         self.buffer = ChunkBuffer()
         self.changed = Signal()
         self.state: str | None = None
-        # Readers end only once the terminal state is recorded, so whoever saw the end and asks
-        # the backend next finds the stream finished.
+        # Readers end only once the end was announced and its recording tried, so whoever saw
+        # the end and asks the backend next finds the stream finished.
         self.settled = False
+        self._recorded = offline  # the terminal state is in the backend
         self.error: BaseException | None = None
-        self._request_channel = context._keys.request(stream_id)
+        self._started = anyio.current_time()
+        self._request_channel = hub.keys.request(stream_id)
         self._listening = not offline
         # Cancelling this scope is a stop: it interrupts whatever the generator awaits.
         self._stop = anyio.CancelScope()
-        self._live_channel = context._keys.live(stream_id)
+        self._live_channel = hub.keys.live(stream_id)
         # Live publishing: on while somebody follows, from chunk `_live_index` on. `_epoch`
         # counts requests so a publish that reached nobody only turns it off if no follower
         # joined while that publish was in flight.
@@ -102,39 +101,46 @@ class Producer:
         return type(self.error).__name__ if self.error is not None else None
 
     async def run(self) -> None:
-        context = self._context
-        connection = context._connection()
+        """Run the generator to its end, announce the end and record it."""
+        hub = self._hub
         if not self.offline:
-            context._request_routes[self._request_channel] = self
+            hub.add_producer(self)
         state = p.CANCELLED
         try:
-            try:
-                with self._stop:
-                    if not self.offline:
-                        await connection.subscribe(self._request_channel, wait=False)
-                    await self._pump()
-                    state = p.DONE
-            except Exception as exc:
-                state = p.FAILED
-                self.error = exc
-                logger.warning("stream %r failed", self.stream_id, exc_info=exc)
-            finally:
-                self.state = state
-                self.changed.notify()
-                with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
-                    await self._finish(state)
-                    if not context._linger:
-                        await self._stop_listening()
-                self.settled = True
-                self.changed.notify()
-            # Linger: a reader cut off near the end reconnects a moment later; keep the text
-            # to answer it. Leaving the context does not wait for this.
-            context._producer_finished(self)
-            await anyio.sleep(0 if self.offline else context._linger)
+            with self._stop:
+                if not self.offline:
+                    await hub.connection.subscribe(self._request_channel, wait=False)
+                await self._pump()
+                state = p.DONE
+        except Exception as exc:
+            state = p.FAILED
+            self.error = exc
+            logger.warning("stream %r failed", self.stream_id, exc_info=exc)
         finally:
-            if context._request_routes.get(self._request_channel) is self:
-                del context._request_routes[self._request_channel]
-            context._producer_finished(self)
+            self.state = state
+            self.changed.notify()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+                await self._finish(state)
+                if not hub.settings.linger and self._recorded:
+                    await self._stop_listening()
+            self.settled = True
+            self.changed.notify()
+
+    async def linger(self) -> None:
+        """Keep answering late resumes for `linger` seconds, and until the end is recorded.
+
+        A reader cut off near the end reconnects a moment later: the text is kept to answer it.
+        Leaving the context does not wait for this.
+        """
+        try:
+            if not self.offline:
+                await anyio.sleep(self._hub.settings.linger)
+                # Until then, a follower asking finds this producer, not a stream that seems
+                # to run with nobody producing it (which it would record as lost).
+                while not self._recorded:
+                    await self.changed.wait()
+        finally:
+            self._hub.remove_producer(self)
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                 await self._stop_listening()
 
@@ -142,7 +148,7 @@ class Producer:
         if self._listening:
             self._listening = False
             try:
-                await self._context._connection().unsubscribe(self._request_channel)
+                await self._hub.connection.unsubscribe(self._request_channel)
             except BackendError as exc:
                 logger.warning("could not unsubscribe %r: %s", self._request_channel, exc)
             except Exception:
@@ -183,50 +189,59 @@ class Producer:
                 await aclose()
 
     async def _finish(self, state: str) -> None:
-        connection = self._context._connection()
-        keys = self._context._keys
         while self._publishing:
             await self._published.wait()
         if self.offline:
             return
-        detail = self.error_type
+        self._recorded = await self._record(state)
+        if self._following:
+            # Announced whether or not the state could be written: followers end now either way.
+            end = p.End(None, self.token, self.buffer.length, state, self.error_type)
+            try:
+                await self._hub.connection.publish(self._live_channel, end.pack())
+            except BackendError as exc:
+                logger.warning("could not announce the end of stream %r: %s", self.stream_id, exc)
+        if not self._recorded:
+            self._hub.spawn(self.stream_id, self._record_later, state)
+
+    async def _record(self, state: str, *, retry: bool = False) -> bool:
+        hub = self._hub
+        key = hub.keys.sentinel(self.stream_id)
         try:
-            await connection.set(
-                keys.sentinel(self.stream_id), p.sentinel_value(state), self._context._ttl
-            )
-            if self._following:
-                end = p.pack(p.END, [None, self.buffer.length, state, detail])
-                await connection.publish(self._live_channel, end)
+            await hub.connection.set(key, p.sentinel_value(state), hub.settings.ttl)
         except BackendError as exc:
-            logger.warning("could not record the end of stream %r: %s", self.stream_id, exc)
+            level = logging.DEBUG if retry else logging.WARNING
+            logger.log(level, "could not record the end of stream %r (%s)", self.stream_id, exc)
+            return False
+        if retry:
+            logger.warning("recorded the end of stream %r at last", self.stream_id)
+        return True
+
+    async def _record_later(self, state: str) -> None:
+        # Until it lands, the backend says the stream runs; once the keys' TTL has passed it
+        # no longer matters.
+        deadline = self._started + self._hub.settings.ttl
+        try:
+            for delay in itertools.chain(_RECORD_DELAYS, itertools.repeat(_RECORD_DELAYS[-1])):
+                if anyio.current_time() + delay >= deadline:
+                    break
+                await anyio.sleep(delay)
+                if await self._record(state, retry=True):
+                    break
+        finally:
+            self._recorded = True
+            self.changed.notify()
 
     def stop(self) -> None:
         """Stop the generator; the stream ends as cancelled (no effect once it ended)."""
         self._stop.cancel()
 
-    def on_request(self, payload: list[Any]) -> None:
-        try:
-            listener, inbox, resume_at, after_end = payload
-            resume_at = p.validate_resume_at(resume_at)
-            if not (isinstance(listener, str) and isinstance(inbox, str)):
-                raise ValueError("bad request")
-        except ValueError:
-            logger.warning("ignored a malformed resume request for %r", self.stream_id)
-            return
-        if after_end and self.state is None:
+    def on_request(self, request: p.Request) -> None:
+        if request.after_end and self.state is None:
             return  # for an earlier, finished stream of this id, lingering somewhere
-        self._start(self._serve, listener, inbox, resume_at)
+        self._hub.spawn(self.stream_id, self._serve, request)
 
-    def _start(self, task: Callable[..., Awaitable[None]], *args: object) -> bool:
-        # Helpers run in the context's task group: a task group per stream would cost more
-        # memory than the rest of an idle stream. They must never raise into it.
-        tg = self._context._tg
-        if tg is None:
-            return False
-        tg.start_soon(_contained, self.stream_id, task, *args)
-        return True
-
-    async def _serve(self, listener: str, inbox: str, resume_at: int) -> None:
+    async def _serve(self, request: p.Request) -> None:
         buffer = self.buffer
         length, stop = buffer.length, len(buffer.chunks)
         state = self.state
@@ -236,30 +251,30 @@ class Producer:
                 self._following = True
                 self._live_index = stop
             if not self._publishing:
-                self._publishing = self._start(self._publish_live)
-        connection = self._context._connection()
-        limit = self._context._max_message_size
-        start = min(resume_at, length)
-        pieces = list(p.split_pieces(buffer.wire(resume_at, stop), start, limit))
+                self._publishing = self._hub.spawn(self.stream_id, self._publish_live)
+        connection = self._hub.connection
+        limit = self._hub.settings.max_message_size
+        start = min(request.resume_at, length)
+        pieces = list(p.split_pieces(buffer.wire(start, stop), start, limit))
         if not pieces:
             pieces = [(start, [], False)]
+        listener, token = request.listener, self.token
         try:
             for i, (offset, chunks, cont) in enumerate(pieces):
                 upto = length if i == len(pieces) - 1 else None
-                await connection.publish(
-                    inbox, p.pack(p.REPLAY, [listener, offset, chunks, cont, upto])
-                )
+                replay = p.Replay(listener, token, offset, chunks, cont, upto)
+                await connection.publish(request.reply_to, replay.pack())
             if state is not None:
-                end = [listener, length, state, self.error_type]
-                await connection.publish(inbox, p.pack(p.END, end))
+                end = p.End(listener, token, length, state, self.error_type)
+                await connection.publish(request.reply_to, end.pack())
         except BackendError as exc:
             logger.warning("could not answer a resume request for %r: %s", self.stream_id, exc)
 
     async def _publish_live(self) -> None:
-        connection = self._context._connection()
-        limit = self._context._max_message_size
+        connection = self._hub.connection
+        limit = self._hub.settings.max_message_size
         buffer = self.buffer
-        heartbeat = self._context._liveness_timeout / 3
+        heartbeat = self._hub.settings.heartbeat
         try:
             while True:
                 while self._live_index == len(buffer.chunks):
@@ -271,7 +286,7 @@ class Producer:
                         # Followers hear something at least every `heartbeat` seconds, so
                         # silence means this producer is gone.
                         epoch = self._epoch
-                        alive = p.pack(p.HEARTBEAT, [buffer.length])
+                        alive = p.Heartbeat(self.token, buffer.length).pack()
                         receivers = await connection.publish(self._live_channel, alive)
                         if not receivers and epoch == self._epoch:
                             self._following = False
@@ -282,9 +297,8 @@ class Producer:
                 receivers = 0
                 start = buffer.start_of(index)
                 for offset, chunks, cont in p.split_pieces(buffer.wire(start, stop), start, limit):
-                    receivers = await connection.publish(
-                        self._live_channel, p.pack(p.LIVE, [offset, chunks, cont])
-                    )
+                    live = p.Live(self.token, offset, chunks, cont).pack()
+                    receivers = await connection.publish(self._live_channel, live)
                 if receivers == 0 and epoch == self._epoch:
                     self._following = False
                     return
@@ -298,29 +312,10 @@ class Producer:
         return ProducerReader(self, resume_at)
 
 
-async def _contained(stream_id: str, task: Callable[..., Awaitable[None]], *args: object) -> None:
-    try:
-        await task(*args)
-    except Exception:
-        logger.exception("a helper task of stream %r failed", stream_id)
-
-
-def end_error(stream_id: str, state: str, detail: str | None) -> Exception | None:
-    """The exception a reader raises for a stream that ended in `state`, or None if done."""
-    if state == p.FAILED:
-        cause = f": its generator raised {detail}" if detail else ""
-        return StreamFailedError(f"stream {stream_id!r} failed{cause}")
-    if state == p.CANCELLED:
-        return StreamCancelledError(f"stream {stream_id!r} was cancelled")
-    if state == p.LOST:
-        return ProducerLostError(f"the producer of stream {stream_id!r} died before its end")
-    return None
-
-
 class ProducerReader:
     """The producer's own reader: reads the in-memory buffer, taking every new chunk per wake-up."""
 
-    __slots__ = ("_closed", "_head", "_index", "_offset", "_producer")
+    __slots__ = ("_closed", "_head", "_index", "_offset", "_producer", "_turns")
 
     def __init__(self, producer: Producer, resume_at: int) -> None:
         self._producer = producer
@@ -328,20 +323,24 @@ class ProducerReader:
         self._index: int | None = None  # next chunk to take, once the buffer reached the offset
         self._head: Entry | None = None  # the first chunk, trimmed when resumed mid-chunk
         self._closed = False
+        self._turns = 0
 
     def __aiter__(self) -> ProducerReader:
         return self
 
     async def __anext__(self) -> str:
+        self._turns += 1
+        if self._turns % CHECKPOINT_EVERY == 0:
+            await anyio.lowlevel.checkpoint()
         chunks = self._producer.buffer.chunks
         index = self._index
         if index is not None and index < len(chunks) and self._head is None and not self._closed:
             self._index = index + 1
             return chunks[index]
-        item = (await self._batch(1))[0][0]
+        item = (await self.next_batch(1))[0][0]
         return item if isinstance(item, str) else item.data
 
-    async def _batch(self, limit: int | None = None) -> list[Entry]:
+    async def next_batch(self, limit: int | None = None) -> list[Entry]:
         """Wait for chunks and take those available (at most `limit`); StopAsyncIteration at end."""
         producer = self._producer
         buffer = producer.buffer
@@ -354,7 +353,7 @@ class ProducerReader:
                     if isinstance(item, str):
                         item = item[skip:]
                     else:
-                        item = item._with_data(item.data[skip:])
+                        item = Event(item.data[skip:], item.event, item.retry)
                 self._head = (item, end)
                 self._index = index + 1
             if self._head is not None:
@@ -369,14 +368,14 @@ class ProducerReader:
             if producer.settled:
                 assert producer.state is not None
                 self._closed = True
-                error = end_error(producer.stream_id, producer.state, producer.error_type)
+                error = p.end_error(producer.stream_id, producer.state, producer.error_type)
                 if error is not None:
                     raise error from producer.error
                 break
             await producer.changed.wait()
         raise StopAsyncIteration
 
-    def _take_ready(self) -> list[Entry]:
+    def take_ready(self) -> list[Entry]:
         """The chunks available right now, without waiting (possibly none)."""
         index = self._index
         if index is None or self._head is not None or self._closed:

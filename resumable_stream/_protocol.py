@@ -1,19 +1,24 @@
-"""Names, validation and message framing shared by producers and followers.
+"""What producers and followers say to each other: names, states, and one type per message.
 
 Every message is one tag byte followed by a JSON array, so no user text can ever be mistaken for
-a control message:
+a control message; each message type below has one `pack` and `parse` validates whatever comes
+off the wire, so nothing elsewhere reads a message by position:
 
-    Q [listener, inbox, resume_at, after_end]     follower -> request channel of a stream
-    C []                                          anyone -> request channel: stop the stream
-    R [listener, start, chunks, cont, upto|null]  producer -> inbox of the follower's context
-    L [start, chunks, cont]                       producer -> live channel of a stream
-    H [length]                                    producer -> live channel, when idle: alive
-    E [listener|null, length, state, detail]      producer -> live channel, or an inbox
+    Request    Q  follower -> the stream's request channel: send me the text from `resume_at`
+    Cancel     C  anyone -> the stream's request channel: stop the stream
+    Replay     R  producer -> the follower's reply channel: text from the requested offset
+    Live       L  producer -> the stream's live channel: chunks as they are produced
+    Heartbeat  H  producer -> the live channel, when idle: still alive, at `length`
+    End        E  producer -> the live channel (or a reply channel): how the stream ended
+
+Every message from a producer names it (`producer`, a random token per producer), so a follower
+never merges the text of two producers that the backend let run under one id (a sentinel key
+evicted by Redis under memory pressure, say).
 
 `start` is the character offset of the first element of `chunks`; an element is a chunk's text,
 or `[text, event, retry]` for a chunk yielded as an `Event`. Every element ends on a chunk
 boundary, except the last one of a message whose `cont` is true: a chunk too large for one message
-continues in the next. The last `R` piece of a replay carries `upto`, the offset the replay covers.
+continues in the next. The last `Replay` piece carries `upto`, the offset the replay covers.
 A request with `after_end` asks a finished stream for its tail; only a producer lingering after
 the end answers it.
 """
@@ -23,7 +28,15 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+from ._event import Event
+from ._exceptions import (
+    ProducerLostError,
+    StreamCancelledError,
+    StreamFailedError,
+)
 
 MAX_STREAM_ID_LENGTH: Final = 256
 
@@ -32,18 +45,15 @@ FAILED: Final = "failed"
 CANCELLED: Final = "cancelled"
 LOST: Final = "lost"  # the producer died: recorded by whoever found it gone
 TERMINAL_STATES: Final = (DONE, FAILED, CANCELLED, LOST)
+RUNNING: Final = "running"
 # The sentinel key holds the INCR count while the stream runs, then its terminal state in capitals.
 _SENTINEL_VALUES: Final = {state.upper(): state for state in TERMINAL_STATES}
 
-REQUEST: Final = b"Q"
-REPLAY: Final = b"R"
-LIVE: Final = b"L"
-END: Final = b"E"
-HEARTBEAT: Final = b"H"
-CANCEL: Final = b"C"
-
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
+
+# What travels in a message for one chunk: its text, or [text, event name, retry] for an Event.
+WireChunk = str | list[Any]
 
 
 class Keys:
@@ -52,7 +62,7 @@ class Keys:
     __slots__ = ("_base",)
 
     def __init__(self, key_prefix: str) -> None:
-        self._base = f"{key_prefix}:v1:"
+        self._base = f"{key_prefix}:v2:"
 
     def sentinel(self, stream_id: str) -> str:
         return f"{self._base}sentinel:{stream_id}"
@@ -105,20 +115,13 @@ def terminal_state(sentinel: str | None) -> str | None:
     return None if sentinel is None else _SENTINEL_VALUES.get(sentinel)
 
 
+def stream_state(sentinel: str | None) -> str | None:
+    """The state a sentinel value records: a terminal state, `RUNNING`, or None if absent."""
+    return None if sentinel is None else _SENTINEL_VALUES.get(sentinel, RUNNING)
+
+
 def sentinel_value(state: str) -> str:
     return state.upper()
-
-
-def pack(tag: bytes, payload: list[Any]) -> bytes:
-    return tag + _dumps(payload).encode("utf-8", "surrogatepass")
-
-
-def unpack(message: bytes) -> tuple[bytes, list[Any]]:
-    """Split a message into its tag and payload; raises ValueError if it is not one of ours."""
-    payload = _loads(message[1:].decode("utf-8", "surrogatepass"))
-    if not isinstance(payload, list):
-        raise ValueError("malformed message")
-    return message[:1], payload
 
 
 def split_pieces(
@@ -151,3 +154,243 @@ def split_pieces(
         piece, size = [text if label is None else [text, *label]], len(text)
     if piece:
         yield start, piece, False
+
+
+def new_producer_token() -> str:
+    return secrets.token_hex(8)
+
+
+def end_error(stream_id: str, state: str, detail: str | None) -> Exception | None:
+    """The exception a reader raises for a stream that ended in `state`, or None if done."""
+    if state == FAILED:
+        cause = f": its generator raised {detail}" if detail else ""
+        return StreamFailedError(f"stream {stream_id!r} failed{cause}")
+    if state == CANCELLED:
+        return StreamCancelledError(f"stream {stream_id!r} was cancelled")
+    if state == LOST:
+        return ProducerLostError(f"the producer of stream {stream_id!r} died before its end")
+    return None
+
+
+# Chunks on the wire
+
+
+def wire_event(event: Event, data: str | None = None) -> list[Any]:
+    """An `Event` as a wire chunk, optionally with only part of its data."""
+    return [event.data if data is None else data, event.event, event.retry]
+
+
+def chunk_text(chunk: WireChunk) -> str:
+    return chunk if isinstance(chunk, str) else chunk[0]
+
+
+def chunk_label(chunk: WireChunk) -> tuple[str | None, int | None] | None:
+    """The event name and retry of a chunk yielded as an `Event`; None for a plain chunk."""
+    return None if isinstance(chunk, str) else (chunk[1], chunk[2])
+
+
+def with_label(text: str, label: tuple[str | None, int | None] | None) -> str | Event:
+    return text if label is None else Event(text, *label)
+
+
+def _check_chunks(chunks: object) -> list[WireChunk]:
+    if not isinstance(chunks, list):
+        raise ValueError("malformed chunks")
+    for chunk in chunks:
+        if type(chunk) is str:
+            continue
+        if not (
+            isinstance(chunk, list)
+            and len(chunk) == 3
+            and isinstance(chunk[0], str)
+            and (chunk[1] is None or isinstance(chunk[1], str))
+            and (chunk[2] is None or (type(chunk[2]) is int and chunk[2] >= 0))
+        ):
+            raise ValueError("malformed chunk")
+    return chunks
+
+
+# Messages
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("malformed message")
+    return value
+
+
+def _offset(value: object) -> int:
+    if type(value) is not int or value < 0:  # not a bool either
+        raise ValueError("malformed message")
+    return value
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("malformed message")
+    return value
+
+
+class _Message:
+    __slots__ = ()
+    TAG: ClassVar[bytes]
+
+    def fields(self) -> list[Any]:
+        raise NotImplementedError
+
+    def pack(self) -> bytes:
+        return self.TAG + _dumps(self.fields()).encode("utf-8", "surrogatepass")
+
+
+@dataclass(frozen=True, slots=True)
+class Request(_Message):
+    """Send `listener` the text from `resume_at` on `reply_to`, then the live chunks."""
+
+    TAG: ClassVar[bytes] = b"Q"
+    listener: str
+    reply_to: str
+    resume_at: int
+    after_end: bool
+
+    def fields(self) -> list[Any]:
+        return [self.listener, self.reply_to, self.resume_at, self.after_end]
+
+    @classmethod
+    def parse(cls, fields: list[Any]) -> Request:
+        listener, reply_to, resume_at, after_end = fields
+        return cls(_str(listener), _str(reply_to), _offset(resume_at), _flag(after_end))
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(_Message):
+    """Stop the stream."""
+
+    TAG: ClassVar[bytes] = b"C"
+
+    def fields(self) -> list[Any]:
+        return []
+
+    @classmethod
+    def parse(cls, fields: list[Any]) -> Cancel:
+        if fields:
+            raise ValueError("malformed message")
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class Replay(_Message):
+    """A piece of the text a follower asked for; the last piece carries `upto`."""
+
+    TAG: ClassVar[bytes] = b"R"
+    listener: str
+    producer: str
+    start: int
+    chunks: list[WireChunk]
+    cont: bool
+    upto: int | None
+
+    def fields(self) -> list[Any]:
+        return [self.listener, self.producer, self.start, self.chunks, self.cont, self.upto]
+
+    @classmethod
+    def parse(cls, fields: list[Any]) -> Replay:
+        listener, producer, start, chunks, cont, upto = fields
+        return cls(
+            _str(listener),
+            _str(producer),
+            _offset(start),
+            _check_chunks(chunks),
+            _flag(cont),
+            None if upto is None else _offset(upto),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Live(_Message):
+    """Chunks as they are produced, while somebody follows."""
+
+    TAG: ClassVar[bytes] = b"L"
+    producer: str
+    start: int
+    chunks: list[WireChunk]
+    cont: bool
+
+    def fields(self) -> list[Any]:
+        return [self.producer, self.start, self.chunks, self.cont]
+
+    @classmethod
+    def parse(cls, fields: list[Any]) -> Live:
+        producer, start, chunks, cont = fields
+        return cls(_str(producer), _offset(start), _check_chunks(chunks), _flag(cont))
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(_Message):
+    """The producer is alive and its text is `length` characters long."""
+
+    TAG: ClassVar[bytes] = b"H"
+    producer: str
+    length: int
+
+    def fields(self) -> list[Any]:
+        return [self.producer, self.length]
+
+    @classmethod
+    def parse(cls, fields: list[Any]) -> Heartbeat:
+        producer, length = fields
+        return cls(_str(producer), _offset(length))
+
+
+@dataclass(frozen=True, slots=True)
+class End(_Message):
+    """The stream ended in `state` at `length` characters; `detail` names a failure's type.
+
+    On the live channel `listener` is None; an answer to one request names its listener.
+    """
+
+    TAG: ClassVar[bytes] = b"E"
+    listener: str | None
+    producer: str
+    length: int
+    state: str
+    detail: str | None
+
+    def fields(self) -> list[Any]:
+        return [self.listener, self.producer, self.length, self.state, self.detail]
+
+    @classmethod
+    def parse(cls, fields: list[Any]) -> End:
+        listener, producer, length, state, detail = fields
+        if state not in TERMINAL_STATES:
+            raise ValueError("malformed message")
+        return cls(
+            None if listener is None else _str(listener),
+            _str(producer),
+            _offset(length),
+            state,
+            None if detail is None else _str(detail),
+        )
+
+
+Message = Request | Cancel | Replay | Live | Heartbeat | End
+
+_TYPES: Final[dict[bytes, Any]] = {
+    kind.TAG: kind for kind in (Request, Cancel, Replay, Live, Heartbeat, End)
+}
+
+
+def parse(message: bytes) -> Message:
+    """The message `message` packs; raises ValueError if it is not one of ours."""
+    kind = _TYPES.get(message[:1])
+    if kind is None:
+        raise ValueError("not a message of this protocol")
+    try:
+        fields = _loads(message[1:].decode("utf-8", "surrogatepass"))
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError("malformed message") from exc
+    if not isinstance(fields, list):
+        raise ValueError("malformed message")
+    try:
+        return kind.parse(fields)  # type: ignore[no-any-return]
+    except (TypeError, ValueError) as exc:  # TypeError: the wrong number of fields
+        raise ValueError("malformed message") from exc

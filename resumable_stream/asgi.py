@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterable, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from . import _protocol as p
-from ._buffer import Entry
 from ._context import ResumableStream, ResumableStreamContext
 from ._event import Event
 from ._exceptions import (
@@ -67,16 +66,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("resumable_stream")
-
-
-class _Reader(Protocol):
-    """What the readers the context hands out offer beyond `ResumableStream`."""
-
-    def _take_ready(self) -> list[Entry]: ...
-
-    async def _batch(self, limit: int | None = None) -> list[Entry]: ...
-
-    async def aclose(self) -> None: ...
 
 
 _SMALL_BATCH = 16
@@ -172,7 +161,6 @@ class EventStreamResponse:
             (b"x-accel-buffering", b"no"),
         ]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers]
-        reader: _Reader = stream  # type: ignore[assignment]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             async with anyio.create_task_group() as tg:
@@ -183,7 +171,7 @@ class EventStreamResponse:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
-                await self._send_body(reader, send, tg)
+                await self._send_body(stream, send, tg)
                 tg.cancel_scope.cancel()
         except OSError:
             pass
@@ -191,7 +179,7 @@ class EventStreamResponse:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                 await stream.aclose()
 
-    async def _send_body(self, reader: _Reader, send: Send, tg: TaskGroup) -> None:
+    async def _send_body(self, reader: ResumableStream, send: Send, tg: TaskGroup) -> None:
         encode = raw_body if self.raw else sse_body
         keepalive = self.keepalive
         # Time of the last send, and whether one is in progress, for the keep-alive task.
@@ -221,10 +209,10 @@ class EventStreamResponse:
             if self.retry is not None and not self.raw:
                 await body(send, f"retry: {self.retry}\n\n".encode())
             while True:
-                entries = reader._take_ready()
+                entries = reader.take_ready()
                 if not entries:
                     try:
-                        entries = await reader._batch()
+                        entries = await reader.next_batch()
                     except StopAsyncIteration:
                         break
                     except ResumableStreamError as exc:
@@ -237,7 +225,7 @@ class EventStreamResponse:
                         if len(entries) >= _SMALL_BATCH:
                             break
                         await anyio.lowlevel.checkpoint()
-                        more = reader._take_ready()
+                        more = reader.take_ready()
                         if not more:
                             break
                         entries += more

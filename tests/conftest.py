@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import resumable_stream as rs
+from resumable_stream._protocol import Keys
 
 FLAVORS = ["memory", "memory-trio", "fakeredis", "redis"]
 
@@ -132,10 +133,22 @@ class Workers:
         ttl = await self.redis_client.ttl(key)
         return None if ttl == -2 else float(ttl)
 
-    def context(self, backend_index: int = 1, **options: Any) -> rs.ResumableStreamContext:
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    async def write(self, key: str, value: str, ttl: int = 60) -> None:
+        """Set a key behind the contexts' backs, through a connection of its own."""
+        async with self.backends[0].connect(lambda channel, data: None) as connection:
+            await connection.set(key, value, ttl)
+
+    def context(
+        self, backend_index: int = 1, backend: rs.Backend | None = None, **options: Any
+    ) -> rs.ResumableStreamContext:
+        """Another worker on the same backend (or on `backend`, a wrapper of it)."""
         options.setdefault("drain_timeout", 2.0)
         return rs.ResumableStreamContext(
-            backend=self.backends[backend_index], key_prefix=self.prefix, **options
+            backend=backend or self.backends[backend_index], key_prefix=self.prefix, **options
         )
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 import resumable_stream as rs
+from resumable_stream import _protocol as p
 
 READ_TIMEOUT = 5.0
 
@@ -95,6 +98,22 @@ async def read_entries(stream: rs.ResumableStream | None) -> list[tuple[str | rs
     while True:
         with anyio.fail_after(READ_TIMEOUT):
             try:
-                entries.extend(await stream._batch())  # type: ignore[attr-defined]
+                entries.extend(await stream.next_batch())
             except StopAsyncIteration:
                 return entries
+
+
+class Filtered:
+    """A backend wrapper whose connection never receives the messages `drop(channel, message)`
+    picks: a lossy network, acted out on any backend."""
+
+    def __init__(self, inner: rs.Backend, drop: Callable[[str, p.Message], bool]) -> None:
+        self.inner = inner
+        self.drop = drop
+
+    def connect(self, on_message: Any) -> AbstractAsyncContextManager[rs.Connection]:
+        def filtered(channel: str, data: bytes) -> None:
+            if not self.drop(channel, p.parse(data)):
+                on_message(channel, data)
+
+        return self.inner.connect(filtered)

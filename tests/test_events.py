@@ -106,5 +106,5 @@ async def read_entries_n(stream: rs.ResumableStream | None, n: int) -> list[tupl
     assert stream is not None
     entries: list[tuple[object, int]] = []
     while len(entries) < n:
-        entries.extend(await stream._batch(n - len(entries)))  # type: ignore[attr-defined]
+        entries.extend(await stream.next_batch(n - len(entries)))
     return entries

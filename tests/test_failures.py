@@ -9,9 +9,10 @@ import anyio
 import pytest
 
 import resumable_stream as rs
+from resumable_stream import _protocol as p
 
 from .conftest import Workers
-from .helpers import TestingSource, never_called, poll_until, read
+from .helpers import Filtered, TestingSource, never_called, poll_until, read
 
 pytestmark = pytest.mark.anyio
 
@@ -61,8 +62,7 @@ async def test_cancel_before_start_prevents_the_stream(workers: Workers) -> None
 
 async def test_cancel_reaches_a_producer_that_is_about_to_listen(workers: Workers) -> None:
     # The id was taken (INCR) but its producer is not subscribed yet: the stop waits for it.
-    key = f"{workers.prefix}:v1:sentinel:soon"
-    await workers.P._connection().set(key, "1", 60)
+    await workers.write(workers.keys.sentinel("soon"), "1")
     source = TestingSource()
     async with anyio.create_task_group() as tg:
         tg.start_soon(workers.C.cancel_stream, "soon")
@@ -76,7 +76,7 @@ async def test_cancel_reaches_a_producer_that_is_about_to_listen(workers: Worker
 async def test_cancel_of_a_stream_whose_producer_is_gone_records_cancelled(
     workers: Workers,
 ) -> None:
-    await workers.P._connection().set(f"{workers.prefix}:v1:sentinel:orphan", "1", 60)
+    await workers.write(workers.keys.sentinel("orphan"), "1")
     with anyio.fail_after(5):
         await workers.C.cancel_stream("orphan")
     with pytest.raises(rs.StreamCancelledError):
@@ -183,26 +183,16 @@ async def test_leaving_the_context_drains_then_cancels_releasing_other_workers(
 # A lost end message
 
 
-class LosesLiveEnds:
-    """A backend wrapper whose connection never receives the end message on live channels."""
-
-    def __init__(self, inner: rs.Backend) -> None:
-        self.inner = inner
-
-    def connect(self, on_message: Any) -> Any:
-        def filtered(channel: str, message: bytes) -> None:
-            if ":live:" in channel and message[:1] == b"E":
-                return
-            on_message(channel, message)
-
-        return self.inner.connect(filtered)
+def loses_live_ends(inner: rs.Backend) -> Filtered:
+    """A backend whose connection never receives the end message on live channels."""
+    return Filtered(inner, lambda channel, message: type(message) is p.End and not message.listener)
 
 
 @pytest.mark.parametrize("linger", [30, 0])
 async def test_a_lost_end_message_never_leaves_a_follower_hanging(
     workers: Workers, linger: float
 ) -> None:
-    backend = LosesLiveEnds(workers.backends[1])
+    backend = loses_live_ends(workers.backends[1])
     options: dict[str, Any] = {"liveness_timeout": 0.5, "drain_timeout": 2.0, "linger": linger}
     async with rs.ResumableStreamContext(
         backend=backend, key_prefix=workers.prefix, **options

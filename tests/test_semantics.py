@@ -10,9 +10,10 @@ import anyio.lowlevel
 import pytest
 
 import resumable_stream as rs
+from resumable_stream import _protocol as p
 
 from .conftest import Workers
-from .helpers import TestingSource, never_called, poll_until, read, read_chunks
+from .helpers import Filtered, TestingSource, never_called, poll_until, read, read_chunks
 
 pytestmark = pytest.mark.anyio
 
@@ -197,23 +198,22 @@ async def test_a_source_that_never_awaits_does_not_starve_followers(workers: Wor
 @pytest.mark.parametrize("workers", [{"resume_timeout": 0.2}], indirect=True)
 async def test_no_producer_answering_raises_instead_of_hanging(workers: Workers) -> None:
     # A sentinel whose producer is gone: nobody listens on the request channel.
-    key = f"{workers.prefix}:v1:sentinel:orphan"
-    await workers.P._connection().set(key, "1", 60)
+    await workers.write(workers.keys.sentinel("orphan"), "1")
     with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
         await workers.C.resume_existing_stream("orphan")
     with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
         await workers.C.resumable_stream("orphan", never_called)
     # A producer that is subscribed but never answers (its process hung).
+    mute = Filtered(workers.backends[0], lambda channel, message: type(message) is p.Request)
     source = TestingSource()
-    own = await workers.P.create_new_resumable_stream("mute", source.make)
-    with anyio.fail_after(5):
-        while not workers.P._request_routes:
-            await anyio.lowlevel.checkpoint()
-    workers.P._request_routes.clear()
-    with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
-        await workers.C.resume_existing_stream("mute")
-    source.close()
-    assert await read(own) == ""
+    async with workers.context(0, backend=mute, resume_timeout=0.2) as P:
+        own = await P.create_new_resumable_stream("mute", source.make)
+        source.write("x")
+        assert await read(own, 1) == "x"  # it runs, so it subscribed
+        with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
+            await workers.C.resume_existing_stream("mute")
+        source.close()
+        assert await read(own) == ""
 
 
 async def test_resuming_a_stream_that_finished_meanwhile_gives_none(workers: Workers) -> None:
@@ -326,7 +326,7 @@ async def test_a_lingering_producer_holds_one_subscription_until_its_context_clo
         source.write("x")
         source.close()
         assert await read(own) == "x"
-        assert await channels_of(workers) == [f"{workers.prefix}:v1:request:linger"]
+        assert await channels_of(workers) == [workers.keys.request("linger")]
     assert await channels_of(workers) == []
 
 
@@ -436,7 +436,7 @@ async def test_contexts_with_different_prefixes_never_interfere(workers: Workers
 async def test_every_key_has_a_ttl(workers: Workers) -> None:
     source = TestingSource()
     own = await workers.P.resumable_stream("s", source.make)
-    key = f"{workers.prefix}:v1:sentinel:s"
+    key = workers.keys.sentinel("s")
     ttl = await workers.ttl(key)
     assert ttl is not None
     assert 0 < ttl <= 24 * 3600
@@ -447,7 +447,7 @@ async def test_every_key_has_a_ttl(workers: Workers) -> None:
     assert ttl is not None
     assert 0 < ttl <= 24 * 3600
     created = await workers.P.create_new_resumable_stream("t", TestingSource().make)
-    ttl = await workers.ttl(f"{workers.prefix}:v1:sentinel:t")
+    ttl = await workers.ttl(workers.keys.sentinel("t"))
     assert ttl is not None
     assert 0 < ttl <= 24 * 3600
     await created.aclose()

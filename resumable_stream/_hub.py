@@ -1,0 +1,184 @@
+"""What one context's producers and followers share, and all they see of their context.
+
+A producer or a follower gets the hub, never the context: the settings, the key names, the
+backend connection, a task group for helper tasks, and the routes by which the messages the
+backend delivers reach them. Dependencies point one way: the context builds producers and
+followers, and they know the hub only.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+
+from . import _protocol as p
+from ._backend import Connection
+from ._exceptions import BackendError, ResumableStreamError
+from ._options import Settings
+
+__all__ = ["Hub", "MessageSink", "RequestHandler"]
+
+logger = logging.getLogger("resumable_stream")
+
+_UNSUBSCRIBE_TIMEOUT = 2.0
+
+
+class RequestHandler(Protocol):
+    """A producer, as far as message routing goes."""
+
+    @property
+    def stream_id(self) -> str: ...
+
+    def on_request(self, request: p.Request) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class MessageSink(Protocol):
+    """A follower, as far as message routing goes."""
+
+    @property
+    def stream_id(self) -> str: ...
+
+    def deliver(self, message: p.Message) -> None: ...
+
+    def fail(self, error: ResumableStreamError) -> None: ...
+
+
+class Hub:
+    def __init__(self, settings: Settings, keys: p.Keys) -> None:
+        self.settings = settings
+        self.keys = keys
+        # Where producers send the answers to this context's followers' requests.
+        self.reply_channel = keys.inbox(uuid.uuid4().hex)
+        self._connection: Connection | None = None
+        self._tg: TaskGroup | None = None
+        self._producers: dict[str, RequestHandler] = {}  # by request channel
+        self._live: dict[str, set[MessageSink]] = {}  # by live channel
+        self._listeners: dict[str, MessageSink] = {}  # by the listener id of a request
+        self._live_lock = anyio.Lock()
+
+    def open(self, connection: Connection, tg: TaskGroup) -> None:
+        self._connection, self._tg = connection, tg
+
+    def close(self) -> None:
+        self._connection = self._tg = None
+
+    @property
+    def connection(self) -> Connection:
+        if self._connection is None:
+            raise RuntimeError("the context is not open: use `async with ctx:` first")
+        return self._connection
+
+    def spawn(self, stream_id: str, task: Callable[..., Awaitable[None]], *args: object) -> bool:
+        """Run a helper task of `stream_id`; False if the context is closing.
+
+        Helpers run in the context's task group (a task group per stream would cost more memory
+        than the rest of an idle stream), so they must never raise into it: a failure is
+        logged, and every other stream carries on.
+        """
+        if self._tg is None:
+            return False
+        self._tg.start_soon(_contained, stream_id, task, *args)
+        return True
+
+    # Producers
+
+    def add_producer(self, producer: RequestHandler) -> None:
+        self._producers[self.keys.request(producer.stream_id)] = producer
+
+    def remove_producer(self, producer: RequestHandler) -> None:
+        channel = self.keys.request(producer.stream_id)
+        if self._producers.get(channel) is producer:
+            del self._producers[channel]
+
+    def producer(self, stream_id: str) -> RequestHandler | None:
+        """The producer of `stream_id` in this context, running or lingering, if any."""
+        return self._producers.get(self.keys.request(stream_id))
+
+    # Followers
+
+    async def follow(self, follower: MessageSink) -> None:
+        """Route the stream's live messages to `follower`, subscribing on the first one."""
+        channel = self.keys.live(follower.stream_id)
+        async with self._live_lock:
+            followers = self._live.get(channel)
+            if followers is None:
+                await self.connection.subscribe(channel)
+                followers = self._live[channel] = set()
+            followers.add(follower)
+
+    async def unfollow(self, follower: MessageSink) -> None:
+        """Stop routing to `follower`; unsubscribe with the last one. Shielded and bounded."""
+        channel = self.keys.live(follower.stream_id)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_UNSUBSCRIBE_TIMEOUT):
+            async with self._live_lock:
+                followers = self._live.get(channel)
+                if followers is None or follower not in followers:
+                    return
+                followers.discard(follower)
+                if followers:
+                    return
+                del self._live[channel]
+                if self._connection is not None:
+                    try:
+                        await self._connection.unsubscribe(channel)
+                    except BackendError as exc:
+                        logger.warning("could not unsubscribe %r: %s", channel, exc)
+
+    def listen(self, listener: str, follower: MessageSink) -> None:
+        """Route the answers to the request `listener` to `follower`."""
+        self._listeners[listener] = follower
+
+    def forget(self, listener: str | None) -> None:
+        if listener is not None:
+            self._listeners.pop(listener, None)
+
+    def followers(self) -> list[MessageSink]:
+        return list({id(f): f for fs in self._live.values() for f in fs}.values())
+
+    # The backend, for both
+
+    async def state(self, stream_id: str) -> str | None:
+        """The stream's state in the backend: a terminal state, `RUNNING`, or None if absent."""
+        return p.stream_state(await self.connection.get(self.keys.sentinel(stream_id)))
+
+    async def record_lost(self, stream_id: str) -> None:
+        # The id stays taken for `lost_ttl` seconds, so late readers learn what happened.
+        value = p.sentinel_value(p.LOST)
+        await self.connection.set(self.keys.sentinel(stream_id), value, self.settings.lost_ttl)
+
+    def dispatch(self, channel: str, data: bytes) -> None:
+        """The backend's message handler: hand each message to whoever it is for."""
+        try:
+            message = p.parse(data)
+        except ValueError:
+            logger.warning("ignored a malformed message on %r", channel)
+            return
+        if type(message) is p.Request:
+            producer = self._producers.get(channel)
+            if producer is not None:
+                producer.on_request(message)
+        elif type(message) is p.Cancel:
+            producer = self._producers.get(channel)
+            if producer is not None:
+                producer.stop()
+        elif type(message) is p.Replay or (type(message) is p.End and message.listener):
+            follower = self._listeners.get(message.listener)  # type: ignore[arg-type]
+            if follower is not None:
+                follower.deliver(message)
+        else:
+            for follower in tuple(self._live.get(channel, ())):
+                follower.deliver(message)
+
+
+async def _contained(stream_id: str, task: Callable[..., Awaitable[None]], *args: object) -> None:
+    try:
+        await task(*args)
+    except Exception:
+        logger.exception("a helper task of stream %r failed", stream_id)
