@@ -11,12 +11,16 @@ from typing import Protocol
 
 import anyio.lowlevel
 
-__all__ = ["Backend", "Connection", "MemoryBackend", "MessageHandler"]
+__all__ = ["Backend", "Connection", "MemoryBackend", "MessageHandler", "ReconnectHandler"]
 
 logger = logging.getLogger("resumable_stream")
 
 MessageHandler = Callable[[str, bytes], None]
 """Called with (channel, message) for every message on a subscribed channel; must not block."""
+
+ReconnectHandler = Callable[[], None]
+"""Called once a connection's subscriptions are back after an outage: whatever was published
+meanwhile was lost. Must not block."""
 
 
 class Connection(Protocol):
@@ -51,7 +55,9 @@ class Connection(Protocol):
 class Backend(Protocol):
     """A shared store and message bus; `connect` opens one context's connection to it."""
 
-    def connect(self, on_message: MessageHandler) -> AbstractAsyncContextManager[Connection]: ...
+    def connect(
+        self, on_message: MessageHandler, on_reconnect: ReconnectHandler | None = None
+    ) -> AbstractAsyncContextManager[Connection]: ...
 
 
 class MemoryBackend:
@@ -66,7 +72,10 @@ class MemoryBackend:
         self._subscribers: dict[str, list[_MemoryConnection]] = {}
         self.commands: Counter[str] = Counter()
 
-    def connect(self, on_message: MessageHandler) -> AbstractAsyncContextManager[Connection]:
+    def connect(
+        self, on_message: MessageHandler, on_reconnect: ReconnectHandler | None = None
+    ) -> AbstractAsyncContextManager[Connection]:
+        # In one process nothing is ever lost, so `on_reconnect` is never called.
         return self._connect(on_message)
 
     @asynccontextmanager

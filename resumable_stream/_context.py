@@ -98,7 +98,10 @@ class ResumableStreamContext:
         if self._stack is not None:
             raise RuntimeError("this context is already open")
         async with AsyncExitStack() as stack:
-            connection = await stack.enter_async_context(self._backend.connect(self._hub.dispatch))
+            hub = self._hub
+            connection = await stack.enter_async_context(
+                self._backend.connect(hub.dispatch, hub.resync)
+            )
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._hub.open(connection, self._tg)
             await connection.subscribe(self._hub.reply_channel)

@@ -57,7 +57,7 @@ class Follower:
         self._producer: str | None = None  # the token of the producer whose text this is
         self._awaiting = True  # a request is out whose replay has not all arrived
         self._answered = False  # some of that replay arrived
-        self._requested = anyio.current_time()
+        self._progress = anyio.current_time()  # when it was sent, or a piece of it arrived
         self._unanswered = 0
         self._recovering = False
         self._early: list[p.Message] = []  # live messages held aside while a replay is due
@@ -134,8 +134,9 @@ class Follower:
         hub.listen(self.listener, self)
         self._awaiting = True
         self._answered = False
-        self._requested = anyio.current_time()
-        return p.Request(self.listener, hub.reply_channel, self._position, after_end)
+        self._progress = anyio.current_time()
+        window = hub.settings.replay_window
+        return p.Request(self.listener, hub.reply_channel, self._position, after_end, window)
 
     async def _send(self, request: p.Request) -> bool:
         """Publish `request`; True if somebody (the producer) was subscribed."""
@@ -151,15 +152,15 @@ class Follower:
         hub = self._hub
         try:
             request = self._new_request()
+            if await self._send(request):
+                return
             with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                 delay = _FIRST_RETRY
-                while True:
-                    if await self._send(request):
-                        return
-                    if await hub.state(self.stream_id) != p.RUNNING:
-                        break
+                while await hub.state(self.stream_id) == p.RUNNING:
                     await anyio.sleep(delay)
                     delay = min(delay * 2, _MAX_RETRY)
+                    if await self._send(request):
+                        return
             state = await hub.state(self.stream_id)
             if state == p.RUNNING:
                 await hub.record_lost(self.stream_id)
@@ -182,8 +183,16 @@ class Follower:
             self._recovering = False
             self._signal.notify()
 
+    def resync(self) -> None:
+        """Messages may have been lost (the subscriber reconnected): ask from the position."""
+        if not (self._detached or self.ended.is_set()):
+            self._recover_soon()
+
     def _recover_soon(self) -> None:
-        """A gap: the producer was alive a moment ago, so give it `resume_timeout` to answer."""
+        """Ask again, in the background: after a gap, or for the next window of a replay.
+
+        The producer was alive a moment ago, so it gets `resume_timeout` to be found.
+        """
         self._awaiting = True  # hold live messages aside from now on
         if not self._recovering:
             deadline = anyio.current_time() + self._hub.settings.resume_timeout
@@ -221,11 +230,14 @@ class Follower:
             return
         self.acked.set()
         self._answered = True
+        self._progress = anyio.current_time()
         self._unanswered = 0
         if replay.start > self._position:
             raise ValueError("a replay from past the requested offset")
         self._take(replay.start, replay.chunks, replay.cont)
-        if replay.upto is not None:
+        if replay.more:
+            self._recover_soon()  # this window is complete: ask for the next one
+        elif replay.upto is not None:
             self._awaiting = False
             early, self._early = self._early, []
             for i, message in enumerate(early):
@@ -371,9 +383,9 @@ class Follower:
             if self._recovering:
                 await self._signal.wait()  # the recovery ends with an answer or an error
                 continue
-            unanswered = self._awaiting and not self._answered
-            if unanswered:
-                wake = self._requested + settings.resume_timeout
+            if self._awaiting:
+                # A replay comes in pieces; one that stops coming was lost on the way.
+                wake = self._progress + settings.resume_timeout
             else:
                 # A producer with followers is heard three times per liveness_timeout: after
                 # two silent periods, ask; it counts as gone at the end of the third.
@@ -381,7 +393,7 @@ class Follower:
             with anyio.move_on_after(max(0.0, wake - anyio.current_time())):
                 await self._signal.wait()
                 continue
-            if unanswered:
+            if self._awaiting:
                 self._unanswered += 1
                 if self._unanswered >= _MAX_UNANSWERED:
                     self.fail(
@@ -393,7 +405,10 @@ class Follower:
                     continue
                 deadline = anyio.current_time() + settings.resume_timeout
             else:
-                deadline = self.heard + settings.liveness_timeout
+                # At least a heartbeat's time: `heard` may be old because this side could not
+                # hear (its subscriber was reconnecting), not because the producer was silent.
+                now = anyio.current_time()
+                deadline = max(self.heard + settings.liveness_timeout, now + settings.heartbeat)
             self._recovering = True
             await self._recover(deadline)
 

@@ -49,6 +49,8 @@ class MessageSink(Protocol):
 
     def fail(self, error: ResumableStreamError) -> None: ...
 
+    def resync(self) -> None: ...
+
 
 class Hub:
     def __init__(self, settings: Settings, keys: p.Keys) -> None:
@@ -141,6 +143,12 @@ class Hub:
 
     def followers(self) -> list[MessageSink]:
         return list({id(f): f for fs in self._live.values() for f in fs}.values())
+
+    def resync(self) -> None:
+        """The backend's reconnect handler: messages may have been lost, so every follower
+        asks again from its position."""
+        for follower in self.followers():
+            follower.resync()
 
     # The backend, for both
 

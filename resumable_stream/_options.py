@@ -54,6 +54,11 @@ class Settings:
         check_int("max_backlog", self.max_backlog)
 
     @property
+    def replay_window(self) -> int:
+        """How much text a follower asks for at a time (characters)."""
+        return 4 * self.max_message_size
+
+    @property
     def heartbeat(self) -> float:
         """How often an idle producer with followers says it is alive (three per timeout)."""
         return self.liveness_timeout / 3

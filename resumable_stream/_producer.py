@@ -243,28 +243,34 @@ class Producer:
 
     async def _serve(self, request: p.Request) -> None:
         buffer = self.buffer
-        length, stop = buffer.length, len(buffer.chunks)
+        length, count = buffer.length, len(buffer.chunks)
         state = self.state
         if state is None:
             self._epoch += 1
             if not self._following:
                 self._following = True
-                self._live_index = stop
+                self._live_index = count
             if not self._publishing:
                 self._publishing = self._hub.spawn(self.stream_id, self._publish_live)
         connection = self._hub.connection
         limit = self._hub.settings.max_message_size
         start = min(request.resume_at, length)
+        # One window: whole chunks up to the first that reaches `window` characters.
+        stop = min(count, buffer.index_at(start + request.window - 1) + 1)
+        upto = max(start, buffer.start_of(stop))
+        more = upto < length
         pieces = list(p.split_pieces(buffer.wire(start, stop), start, limit))
         if not pieces:
             pieces = [(start, [], False)]
         listener, token = request.listener, self.token
         try:
             for i, (offset, chunks, cont) in enumerate(pieces):
-                upto = length if i == len(pieces) - 1 else None
-                replay = p.Replay(listener, token, offset, chunks, cont, upto)
+                last = i == len(pieces) - 1
+                replay = p.Replay(
+                    listener, token, offset, chunks, cont, upto if last else None, more and last
+                )
                 await connection.publish(request.reply_to, replay.pack())
-            if state is not None:
+            if state is not None and not more:
                 end = p.End(listener, token, length, state, self.error_type)
                 await connection.publish(request.reply_to, end.pack())
         except BackendError as exc:

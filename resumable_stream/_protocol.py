@@ -6,7 +6,7 @@ off the wire, so nothing elsewhere reads a message by position:
 
     Request    Q  follower -> the stream's request channel: send me the text from `resume_at`
     Cancel     C  anyone -> the stream's request channel: stop the stream
-    Replay     R  producer -> the follower's reply channel: text from the requested offset
+    Replay     R  producer -> the follower's reply channel: a window of text from the offset
     Live       L  producer -> the stream's live channel: chunks as they are produced
     Heartbeat  H  producer -> the live channel, when idle: still alive, at `length`
     End        E  producer -> the live channel (or a reply channel): how the stream ended
@@ -18,7 +18,10 @@ evicted by Redis under memory pressure, say).
 `start` is the character offset of the first element of `chunks`; an element is a chunk's text,
 or `[text, event, retry]` for a chunk yielded as an `Event`. Every element ends on a chunk
 boundary, except the last one of a message whose `cont` is true: a chunk too large for one message
-continues in the next. The last `Replay` piece carries `upto`, the offset the replay covers.
+continues in the next. A replay is sent in windows of about `window` characters: the last
+`Replay` piece of a window carries `upto`, the offset it reaches, and `more` if there is text
+beyond; the follower then asks for the next window. A subscriber that falls behind is dropped
+by Redis (`client-output-buffer-limit pubsub`), so no replay floods it all at once.
 A request with `after_end` asks a finished stream for its tail; only a producer lingering after
 the end answers it.
 """
@@ -244,21 +247,25 @@ class _Message:
 
 @dataclass(frozen=True, slots=True)
 class Request(_Message):
-    """Send `listener` the text from `resume_at` on `reply_to`, then the live chunks."""
+    """Send `listener` the text from `resume_at` on `reply_to` (about `window` characters of
+    it: whole chunks up to the first that reaches that far), then the live chunks."""
 
     TAG: ClassVar[bytes] = b"Q"
     listener: str
     reply_to: str
     resume_at: int
     after_end: bool
+    window: int
 
     def fields(self) -> list[Any]:
-        return [self.listener, self.reply_to, self.resume_at, self.after_end]
+        return [self.listener, self.reply_to, self.resume_at, self.after_end, self.window]
 
     @classmethod
     def parse(cls, fields: list[Any]) -> Request:
-        listener, reply_to, resume_at, after_end = fields
-        return cls(_str(listener), _str(reply_to), _offset(resume_at), _flag(after_end))
+        listener, reply_to, resume_at, after_end, window = fields
+        if _offset(window) < 1:
+            raise ValueError("malformed message")
+        return cls(_str(listener), _str(reply_to), _offset(resume_at), _flag(after_end), window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +286,8 @@ class Cancel(_Message):
 
 @dataclass(frozen=True, slots=True)
 class Replay(_Message):
-    """A piece of the text a follower asked for; the last piece carries `upto`."""
+    """A piece of the text a follower asked for; the last piece of a window carries `upto`,
+    the offset the window reaches, and `more` if the producer has text beyond it."""
 
     TAG: ClassVar[bytes] = b"R"
     listener: str
@@ -288,13 +296,17 @@ class Replay(_Message):
     chunks: list[WireChunk]
     cont: bool
     upto: int | None
+    more: bool = False
 
     def fields(self) -> list[Any]:
-        return [self.listener, self.producer, self.start, self.chunks, self.cont, self.upto]
+        return [
+            *(self.listener, self.producer, self.start, self.chunks),
+            *(self.cont, self.upto, self.more),
+        ]
 
     @classmethod
     def parse(cls, fields: list[Any]) -> Replay:
-        listener, producer, start, chunks, cont, upto = fields
+        listener, producer, start, chunks, cont, upto, more = fields
         return cls(
             _str(listener),
             _str(producer),
@@ -302,6 +314,7 @@ class Replay(_Message):
             _check_chunks(chunks),
             _flag(cont),
             None if upto is None else _offset(upto),
+            _flag(more),
         )
 
 

@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from ._backend import Connection, MessageHandler
+from ._backend import Connection, MessageHandler, ReconnectHandler
 from ._buffer import Signal
 from ._exceptions import BackendError
 
@@ -96,17 +96,21 @@ class RedisBackend:
     def __repr__(self) -> str:
         return f"RedisBackend({self._url or self._client!r})"
 
-    def connect(self, on_message: MessageHandler) -> AbstractAsyncContextManager[Connection]:
-        return self._connect(on_message)
+    def connect(
+        self, on_message: MessageHandler, on_reconnect: ReconnectHandler | None = None
+    ) -> AbstractAsyncContextManager[Connection]:
+        return self._connect(on_message, on_reconnect)
 
     @asynccontextmanager
-    async def _connect(self, on_message: MessageHandler) -> AsyncIterator[Connection]:
+    async def _connect(
+        self, on_message: MessageHandler, on_reconnect: ReconnectHandler | None
+    ) -> AsyncIterator[Connection]:
         if self._url is not None:
             client = Redis.from_url(self._url)
         else:
             assert self._client is not None
             client = self._client
-        connection = _RedisConnection(client, on_message, self._command_timeout)
+        connection = _RedisConnection(client, on_message, on_reconnect, self._command_timeout)
         try:
             # Connect before the task group, so a refused connection raises BackendError itself
             # rather than inside an ExceptionGroup.
@@ -163,9 +167,19 @@ def _reply(pending: _Pending) -> Any:
 
 
 class _RedisConnection:
-    def __init__(self, client: Redis, on_message: MessageHandler, command_timeout: float) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        on_message: MessageHandler,
+        on_reconnect: ReconnectHandler | None,
+        command_timeout: float,
+    ) -> None:
         self._client = client
         self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        # Set when redis-py reconnected the subscriber (it does so by itself, resubscribing
+        # what it knew of): messages published meanwhile were lost.
+        self._reconnected = False
         self._timeout = command_timeout
         self._pubsub = client.pubsub()
         self._queue: list[_Pending] = []
@@ -180,6 +194,12 @@ class _RedisConnection:
     async def connect(self) -> None:
         with map_exceptions(), self._deadline("connect"):
             await self._pubsub.connect()  # type: ignore[no-untyped-call]
+        connection = self._pubsub.connection
+        assert connection is not None
+        connection.register_connect_callback(self._connected_again)
+
+    def _connected_again(self, connection: object) -> None:
+        self._reconnected = True
 
     def start(self, tg: TaskGroup) -> None:
         tg.start_soon(self._send_commands)
@@ -424,7 +444,15 @@ class _RedisConnection:
             if self._pubsub_error is not None:
                 logger.warning("Redis subscriber connection restored")
                 self._pubsub_error = None
+                self._reconnected = True
+            if self._reconnected:
+                self._reconnected = False
                 await self._restore_subscriptions()
+                if self._on_reconnect is not None:
+                    try:
+                        self._on_reconnect()
+                    except Exception:
+                        logger.exception("reconnect handler failed")
             failures = 0
             if not response:
                 continue

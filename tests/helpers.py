@@ -111,9 +111,11 @@ class Filtered:
         self.inner = inner
         self.drop = drop
 
-    def connect(self, on_message: Any) -> AbstractAsyncContextManager[rs.Connection]:
+    def connect(
+        self, on_message: Any, on_reconnect: Any = None
+    ) -> AbstractAsyncContextManager[rs.Connection]:
         def filtered(channel: str, data: bytes) -> None:
             if not self.drop(channel, p.parse(data)):
                 on_message(channel, data)
 
-        return self.inner.connect(filtered)
+        return self.inner.connect(filtered, on_reconnect)

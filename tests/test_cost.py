@@ -167,7 +167,7 @@ async def test_one_round_trip_before_the_generator_starts() -> None:
         def __init__(self, backend: rs.MemoryBackend) -> None:
             self.backend = backend
 
-        def connect(self, on_message):
+        def connect(self, on_message, on_reconnect=None):
             return _recording(self.backend, on_message, calls)
 
     async def source() -> AsyncIterator[str]:
