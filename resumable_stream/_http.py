@@ -6,7 +6,8 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from ._buffer import Entry
@@ -34,6 +35,16 @@ Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
 """`authorize(scope, stream_id)`: may this request create, read or stop that stream?"""
 
 _MAX_CURSOR_DIGITS = 18  # anything longer is not an offset this library could have sent
+# The id of the frame that ends a stream badly: a reconnect that carries it has seen the end.
+END_ID: Final = "end"
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a request resumes: the character offset, or just after the stream's end frame."""
+
+    offset: int
+    seen_end: bool = False
 
 
 def context_of(
@@ -63,9 +74,37 @@ def resume_cursor(scope: Scope) -> int | None:
 
     Raises `ValueError` with a message fit for a 400 response if either is malformed.
     """
+    cursor = request_cursor(scope)
+    return None if cursor is None else cursor.offset
+
+
+def request_cursor(scope: Scope, id_prefix: str = "") -> Cursor | None:
+    """The request's cursor: `Last-Event-ID`, else `?resumeAt=`; None if it has none.
+
+    Both hold an event id this library sent: `<id_prefix><offset>`, or `<id_prefix>end` for
+    the frame that ends a stream badly (the offset alone is accepted too).
+    """
+    raw = cursor_value(scope)
+    if raw is None:
+        return None
+    name, value = raw
+    if id_prefix and value.startswith(id_prefix):
+        value = value[len(id_prefix) :]
+    if value == END_ID:
+        return Cursor(0, seen_end=True)
+    if not (value.isascii() and value.isdigit()) or len(value) > _MAX_CURSOR_DIGITS:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ValueError(
+            f"{name} must be a character offset (the id of an event of this stream), got {shown!r}"
+        )
+    return Cursor(int(value))
+
+
+def cursor_value(scope: Scope) -> tuple[str, str] | None:
+    """(where it came from, the raw value) of the request's cursor, unparsed."""
     for name, value in scope.get("headers", ()):
         if name == b"last-event-id" and value:
-            return _parse_cursor("Last-Event-ID", value.decode("latin-1"))
+            return "Last-Event-ID", value.decode("latin-1")
     values = [
         value
         for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)
@@ -73,16 +112,7 @@ def resume_cursor(scope: Scope) -> int | None:
     ]
     if len(values) > 1:
         raise ValueError("give resumeAt at most once")
-    return _parse_cursor("resumeAt", values[0]) if values else None
-
-
-def _parse_cursor(name: str, value: str) -> int:
-    if not (value.isascii() and value.isdigit()) or len(value) > _MAX_CURSOR_DIGITS:
-        shown = value if len(value) <= 40 else value[:40] + "..."
-        raise ValueError(
-            f"{name} must be a character offset (the id of an event of this stream), got {shown!r}"
-        )
-    return int(value)
+    return ("resumeAt", values[0]) if values else None
 
 
 def last_path_segment(scope: Scope) -> str:
@@ -90,17 +120,18 @@ def last_path_segment(scope: Scope) -> str:
     return path.rstrip("/").rpartition("/")[2]
 
 
-def sse_body(entries: list[Entry]) -> bytes:
+def sse_body(entries: list[Entry], id_prefix: str = "") -> bytes:
     parts = []
     for item, end in entries:
         if type(item) is str:
             if "\n" in item or "\r" in item:
-                parts.append(encode_event(item, id=end))
+                parts.append(encode_event(item, id=f"{id_prefix}{end}"))
             else:
-                parts.append(f"id: {end}\ndata: {item}\n\n")
+                parts.append(f"id: {id_prefix}{end}\ndata: {item}\n\n")
         else:
             assert isinstance(item, Event)
-            parts.append(encode_event(item.data, event=item.event, id=end, retry=item.retry))
+            event_id = f"{id_prefix}{end}"
+            parts.append(encode_event(item.data, event=item.event, id=event_id, retry=item.retry))
     # A lone surrogate cannot be sent as UTF-8; "?" keeps the character count, hence the offsets.
     return "".join(parts).encode("utf-8", "replace")
 
@@ -129,11 +160,13 @@ def error_info(exc: ResumableStreamError) -> tuple[str, str]:
     return "error", "the stream ended with an error"
 
 
-def error_frame(exc: ResumableStreamError) -> bytes:
+def error_frame(exc: ResumableStreamError, id_prefix: str = "") -> bytes:
+    """The frame that ends a stream badly. Its own id makes the reconnect that follows it (an
+    `EventSource` always reconnects) answer 204, which stops the client."""
     code, message = error_info(exc)
     logger.info("stream ended with %s: %s", code, exc)
     data = json.dumps({"code": code, "message": message})
-    return encode_event(data, event="error").encode()
+    return encode_event(data, event="error", id=f"{id_prefix}{END_ID}").encode()
 
 
 async def body(send: Send, body: bytes) -> None:

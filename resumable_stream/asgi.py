@@ -13,6 +13,7 @@ answers 204, which tells `EventSource` to stop reconnecting.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any
@@ -47,6 +48,7 @@ from ._http import (
     last_path_segment,
     plain,
     raw_body,
+    request_cursor,
     resume_cursor,
     sse_body,
 )
@@ -96,9 +98,11 @@ class EventStreamResponse:
         headers: Iterable[tuple[str, str]] | None = None,
         authorize: Authorize | None = None,
         keepalive_frame: bytes = b": keep-alive\n\n",
+        id_prefix: str = "",
     ) -> None:
         check_options(keepalive, retry)
         self.keepalive_frame = keepalive_frame
+        self.id_prefix = id_prefix
         self.authorize = authorize
         self.context = context
         self.stream_id = stream_id
@@ -111,13 +115,17 @@ class EventStreamResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             stream_id = p.validate_stream_id(self.stream_id)
-            resume_at = resume_cursor(scope)
+            cursor = request_cursor(scope, self.id_prefix)
         except ValueError as exc:
             await plain(send, 400, str(exc))
             return
         if not await allowed(self.authorize, scope, stream_id):
             await plain(send, 403, "not allowed")
             return
+        if cursor is not None and cursor.seen_end:
+            await _no_content(send)  # it has seen the frame that ended the stream: stop
+            return
+        resume_at = None if cursor is None else cursor.offset
         try:
             # A request with a cursor continues a stream it saw; it never starts a new one
             # (that would serve the new stream's text from an offset into the old one).
@@ -126,7 +134,7 @@ class EventStreamResponse:
             else:
                 stream = await self.context.resume_existing_stream(stream_id, resume_at)
         except (StreamFailedError, StreamCancelledError, ProducerLostError) as exc:
-            await self._ended(exc, resume_at, send)
+            await self._ended(exc, send)
             return
         except ProducerUnavailableError:
             await plain(send, 503, "the stream's producer did not answer; try again")
@@ -136,24 +144,23 @@ class EventStreamResponse:
             await plain(send, 503, "the stream store is unavailable; try again")
             return
         if stream is None:
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
+            await _no_content(send)
             return
-        await self._stream(stream, receive, send)
+        await self._stream(stream, receive, send, new_reader=cursor is None)
 
-    async def _ended(self, exc: ResumableStreamError, resume_at: int | None, send: Send) -> None:
-        """A stream that already ended badly: a new viewer learns how; a reconnect is stopped."""
-        if resume_at is not None:
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-        elif self.raw:
+    async def _ended(self, exc: ResumableStreamError, send: Send) -> None:
+        """A stream that already ended badly: every reader learns how, a reconnecting one too
+        (it may have all the text and miss only the end); the end frame's id then stops it."""
+        if self.raw:
             await plain(send, 410, error_info(exc)[1])
         else:
             headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": error_frame(exc)})
+            await send({"type": "http.response.body", "body": error_frame(exc, self.id_prefix)})
 
-    async def _stream(self, stream: ResumableStream, receive: Receive, send: Send) -> None:
+    async def _stream(
+        self, stream: ResumableStream, receive: Receive, send: Send, new_reader: bool
+    ) -> None:
         media = b"text/plain; charset=utf-8" if self.raw else b"text/event-stream; charset=utf-8"
         headers = [
             (b"content-type", media),
@@ -171,7 +178,7 @@ class EventStreamResponse:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
-                await self._send_body(stream, send, tg)
+                await self._send_body(stream, send, tg, new_reader)
                 tg.cancel_scope.cancel()
         except OSError:
             pass
@@ -179,8 +186,11 @@ class EventStreamResponse:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                 await stream.aclose()
 
-    async def _send_body(self, reader: ResumableStream, send: Send, tg: TaskGroup) -> None:
-        encode = raw_body if self.raw else sse_body
+    async def _send_body(
+        self, reader: ResumableStream, send: Send, tg: TaskGroup, new_reader: bool
+    ) -> None:
+        prefix = self.id_prefix
+        encode = raw_body if self.raw else functools.partial(sse_body, id_prefix=prefix)
         keepalive = self.keepalive
         # Time of the last send, and whether one is in progress, for the keep-alive task.
         last_sent = anyio.current_time()
@@ -206,8 +216,15 @@ class EventStreamResponse:
         # OSError is how ASGI 2.4 servers say the client went away; caught here, in the
         # task group's own body, as anyio would wrap it in an ExceptionGroup otherwise.
         with contextlib.suppress(OSError):
-            if self.retry is not None and not self.raw:
-                await body(send, f"retry: {self.retry}\n\n".encode())
+            if not self.raw:
+                # A new reader's first frame gives it a cursor (an id-only block dispatches
+                # nothing), so its reconnect resumes even before the first chunk: a stream that
+                # ended meanwhile still sends it everything, and how it ended.
+                head = f"retry: {self.retry}\n" if self.retry is not None else ""
+                if new_reader:
+                    head += f"id: {prefix}0\n"
+                if head:
+                    await body(send, f"{head}\n".encode())
             while True:
                 entries = reader.take_ready()
                 if not entries:
@@ -217,7 +234,7 @@ class EventStreamResponse:
                         break
                     except ResumableStreamError as exc:
                         if not self.raw:
-                            await body(send, error_frame(exc))
+                            await body(send, error_frame(exc, prefix))
                         break
                     # A generator handing over one chunk per loop turn would cost one send
                     # per chunk; a few more turns let the next chunks join this send.
@@ -234,6 +251,11 @@ class EventStreamResponse:
                 sending = False
                 last_sent = anyio.current_time()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _no_content(send: Send) -> None:
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
 
 
 class EventStreamApp:

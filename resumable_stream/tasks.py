@@ -11,7 +11,10 @@ gets `event: wait` every `wait_interval` seconds; at the end exactly one of
 Anything else a task raises stays in the server log. The response carries `X-Task-Id`; a request
 with that id (header `X-Task-Id` or query `taskId`) joins the running task instead of starting a
 second one, and one that also carries `Last-Event-ID` (or `resumeAt`) resumes after a dropped
-connection, on any worker, and still gets the outcome. `StopStreamApp` stops a task by its id.
+connection, on any worker, and still gets the outcome. Event ids are `<task id>:<offset>`, so an
+`EventSource` on `GET ?input=` (which cannot read headers) rejoins its own task when it
+reconnects, and its first frame gives it such an id before the task has said anything.
+`StopStreamApp` stops a task by its id.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from urllib.parse import parse_qsl
 from . import _protocol as p
 from ._context import ResumableStreamContext
 from ._event import Event
-from ._http import Authorize, Receive, Scope, Send, allowed, context_of, plain, resume_cursor
+from ._http import Authorize, Receive, Scope, Send, allowed, context_of, cursor_value, plain
 from .asgi import EventStreamResponse
 
 __all__ = ["TaskApp", "TaskError", "TaskRequest"]
@@ -120,6 +123,7 @@ class TaskApp:
             keepalive_frame=b"event: wait\ndata: \n\n",
             retry=self._retry,
             headers=[("x-task-id", task_id)],
+            id_prefix=f"{task_id}:",
         )
         await response(scope, receive, send)
 
@@ -130,8 +134,13 @@ class TaskApp:
         for name, text in query:
             if name == "taskId":
                 return p.validate_stream_id(text)
-        if resume_cursor(scope) is not None:
-            raise ValueError("resuming needs the task id (X-Task-Id or ?taskId=)")
+        cursor = cursor_value(scope)
+        if cursor is not None:
+            # An event id of ours names its task: `<task id>:<offset>`.
+            task_id, colon, _ = cursor[1].rpartition(":")
+            if not colon:
+                raise ValueError("resuming needs the task id (X-Task-Id or ?taskId=)")
+            return p.validate_stream_id(task_id)
         return p.new_stream_id()
 
     async def _body(self, receive: Receive) -> bytes:

@@ -167,7 +167,8 @@ async def test_keepalive_comment_while_idle_and_retry_first(workers: Workers) ->
     source = TestingSource()
     app = EventStreamApp(workers.P, lambda sid, scope: source.make(), keepalive=0.05, retry=750)
     async with client(app) as c, c.request("/k") as response:
-        assert await response.chunk() == b"retry: 750\n\n"
+        # The reconnection time, and a first cursor for a reader that has none yet.
+        assert await response.chunk() == b"retry: 750\nid: 0\n\n"
         assert await response.chunk() == b": keep-alive\n\n"
         source.write(E("x", retry=100))
         source.close()
@@ -207,6 +208,66 @@ async def test_failed_stream_ends_with_a_safe_error_event(two) -> None:
             assert json.loads(error.data) == {"code": "failed", "message": "the stream failed"}
             assert b"secret" not in response.body
             assert b"RuntimeError" not in response.body
+
+
+@pytest.mark.parametrize("how", ["failed", "cancelled"])
+async def test_a_reader_cut_just_before_a_failure_learns_it(two, workers: Workers, how) -> None:
+    a, b, sources = two
+    source = sources["f"]
+    async with a.request("/f") as first:
+        source.write("all the text")
+        assert await first.events(1) == [sse("all the text", 12)]
+        first.disconnect()  # cut with every chunk, before the end
+    if how == "failed":
+        source.fail(RuntimeError("boom"))
+    else:
+        await workers.C.cancel_stream("f")
+    with anyio.fail_after(5):
+        await source.finished.wait()
+    for c in (a, b):
+        # The reconnect (Last-Event-ID = the end of the text) learns how it ended, not "done".
+        async with c.request("/f", headers={"Last-Event-ID": "12"}) as again:
+            assert again.status == 200
+            [error] = await again.events()
+            assert error.event == "error"
+            assert json.loads(error.data)["code"] == how
+            assert error.id == "end"
+        # The end frame's id makes the next reconnect stop the client.
+        async with c.request("/f", headers={"Last-Event-ID": error.id}) as stop:
+            assert stop.status == 204
+    async with a.request("/f", headers={"Last-Event-ID": "3"}) as tail:
+        events = await tail.events()
+        assert [e.data for e in events[:-1]] == [" the text"]
+        assert events[-1].event == "error"
+
+
+async def test_a_raw_reader_of_a_failed_stream_gets_410(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("f", source.make)
+    source.write("text")
+    source.fail(RuntimeError("boom"))
+    with pytest.raises(rs.StreamFailedError):
+        await read(own)
+
+    async def app(scope, receive, send):
+        await EventStreamResponse(workers.C, "f", raw=True)(scope, receive, send)
+
+    # A fetch-based reader with all the text learns the failure too.
+    async with client(app) as c, c.request("/f", query="resumeAt=4") as response:
+        assert response.status == 410
+
+
+async def test_a_new_readers_first_frame_is_a_cursor(two) -> None:
+    a, b, sources = two
+    source = sources["n"]
+    async with a.request("/n") as first:
+        assert await first.chunk() == b"id: 0\n\n"  # sets the cursor, dispatches nothing
+        source.write("x")
+        assert await first.events(1) == [sse("x", 1)]
+        async with b.request("/n", headers={"Last-Event-ID": "0"}) as resumed:
+            first_piece = await resumed.chunk()
+            assert not (first_piece or b"").startswith(b"id: 0\n\n")  # it has a cursor
+        source.close()
 
 
 async def test_resume_only_response_of_an_unknown_stream_answers_204(workers: Workers) -> None:

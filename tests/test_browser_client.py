@@ -42,6 +42,7 @@ from resumable_stream.tasks import TaskApp, TaskError, TaskRequest
 
 from .asgi_driver import client
 from .browser import chromium
+from .helpers import poll_until
 
 pytestmark = pytest.mark.anyio
 
@@ -118,6 +119,19 @@ window.startFollow = (name, url, options) => {
   });
   window.follows[name] = record;
 };
+window.sources = {};
+window.startEventSource = (name, url) => {
+  // The browser's own EventSource, as a page without our client would use it.
+  const record = { events: [], errors: 0, readyState: 0 };
+  const source = new EventSource(url);
+  for (const type of ["wait", "settle", "server-error", "internal-error"]) {
+    source.addEventListener(type, (e) => {
+      if (type !== "wait") record.events.push({ type, data: e.data, id: e.lastEventId });
+    });
+  }
+  source.onerror = () => { record.errors += 1; record.readyState = source.readyState; };
+  window.sources[name] = record;
+};
 window.client = client;
 window.ready = true;
 </script>
@@ -191,6 +205,8 @@ class Harness:
         self.script = ClientScriptApp()
         self.tasks = TaskApp(context, self.task, wait_interval=WAIT_INTERVAL, retry=RETRY_MS)
         self.denied = TaskApp(context, self.task, authorize=lambda scope, task_id: False)
+        # For EventSource: a long reconnection delay, so the task can end before it is over.
+        self.slow_retry = TaskApp(context, self.task, wait_interval=WAIT_INTERVAL, retry=600)
         self.streams = EventStreamApp(
             context, lambda stream_id, scope: self.produce(stream_id, TOKENS), retry=RETRY_MS
         )
@@ -259,6 +275,8 @@ class Harness:
             await self._tracked(self.tasks, scope, receive, send)
         elif path == "/task/denied":
             await self._tracked(self.denied, scope, receive, send)
+        elif path == "/task/es":
+            await self._tracked(self.slow_retry, scope, receive, send)
         elif path.startswith("/stream/"):
             await self._tracked(self.streams, scope, receive, send)
         elif path.startswith("/chat/"):
@@ -495,13 +513,43 @@ async def test_run_task_survives_a_cut_and_resolves_with_the_result(
     assert (second.method, second.task_id, second.last_event_id, second.status) == (
         "POST",
         task_id,
-        "0",  # no event had an id yet: the task's outcome is its first (and only) text
+        f"{task_id}:0",  # the first frame's cursor: the task's outcome is its only text
         200,
     )
     record = await page.evaluate("window.tasks.t")
     assert record["taskIds"] == [task_id]
-    assert record["reconnects"] == [{"attempt": 1, "lastEventId": "0", "delay": RETRY_MS}]
+    cursor = f"{task_id}:0"
+    assert record["reconnects"] == [{"attempt": 1, "lastEventId": cursor, "delay": RETRY_MS}]
     print(f"{mode}: cut at offset 0 after {record['waits']} wait events, resumed from 0: {result}")
+
+
+@pytest.mark.parametrize("task_id_in_url", [True, False], ids=["taskId", "input-only"])
+@pytest.mark.parametrize("mode", ["end", "abort"])
+async def test_native_event_source_gets_a_task_outcome_that_came_during_its_retry_delay(
+    server: Harness, page: Any, mode: str, task_id_in_url: bool
+) -> None:
+    task_input = {"gate": f"es-{mode}-{task_id_in_url}"}
+    query = f"input={json.dumps(task_input)}"
+    if task_id_in_url:
+        query += f"&taskId=job-{mode}"
+    await page.evaluate("(url) => startEventSource('s', url)", f"/task/es?{query}")
+    await server.until(lambda: len(server.task_calls) == 1, "the task")
+    [(_, task_id)] = server.task_calls
+    await server.until(lambda: server.seen("/task/es")[0].sent > 40, "a few wait frames")
+    assert server.cut("/task/es", mode) == 1
+    # The task ends while the browser waits out its 600 ms reconnection delay.
+    server.gates[task_input["gate"]].set()
+    await poll_until(lambda: server.context.has_existing_stream(task_id), "DONE", timeout=STEP)
+    assert len(server.seen("/task/es")) == 1, "the browser reconnected before the task ended"
+    await page.wait_for_function("window.sources.s.readyState === 2")  # closed by a 204
+    record = await page.evaluate("window.sources.s")
+    assert [e["type"] for e in record["events"]] == ["settle"]
+    assert json.loads(record["events"][0]["data"])["taskId"] == task_id
+    assert len(server.task_calls) == 1  # the reconnect joined the task, it did not start one
+    first, second, third = server.seen("/task/es")
+    assert (first.last_event_id, first.status) == (None, 200)
+    assert (second.last_event_id, second.status) == (f"{task_id}:0", 200)  # the first frame's
+    assert third.status == 204
 
 
 async def test_run_task_rejects_with_the_code_of_each_failure(server: Harness, page: Any) -> None:

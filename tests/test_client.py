@@ -314,6 +314,59 @@ async def test_follow_raises_the_servers_error_frame(server: tuple[Harness, str]
     assert len(harness.on("/s/bad")) == 1  # an error frame is final: no reconnection
 
 
+async def test_follow_cut_just_before_a_failure_learns_of_it(server: tuple[Harness, str]) -> None:
+    harness, url = server
+    path = "/s/cut-then-fail"
+
+    async def failing() -> AsyncIterator[str]:
+        yield "every word"
+        await harness.wait_sent(path, "10")
+        await harness.cut(path)  # the reader has all the text, and not the end
+        raise RuntimeError("boom")
+
+    harness.streams["cut-then-fail"] = failing
+    got: list[str] = []
+
+    async def read() -> None:
+        async with aclosing(follow(f"{url}{path}")) as events:
+            async for event in events:
+                got.append(event.data)
+
+    with anyio.fail_after(10), pytest.raises(RemoteStreamError) as info:
+        await read()
+    assert (info.value.code, got) == ("failed", ["every word"])
+    # The reconnect at the end of the text got the error frame, not a 204 ("finished").
+    assert [(x.cursor, x.status) for x in harness.on(path)] == [(None, 200), ("10", 200)]
+
+
+async def test_run_task_cut_before_a_stop_reports_it(
+    server: tuple[Harness, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness, url = server
+    stopped = anyio.Event()
+
+    async def sleep(delay: float) -> None:
+        await stopped.wait()  # the client reconnects only once the task was stopped
+
+    monkeypatch.setattr(client, "_sleep", sleep)
+    errors: list[TaskClientError] = []
+
+    async def run() -> None:
+        with pytest.raises(TaskClientError) as info:
+            await run_task(f"{url}/task", "gate", task_id="job-cut-stop")
+        errors.append(info.value)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg, httpx.AsyncClient() as http:
+            tg.start_soon(run)
+            await harness.wait_for(lambda: any(x.events for x in harness.on("/task")))
+            assert await harness.cut("/task") == 1
+            assert (await http.post(f"{url}/stop/job-cut-stop")).status_code == 204
+            stopped.set()
+    # Not NO_DATA ("ended without an outcome"): the reconnect learnt that it was stopped.
+    assert (errors[0].code, errors[0].message) == ("cancelled", "the stream was cancelled")
+
+
 @pytest.mark.parametrize(
     ("path", "cursor", "status", "text"),
     [
@@ -478,7 +531,7 @@ async def test_run_task_survives_a_disconnect_mid_task(server: tuple[Harness, st
             )
             [first] = harness.on("/task")
             task_id = first.response_headers["x-task-id"]
-            cut_at = first.decoder.last_event_id or "0"  # no event with an id went out yet
+            cut_at = first.decoder.last_event_id  # the first frame's cursor: no chunk yet
             waits = len(first.events)
             assert await harness.cut("/task") == 1
             await harness.wait_for(lambda: len(harness.on("/task")) == 2)
@@ -489,7 +542,8 @@ async def test_run_task_survives_a_disconnect_mid_task(server: tuple[Harness, st
     assert running
     assert results == [{"echo": "gate", "task": task_id}]
     assert harness.task_calls == [("gate", task_id)]  # it ran once
-    assert (second.headers["x-task-id"], second.cursor, second.status) == (task_id, "0", 200)
+    expected = (task_id, f"{task_id}:0", 200)
+    assert (second.headers["x-task-id"], second.cursor, second.status) == expected
     assert [e.event for e in second.events if e.event != "wait"] == ["settle"]
     print(
         f"\nrun_task mid-task disconnect: task {task_id}, cut at offset {cut_at} after "
