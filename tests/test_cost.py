@@ -131,6 +131,31 @@ async def test_one_publish_per_live_chunk_whatever_the_number_of_followers(
     }
 
 
+async def test_a_resume_on_the_producers_process_costs_no_command(
+    redis_server: RedisServer, admin: redis.asyncio.Redis
+) -> None:
+    P, _ = contexts(redis_server.url)
+    async with P:
+        source = TestingSource()
+        own = await P.resumable_stream("s", source.make)
+        source.write("abc")
+        assert await read(own, 1) == "abc"
+        async with Meter(admin) as meter:
+            # Served from the producer's buffer: no INCR, GET, SUBSCRIBE or PUBLISH.
+            readers = [
+                await P.resumable_stream("s", never_called),
+                await P.resume_existing_stream("s"),
+                await P.resume_existing_stream("s", resume_at=1),
+                await P.resumable_stream("s", never_called, resume_at=2),
+            ]
+            assert [await read(r, 1) for r in readers] == ["abc", "abc", "bc", "c"]
+            source.write("def")
+            assert [await read(r, 1) for r in readers] == ["def"] * 4
+        source.close()
+        assert [await read(r) for r in [own, *readers]] == ["def", "", "", "", ""]
+    assert meter.delta == {}
+
+
 async def test_nothing_is_published_while_nobody_follows(
     redis_server: RedisServer, admin: redis.asyncio.Redis
 ) -> None:
