@@ -201,8 +201,15 @@ class EventStreamResponse:
             # cost more than the send itself.
             nonlocal last_sent, sending
             while True:
-                await anyio.sleep(last_sent + interval - anyio.current_time())
-                if not sending and anyio.current_time() - last_sent >= interval:
+                # sleep_until, never sleep(deadline - now): the deadline may be past already
+                # (uvloop's clock counts milliseconds and its timers fire a hair early; a slow
+                # send outlasts it), and anyio.sleep raises on a negative delay.
+                await anyio.sleep_until(last_sent + interval)
+                if sending:
+                    # A send in progress is activity, however long the client takes to read
+                    # it: look again an interval later instead of spinning until it ends.
+                    await anyio.sleep(interval)
+                elif anyio.current_time() >= last_sent + interval:
                     sending = True
                     try:
                         await body(send, self.keepalive_frame)

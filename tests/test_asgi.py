@@ -177,6 +177,38 @@ async def test_keepalive_comment_while_idle_and_retry_first(workers: Workers) ->
     assert b"event" not in response.body
 
 
+async def test_keepalive_outlives_a_send_slower_than_its_interval(workers: Workers) -> None:
+    # A client that reads slowly holds a send past the keep-alive deadline. The keep-alive
+    # task then computed a negative delay, which anyio.sleep rejects: the response died.
+    interval = 0.05
+    source = TestingSource()
+    app = EventStreamApp(workers.P, lambda sid, scope: source.make(), keepalive=interval)
+    bodies: list[bytes] = []
+    kept_alive = anyio.Event()
+    never = anyio.Event()
+
+    async def receive() -> Any:
+        await never.wait()
+
+    async def send(message: Any) -> None:
+        piece = message.get("body", b"")
+        if piece.startswith(b"id: "):
+            # The slow reader, not synchronisation: this send lasts several intervals.
+            await anyio.sleep(4 * interval)
+        bodies.append(piece)
+        if piece == b": keep-alive\n\n" and b"id: 4\ndata: slow\n\n" in bodies:
+            kept_alive.set()  # the keep-alive goes on once the slow send is done
+
+    scope: Any = {"type": "http", "method": "GET", "path": "/s", "headers": [], "query_string": b""}
+    source.write("slow")
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app, scope, receive, send)
+            await kept_alive.wait()
+            source.close()
+    assert bodies[-1] == b""  # the body was finished, not broken off
+
+
 async def test_disconnect_ends_the_response_and_leaves_the_producer_running(two) -> None:
     a, b, sources = two
     source = sources["s"]
