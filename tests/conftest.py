@@ -5,6 +5,9 @@
 - `redis`: the Redis backend on a real `redis-server` that this session starts on a free
   loopback port (or `REDIS_URL`). Set `RESUMABLE_STREAM_REQUIRE_REDIS=1` (CI does) to fail
   instead of skipping when no server can be had.
+
+HTTP-level modules also run on uvloop (`memory-uvloop`, `redis-uvloop`; `ASYNCIO_LOOPS` where a
+module is bound to asyncio): many servers run it, and its clock and timers differ from asyncio's.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ import resumable_stream as rs
 from resumable_stream._protocol import Keys
 
 FLAVORS = ["memory", "memory-trio", "fakeredis", "redis"]
+# What HTTP-level modules run on (they override `flavor` with these): uvloop as well, on the
+# in-memory backend and on a real Redis.
+HTTP_FLAVORS = [*FLAVORS, "memory-uvloop", "redis-uvloop"]
+UVLOOP: tuple[str, dict[str, Any]] = ("asyncio", {"use_uvloop": True})
+# The `anyio_backend`s of modules bound to asyncio (uvicorn, httpx, Playwright): both loops.
+ASYNCIO_LOOPS = [pytest.param("asyncio", id="asyncio"), pytest.param(UVLOOP, id="uvloop")]
 
 
 def _free_port() -> int:
@@ -111,8 +120,10 @@ def flavor(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def anyio_backend(flavor: str) -> str:
-    return "trio" if flavor == "memory-trio" else "asyncio"
+def anyio_backend(flavor: str) -> str | tuple[str, dict[str, Any]]:
+    if flavor.endswith("-trio"):
+        return "trio"
+    return UVLOOP if flavor.endswith("-uvloop") else "asyncio"
 
 
 @dataclass

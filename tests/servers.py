@@ -35,12 +35,17 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
 
 
 @contextmanager
-def uvicorn_server(app: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run `uvicorn <app>` from the repository root; yields its base URL."""
+def uvicorn_server(
+    app: str, env: dict[str, str] | None = None, *, loop: str = "asyncio"
+) -> Iterator[str]:
+    """Run `uvicorn <app>` from the repository root on event loop `loop` (asyncio, uvloop);
+    yields its base URL."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     environ.update(env or {})
     command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    # Always explicit: uvicorn's default ("auto") picks uvloop whenever it is installed.
+    command += ["--loop", loop]
     process = subprocess.Popen(
         [*command, "--log-level", "warning"], cwd=ROOT, env=environ, stderr=subprocess.PIPE
     )

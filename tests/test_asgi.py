@@ -14,10 +14,16 @@ from resumable_stream.asgi import EventStreamApp, EventStreamResponse
 from resumable_stream.sse import ServerSentEvent
 
 from .asgi_driver import Client, client
-from .conftest import Workers
+from .conftest import HTTP_FLAVORS, Workers
 from .helpers import TestingSource, read
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=HTTP_FLAVORS)
+def flavor(request: pytest.FixtureRequest) -> str:
+    return str(request.param)  # HTTP-level: the backends under uvloop too
+
 
 E = rs.Event
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -66,6 +67,8 @@ header_value = st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" 
 segment = st.text(max_size=300)
 
 
+# The ASGI layer runs on uvloop as well as on asyncio's own loop.
+@pytest.mark.parametrize("uvloop", [False, True], ids=["asyncio", "uvloop"])
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     path=segment,
@@ -75,7 +78,7 @@ segment = st.text(max_size=300)
     method=st.sampled_from(["GET", "POST", "DELETE", "PUT", "HEAD"]),
 )
 def test_the_asgi_layer_answers_4xx_never_500(
-    path: str, last_event_id: bytes | None, query: bytes, body: bytes, method: str
+    uvloop: bool, path: str, last_event_id: bytes | None, query: bytes, body: bytes, method: str
 ) -> None:
     async def check() -> None:
         backend = rs.MemoryBackend()
@@ -101,4 +104,4 @@ def test_the_asgi_layer_answers_4xx_never_500(
                         await response.read()
         assert leftover_channels(backend) == []
 
-    anyio.run(check)
+    anyio.run(check, backend_options={"use_uvloop": uvloop})

@@ -42,6 +42,7 @@ from resumable_stream.tasks import TaskApp, TaskError, TaskRequest
 
 from .asgi_driver import client
 from .browser import chromium
+from .conftest import ASYNCIO_LOOPS
 from .helpers import poll_until
 
 pytestmark = pytest.mark.anyio
@@ -138,11 +139,12 @@ window.ready = true;
 """
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    # Playwright's async API runs on asyncio only; this overrides conftest's flavor matrix.
-    # Module scope lets one browser (a module fixture) serve every test.
-    return "asyncio"
+@pytest.fixture(scope="module", params=ASYNCIO_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    # Playwright's async API runs on asyncio only (uvloop included), and the server runs in
+    # the test's loop: asyncio and uvloop. Module scope lets one browser (a module fixture)
+    # serve every test of a loop.
+    return request.param
 
 
 # The test server

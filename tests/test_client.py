@@ -30,6 +30,8 @@ from resumable_stream.client import (
 from resumable_stream.sse import ServerSentEvent, SSEDecoder
 from resumable_stream.tasks import TaskApp, TaskError, TaskRequest
 
+from .conftest import ASYNCIO_LOOPS
+
 pytestmark = pytest.mark.anyio
 
 CHUNKS = ["Once ", "upon a ", "time, ", "a naïve ", "😀 emoji ", "and a\nbreak, ", "the ", "end."]
@@ -42,9 +44,9 @@ def offset(n: int) -> str:
     return str(len("".join(CHUNKS[:n])))
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=ASYNCIO_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param  # asyncio and uvloop
 
 
 @pytest.fixture(autouse=True)

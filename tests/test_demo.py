@@ -29,6 +29,7 @@ from resumable_stream._demo import DemoApp, answer_text, answer_tokens
 
 from .asgi_driver import serve
 from .browser import chromium
+from .conftest import ASYNCIO_LOOPS
 
 pytestmark = pytest.mark.anyio
 
@@ -41,7 +42,13 @@ BROWSER_TIMEOUT_MS = 20_000  # any one wait in the page; a whole stream takes ab
 @pytest.fixture
 def anyio_backend() -> str:
     # Playwright's async API runs on asyncio only; this overrides conftest's flavor matrix.
+    # The browser tests' loop is only the test's: the demo server is a subprocess (on uvloop
+    # when it is installed, uvicorn's default).
     return "asyncio"
+
+
+# The app runs in the test's loop: both loops.
+on_both_loops = pytest.mark.parametrize("anyio_backend", ASYNCIO_LOOPS)
 
 
 # The simulated model
@@ -77,6 +84,7 @@ class Gate:
             yield token
 
 
+@on_both_loops
 async def test_page_and_info_are_served() -> None:
     async with serve(DemoApp(delay=0)) as client:
         async with client.request("/") as response:
@@ -96,6 +104,7 @@ async def test_page_and_info_are_served() -> None:
             assert response.header("allow") == "POST"
 
 
+@on_both_loops
 async def test_a_stream_sends_the_whole_answer_with_offsets_as_ids() -> None:
     expected = answer_text(PROMPT)
     async with serve(DemoApp(delay=0)) as client:
@@ -118,11 +127,13 @@ async def test_a_stream_sends_the_whole_answer_with_offsets_as_ids() -> None:
             assert "".join(e.data for e in await tail.events()) == expected[3:]
 
 
+@on_both_loops
 async def test_a_viewer_never_starts_a_stream() -> None:
     async with serve(DemoApp(delay=0)) as client, client.request("/stream/unknown") as response:
         assert response.status == 204
 
 
+@on_both_loops
 async def test_cut_ends_the_response_and_a_reconnect_gets_exactly_the_rest() -> None:
     gate = Gate(before=5)
     expected = answer_text(PROMPT)
@@ -150,6 +161,7 @@ async def test_cut_ends_the_response_and_a_reconnect_gets_exactly_the_rest() -> 
         assert rest[-1].id == str(len(expected))
 
 
+@on_both_loops
 async def test_cut_reaches_every_viewer_of_the_stream_and_no_other() -> None:
     gate = Gate(before=3)
     async with (
@@ -171,6 +183,7 @@ async def test_cut_reaches_every_viewer_of_the_stream_and_no_other() -> None:
         assert b.finished
 
 
+@on_both_loops
 async def test_cut_all_ends_every_open_response_as_on_shutdown() -> None:
     gate = Gate(before=2)
     app = DemoApp(answer=gate.answer)

@@ -8,15 +8,16 @@ from typing import Any
 import pytest
 
 from .asgi_driver import serve
+from .conftest import ASYNCIO_LOOPS
 
 pytestmark = pytest.mark.anyio
 
 EXAMPLES = ["fastapi_app", "starlette_app", "litestar_app"]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=ASYNCIO_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param  # asyncio and uvloop
 
 
 @pytest.fixture(params=EXAMPLES)

@@ -17,6 +17,7 @@ import resumable_stream as rs
 from resumable_stream.client import follow
 from resumable_stream.proxy import UpstreamError, UpstreamTruncatedError, relay, upstream
 
+from .conftest import ASYNCIO_LOOPS
 from .test_client import Body, serve, sse
 
 pytestmark = pytest.mark.anyio
@@ -39,9 +40,9 @@ EXPECTED: list[str | rs.Event] = [
 ]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=ASYNCIO_LOOPS)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param  # asyncio and uvloop
 
 
 async def relayed(*pieces: bytes, done: str | None = "[DONE]") -> list[str | rs.Event]:

@@ -11,10 +11,15 @@ import resumable_stream as rs
 from resumable_stream.asgi import EventStreamApp, Scope, StopStreamApp
 
 from .asgi_driver import client
-from .conftest import Workers
+from .conftest import HTTP_FLAVORS, Workers
 from .helpers import TestingSource, never_called, read
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=HTTP_FLAVORS)
+def flavor(request: pytest.FixtureRequest) -> str:
+    return str(request.param)  # HTTP-level: the backends under uvloop too
 
 
 def owner_of(scope: Scope) -> str:

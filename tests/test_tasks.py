@@ -13,9 +13,14 @@ from resumable_stream.asgi import StopStreamApp
 from resumable_stream.tasks import TaskApp, TaskError, TaskRequest
 
 from .asgi_driver import client
-from .conftest import Workers
+from .conftest import HTTP_FLAVORS, Workers
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=HTTP_FLAVORS)
+def flavor(request: pytest.FixtureRequest) -> str:
+    return str(request.param)  # HTTP-level: the backends under uvloop too
 
 
 class Gate:

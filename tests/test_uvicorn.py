@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 import pytest
 
@@ -18,7 +20,12 @@ APP = "examples.fastapi_app:app"
 
 @pytest.fixture
 def anyio_backend() -> str:
-    return "asyncio"
+    return "asyncio"  # the client's loop; the servers run on `loop`
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> str:
+    return str(request.param)  # the servers' event loop
 
 
 async def events(
@@ -36,25 +43,30 @@ async def events(
 
 
 async def cut_and_resume(first: str, second: str) -> None:
+    # A new id each time: the Redis outlives the test, and runs on each loop share it.
+    path = f"/chat/{uuid.uuid4().hex}"
     async with httpx.AsyncClient(timeout=10) as client:
-        status, head = await events(client, f"{first}/chat/s1?prompt=hello", {}, limit=3)
+        status, head = await events(client, f"{first}{path}?prompt=hello", {}, limit=3)
         assert status == 200
         cursor = head[-1].id
-        status, tail = await events(client, f"{second}/chat/s1", {"Last-Event-ID": cursor})
+        status, tail = await events(client, f"{second}{path}", {"Last-Event-ID": cursor})
         assert status == 200
         assert len(head) == 3
         assert tail
         assert "".join(e.data for e in head + tail) == expected("hello")
-        status, nothing = await events(client, f"{second}/chat/s1", {"Last-Event-ID": tail[-1].id})
+        status, nothing = await events(client, f"{second}{path}", {"Last-Event-ID": tail[-1].id})
         assert (status, nothing) == (204, [])
 
 
-async def test_one_uvicorn_worker_resumes_a_cut_connection() -> None:
-    with uvicorn_server(APP) as url:
+async def test_one_uvicorn_worker_resumes_a_cut_connection(loop: str) -> None:
+    with uvicorn_server(APP, loop=loop) as url:
         await cut_and_resume(url, url)
 
 
-async def test_two_uvicorn_workers_on_one_redis(redis_server: RedisServer) -> None:
+async def test_two_uvicorn_workers_on_one_redis(redis_server: RedisServer, loop: str) -> None:
     env = {"REDIS_URL": redis_server.url}
-    with uvicorn_server(APP, env) as worker_a, uvicorn_server(APP, env) as worker_b:
+    with (
+        uvicorn_server(APP, env, loop=loop) as worker_a,
+        uvicorn_server(APP, env, loop=loop) as worker_b,
+    ):
         await cut_and_resume(worker_a, worker_b)
