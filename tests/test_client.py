@@ -69,15 +69,29 @@ async def serve(app: Any) -> AsyncIterator[str]:
     sock.bind(("127.0.0.1", 0))
     # Connections wait in the backlog until uvicorn accepts them: no start-up race to poll.
     sock.listen()
-    config = uvicorn.Config(app, log_config=None, log_level="warning", ws="none")
+    config = uvicorn.Config(
+        app, log_config=None, log_level="warning", ws="none", timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
+    stopped = anyio.Event()
+
+    async def run() -> None:
+        try:
+            await server.serve([sock])
+        finally:
+            stopped.set()
+
     with sock:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
+            tg.start_soon(run)
             try:
                 yield f"http://127.0.0.1:{sock.getsockname()[1]}"
             finally:
+                # Let the server shut down even when the block failed: cancelled, it would
+                # leave its connections open, and closing a uvloop loop then waits forever.
                 server.should_exit = True
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await stopped.wait()
 
 
 class Exchange:
