@@ -6,14 +6,17 @@ import json
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 import resumable_stream as rs
 from resumable_stream.asgi import StopStreamApp
+from resumable_stream.sse import SSEDecoder
 from resumable_stream.tasks import TaskApp, TaskError, TaskRequest
 
 from .asgi_driver import client
 from .conftest import HTTP_FLAVORS, Workers
+from .test_client import serve
 
 pytestmark = pytest.mark.anyio
 
@@ -163,3 +166,34 @@ async def test_bad_task_requests_are_4xx(
 def test_task_options_are_checked() -> None:
     with pytest.raises(ValueError, match="wait_interval"):
         TaskApp(rs.ResumableStreamContext(backend=rs.MemoryBackend()), Gate(), wait_interval=0)
+
+
+@pytest.mark.parametrize("flavor", ["memory-uvloop", "redis-uvloop"], indirect=True)
+async def test_concurrent_tasks_under_uvicorn_on_uvloop_all_settle(workers: Workers) -> None:
+    # As people run it: a real server on uvloop, a crowd of one-second tasks, the default
+    # wait interval. Its millisecond clock made the keep-alive's delay negative now and
+    # then, which broke off some of the responses.
+    async def nap(task_input: Any, request: TaskRequest) -> Any:
+        await anyio.sleep(1)
+        return task_input
+
+    outcomes: dict[int, list[tuple[str, str]]] = {}
+
+    async def run(http: httpx.AsyncClient, url: str, n: int) -> None:
+        decoder = SSEDecoder()
+        events = []
+        async with http.stream("POST", url, json=n) as response:
+            assert response.status_code == 200
+            async for piece in response.aiter_bytes():
+                events += decoder.feed(piece)
+        outcomes[n] = [(e.event, e.data) for e in events if e.event != "wait"]
+
+    with anyio.fail_after(20):
+        async with (
+            serve(TaskApp(workers.P, nap)) as url,
+            httpx.AsyncClient(timeout=10) as http,
+            anyio.create_task_group() as tg,
+        ):
+            for n in range(20):
+                tg.start_soon(run, http, f"{url}/t", n)
+    assert outcomes == {n: [("settle", str(n))] for n in range(20)}
