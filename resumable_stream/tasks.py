@@ -111,6 +111,10 @@ class TaskApp:
         except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
             await plain(send, 400, f"bad task request: {exc}")
             return
+        except RecursionError:
+            # json.loads recurses once per nesting level, so valid but deep JSON exhausts it.
+            await plain(send, 400, "bad task request: the input is nested too deeply")
+            return
         if not await allowed(self._authorize, scope, task_id):
             await plain(send, 403, "not allowed")
             return

@@ -163,6 +163,32 @@ async def test_bad_task_requests_are_4xx(
     assert gate.calls == []
 
 
+DEEP = 100_000  # nesting levels: beyond any interpreter's recursion limit
+
+
+@pytest.mark.parametrize(
+    ("method", "query", "body"),
+    [
+        ("POST", "", b"[" * DEEP + b"]" * DEEP),
+        ("GET", "input=" + "%5B" * DEEP + "%5D" * DEEP, b""),
+    ],
+    ids=["post", "get"],
+)
+async def test_deeply_nested_input_is_a_400(
+    workers: Workers, method: str, query: str, body: bytes
+) -> None:
+    # Valid JSON, but json.loads recurses once per level: RecursionError, which was a 500.
+    gate = Gate()
+    app = TaskApp(workers.P, gate)
+    async with (
+        client(app) as c,
+        c.request("/t", method=method, query=query, body=body) as response,
+    ):
+        assert response.status == 400
+        assert b"nested too deeply" in await response.read()
+    assert gate.calls == []
+
+
 def test_task_options_are_checked() -> None:
     with pytest.raises(ValueError, match="wait_interval"):
         TaskApp(rs.ResumableStreamContext(backend=rs.MemoryBackend()), Gate(), wait_interval=0)
