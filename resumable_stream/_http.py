@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -33,6 +34,16 @@ Send = Callable[[Message], Awaitable[None]]
 
 Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
 """`authorize(scope, stream_id)`: may this request create, read or stop that stream?"""
+
+Headers = Mapping[str, str] | Iterable[tuple[str, str]]
+"""Extra response headers: a mapping (Starlette's form) or `(name, value)` pairs."""
+
+DEFAULT_KEEPALIVE_FRAME = b": keep-alive\n\n"
+
+# Names are RFC 9110 tokens; values are what HTTP/1.1 servers (h11) send: visible Latin-1
+# characters, with spaces and tabs only between them.
+_HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?")
 
 _MAX_CURSOR_DIGITS = 18  # anything longer is not an offset this library could have sent
 # The id of the frame that ends a stream badly: a reconnect that carries it has seen the end.
@@ -67,6 +78,43 @@ def check_options(keepalive: float | None, retry: int | None) -> None:
         raise ValueError(f"keepalive must be > 0 seconds or None, got {keepalive!r}")
     if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
         raise ValueError(f"retry must be a non-negative int (milliseconds), got {retry!r}")
+
+
+def check_callables(**callables: object) -> None:
+    for name, value in callables.items():
+        if value is not None and not callable(value):
+            raise TypeError(f"{name} must be callable or None, not {type(value).__name__}")
+
+
+def check_frame(frame: object) -> bytes:
+    """The keep-alive frame, checked: it is sent between events, so it must end as one does."""
+    if not isinstance(frame, bytes):
+        raise TypeError(f"keepalive_frame must be bytes (an SSE frame), not {type(frame).__name__}")
+    if not frame.endswith((b"\n\n", b"\r\r", b"\r\n\r\n")):
+        # Without its blank line it would run into the next event and corrupt it.
+        raise ValueError(f"keepalive_frame must end with a blank line, got {frame!r}")
+    return frame
+
+
+def check_headers(headers: Headers | None) -> list[tuple[str, str]]:
+    """Extra response headers as `(name, value)` pairs, checked while the response is built:
+    a server refuses a bad one only once the stream runs, and the client then gets a 500."""
+    if headers is None:
+        return []
+    items: Iterable[object] = headers.items() if isinstance(headers, Mapping) else headers
+    checked = []
+    for item in items:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise TypeError(f"headers must be a mapping or (name, value) pairs, got {item!r}")
+        name, value = item
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"header names and values must be str, got {name!r}: {value!r}")
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"invalid header name {name!r}")
+        if not _HEADER_VALUE.fullmatch(value):
+            raise ValueError(f"invalid value for header {name!r}: {value!r}")
+        checked.append((name, value))
+    return checked
 
 
 def resume_cursor(scope: Scope) -> int | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 import anyio
@@ -34,13 +34,18 @@ from ._exceptions import (
     StreamFailedError,
 )
 from ._http import (
+    DEFAULT_KEEPALIVE_FRAME,
     Authorize,
+    Headers,
     Message,
     Receive,
     Scope,
     Send,
     allowed,
     body,
+    check_callables,
+    check_frame,
+    check_headers,
     check_options,
     context_of,
     error_frame,
@@ -59,6 +64,7 @@ __all__ = [
     "ClientScriptApp",
     "EventStreamApp",
     "EventStreamResponse",
+    "Headers",
     "Message",
     "Receive",
     "Scope",
@@ -83,7 +89,10 @@ class EventStreamResponse:
     sends the plain text from the cursor instead of SSE, for fetch-based clients that count
     characters themselves. `keepalive` is the idle time (seconds) after which `keepalive_frame`
     (a comment) is sent so proxies keep the connection open; `retry` (milliseconds) is sent to
-    `EventSource`s as their reconnection delay.
+    `EventSource`s as their reconnection delay. `headers` (a mapping or `(name, value)` pairs)
+    are added to a 200's. `authorize(scope, stream_id)` is asked before anything is created or
+    read (403 if it says no). Arguments are checked here (`TypeError`, `ValueError`), never once
+    the response runs.
     """
 
     def __init__(
@@ -95,13 +104,15 @@ class EventStreamResponse:
         raw: bool = False,
         keepalive: float | None = 15.0,
         retry: int | None = None,
-        headers: Iterable[tuple[str, str]] | None = None,
+        headers: Headers | None = None,
         authorize: Authorize | None = None,
-        keepalive_frame: bytes = b": keep-alive\n\n",
+        keepalive_frame: bytes = DEFAULT_KEEPALIVE_FRAME,
         id_prefix: str = "",
     ) -> None:
+        # Checked here: once the response runs, a bad argument could only be a 500.
         check_options(keepalive, retry)
-        self.keepalive_frame = keepalive_frame
+        check_callables(make_stream=make_stream, authorize=authorize)
+        self.keepalive_frame = check_frame(keepalive_frame)
         self.id_prefix = id_prefix
         self.authorize = authorize
         self.context = context
@@ -110,7 +121,7 @@ class EventStreamResponse:
         self.raw = raw
         self.keepalive = keepalive
         self.retry = retry
-        self.headers = list(headers or ())
+        self.headers = check_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -285,10 +296,11 @@ class EventStreamApp:
         raw: bool = False,
         keepalive: float | None = 15.0,
         retry: int | None = None,
-        headers: Iterable[tuple[str, str]] | None = None,
+        headers: Headers | None = None,
         authorize: Authorize | None = None,
     ) -> None:
         check_options(keepalive, retry)
+        check_callables(make_stream=make_stream, stream_id=stream_id, authorize=authorize)
         self._context = context
         self._make_stream = make_stream
         self._stream_id = stream_id or last_path_segment
@@ -296,7 +308,7 @@ class EventStreamApp:
             "raw": raw,
             "keepalive": keepalive,
             "retry": retry,
-            "headers": list(headers or ()),
+            "headers": check_headers(headers),
             "authorize": authorize,
         }
 

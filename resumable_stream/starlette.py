@@ -16,25 +16,26 @@ Make the context in the app's lifespan and hand it to requests through the lifes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from . import asgi
 from ._context import ResumableStreamContext
+from ._http import DEFAULT_KEEPALIVE_FRAME, Authorize, Headers
 from ._producer import MakeStream
 
 __all__ = ["EventStreamResponse"]
 
 
 class EventStreamResponse(Response):
-    """`resumable_stream.asgi.EventStreamResponse` as a Starlette `Response`; same arguments.
+    """`resumable_stream.asgi.EventStreamResponse` as a Starlette `Response`: the same
+    arguments (`authorize`, `keepalive_frame` and `id_prefix` included), checked when it is
+    built, plus Starlette's `background` task, run after the response.
 
     Status and headers are decided when the response runs (200, 204 for a finished stream, 400
-    for a malformed cursor), so `status_code` and `headers` here are only what Starlette expects
-    to find.
+    for a malformed cursor, 403 if `authorize` says no), so `status_code` and `headers` here are
+    only what Starlette expects to find; extra `headers` (a mapping or pairs) go on a 200.
     """
 
     media_type = "text/event-stream"
@@ -48,7 +49,10 @@ class EventStreamResponse(Response):
         raw: bool = False,
         keepalive: float | None = 15.0,
         retry: int | None = None,
-        headers: Iterable[tuple[str, str]] | None = None,
+        headers: Headers | None = None,
+        authorize: Authorize | None = None,
+        keepalive_frame: bytes = DEFAULT_KEEPALIVE_FRAME,
+        id_prefix: str = "",
         background: BackgroundTask | None = None,
     ) -> None:
         self._response = asgi.EventStreamResponse(
@@ -59,6 +63,9 @@ class EventStreamResponse(Response):
             keepalive=keepalive,
             retry=retry,
             headers=headers,
+            authorize=authorize,
+            keepalive_frame=keepalive_frame,
+            id_prefix=id_prefix,
         )
         self.status_code = 200
         self.background = background

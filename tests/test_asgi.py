@@ -323,6 +323,48 @@ async def test_response_options_are_checked_at_construction(workers: Workers) ->
         EventStreamApp(workers.P, retry=-1)
 
 
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"headers": {"x-a": 1}}, TypeError),
+        ({"headers": {b"x-a": "b"}}, TypeError),
+        ({"headers": [("x-a",)]}, TypeError),
+        ({"headers": ["ab"]}, TypeError),
+        ({"headers": {"x a": "b"}}, ValueError),
+        ({"headers": {"": "b"}}, ValueError),
+        ({"headers": {"x-a": "b\r\nx-injected: 1"}}, ValueError),
+        ({"headers": {"x-a": "€"}}, ValueError),  # not Latin-1
+        ({"headers": {"x-a": " b"}}, ValueError),  # servers reject it once the stream runs
+        ({"keepalive_frame": ": ping\n\n"}, TypeError),
+        ({"keepalive_frame": b": ping\n"}, ValueError),  # would run into the next event
+        ({"authorize": "yes"}, TypeError),
+        ({"make_stream": "text"}, TypeError),
+    ],
+    ids=lambda value: getattr(value, "__name__", repr(value)),
+)
+def test_bad_arguments_fail_when_the_response_is_built(
+    options: dict[str, Any], error: type[Exception]
+) -> None:
+    # Not once the stream runs and the status is sent: then all a client sees is a 500.
+    context = rs.ResumableStreamContext(backend=rs.MemoryBackend())
+    with pytest.raises(error):
+        EventStreamResponse(context, "s", **options)
+    if "keepalive_frame" not in options:
+        with pytest.raises(error):
+            EventStreamApp(context, **options)
+
+
+@pytest.mark.parametrize("headers", [{"X-Kind": "chat"}, [("X-Kind", "chat")]], ids=type)
+async def test_extra_headers_as_a_mapping_or_pairs(workers: Workers, headers: Any) -> None:
+    source = TestingSource()
+    source.close()  # an empty stream: a 200 all the same
+    app = EventStreamApp(workers.P, lambda sid, scope: source.make(), headers=headers)
+    async with client(app) as c, c.request("/s") as response:
+        assert response.status == 200
+        assert response.header("x-kind") == "chat"
+        assert await response.events() == []
+
+
 async def test_only_get(workers: Workers) -> None:
     async with client(EventStreamApp(workers.P)) as c, c.request("/s", method="POST") as response:
         assert response.status == 405

@@ -1,14 +1,24 @@
-"""The FastAPI, Starlette and Litestar examples, through their lifespans, in-process."""
+"""The FastAPI, Starlette and Litestar examples, through their lifespans, in-process; and the
+Starlette response in a FastAPI app."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
+import anyio
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import Response
+from starlette.background import BackgroundTask
 
-from .asgi_driver import serve
+import resumable_stream as rs
+from resumable_stream import asgi, starlette
+
+from .asgi_driver import client, serve
 from .conftest import ASYNCIO_LOOPS
+from .helpers import TestingSource
 
 pytestmark = pytest.mark.anyio
 
@@ -70,3 +80,75 @@ async def test_task_example_settles_and_reports_bad_input(monkeypatch: pytest.Mo
             events = await good.events()
     assert [e.event for e in events if e.event != "wait"] == ["settle"]
     assert f'"task": "{task_id}"' in events[-1].data
+
+
+# resumable_stream.starlette.EventStreamResponse in a FastAPI app
+
+
+def test_the_starlette_response_takes_the_asgi_responses_arguments() -> None:
+    def parameters(cls: Any) -> list[tuple[str, Any, Any]]:
+        signature = inspect.signature(cls)
+        return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+    extra = ("background", inspect.Parameter.KEYWORD_ONLY, None)
+    assert parameters(starlette.EventStreamResponse) == [
+        *parameters(asgi.EventStreamResponse),
+        extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"headers": {"x-a": 1}}, {"headers": {"x-a": "b\nc"}}, {"keepalive_frame": ": ping\n\n"}],
+    ids=repr,
+)
+def test_the_starlette_response_checks_its_arguments_when_built(options: dict[str, Any]) -> None:
+    context = rs.ResumableStreamContext(backend=rs.MemoryBackend())
+    with pytest.raises((TypeError, ValueError)):
+        starlette.EventStreamResponse(context, "s", **options)
+
+
+async def test_the_starlette_response_in_a_fastapi_app() -> None:
+    source = TestingSource()
+    background = anyio.Event()
+
+    async def refuse(scope: Any, stream_id: str) -> bool:
+        return False
+
+    app = FastAPI()
+
+    @app.get("/guarded/{stream_id}")
+    async def guarded(stream_id: str) -> Response:
+        return starlette.EventStreamResponse(streams, stream_id, source.make, authorize=refuse)
+
+    @app.get("/chat/{stream_id}")
+    async def chat(stream_id: str) -> Response:
+        return starlette.EventStreamResponse(
+            streams,
+            stream_id,
+            source.make,
+            keepalive=0.05,
+            keepalive_frame=b"event: ping\ndata: \n\n",
+            headers={"x-request-kind": "chat"},  # a mapping, Starlette's usual form
+            background=BackgroundTask(background.set),
+        )
+
+    async with (
+        rs.ResumableStreamContext(backend=rs.MemoryBackend(), drain_timeout=1) as streams,
+        client(app) as c,
+    ):
+        async with c.request("/guarded/s") as refused:
+            assert refused.status == 403
+        assert source.calls == 0  # refused before anything was created
+        async with c.request("/chat/s") as response:
+            assert response.status == 200
+            assert response.header("x-request-kind") == "chat"
+            assert response.header("content-type") == "text/event-stream; charset=utf-8"
+            while (piece := await response.chunk()) != b"event: ping\ndata: \n\n":
+                assert piece  # a new reader's head frame; then, idle, the frame given
+            source.write("hi")
+            source.close()
+            events = [e for e in await response.events() if e.event != "ping"]
+        assert [(e.data, e.id) for e in events] == [("hi", "2")]
+        with anyio.fail_after(5):
+            await background.wait()
