@@ -14,7 +14,7 @@ from anyio.abc import TaskGroup
 from . import _protocol as p
 from ._backend import Backend, MemoryBackend
 from ._buffer import Signal
-from ._exceptions import BackendError, ResumableStreamError
+from ._exceptions import BackendError, ResumableStreamError, single_exception_out
 from ._follower import Follower
 from ._hub import Hub
 from ._options import Settings
@@ -49,6 +49,10 @@ class ResumableStreamContext:
     If the backend cannot be reached when a stream starts, `resumable_stream` still runs it,
     for this caller only and not resumable, and logs a warning (`on_backend_error="degrade"`,
     the default); with `"raise"` it raises `BackendError` instead.
+
+    An exception raised inside `async with ctx:` comes out of it as itself, not wrapped in an
+    exception group; only several failures at the same time (the block's and the backend's,
+    say) come out as a `BaseExceptionGroup`.
     """
 
     def __init__(
@@ -127,7 +131,10 @@ class ResumableStreamContext:
                 follower.fail(ResumableStreamError("the stream context was closed"))
         finally:
             try:
-                await stack.__aexit__(exc_type, exc, tb)
+                # The task groups (this context's, the backend's) would wrap an exception of
+                # the caller's block in a group: it comes out as itself, unless there are more.
+                async with single_exception_out():
+                    await stack.__aexit__(exc_type, exc, tb)
             finally:
                 self._hub.close()
                 self._tg = None

@@ -19,6 +19,12 @@ Errors of the Redis client are translated at the boundary: callers never see `re
 
 from __future__ import annotations
 
+import sys
+from types import TracebackType
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 __all__ = [
     "BackendError",
     "ProducerConflictError",
@@ -83,3 +89,44 @@ class SlowReaderError(ResumableStreamError):
     Its unread text was dropped to keep memory bounded; the stream itself and every other reader
     carry on. Resuming from the offset in the message catches up.
     """
+
+
+class single_exception_out:  # lower case, like contextlib.suppress: a context manager
+    """Lets an exception group holding a single exception out as that exception.
+
+    A task group wraps whatever crosses it, so an exception raised inside `async with ctx:`
+    would come out in a group (two on Redis) that `except SomeError:` never matches. The
+    exception keeps its traceback, cause and context. A group of several exceptions (distinct
+    failures at the same time) is let out as it is.
+    """
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not isinstance(exc, BaseExceptionGroup):
+            return
+        leaves = _leaves(exc)
+        if len(leaves) != 1:
+            return
+        leaf = leaves[0]
+        context = leaf.__context__
+        try:
+            raise leaf
+        finally:
+            # Raising it here made the group its context; it had its own.
+            leaf.__context__ = context
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        for leaf in _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]:
+            if not any(leaf is seen for seen in found):  # the same one twice is still one
+                found.append(leaf)
+    return found

@@ -22,7 +22,7 @@ from redis.asyncio.client import Pipeline
 
 from ._backend import Connection, MessageHandler, ReconnectHandler
 from ._buffer import Signal
-from ._exceptions import BackendError
+from ._exceptions import BackendError, single_exception_out
 
 __all__ = ["RedisBackend"]
 
@@ -115,7 +115,8 @@ class RedisBackend:
             # Connect before the task group, so a refused connection raises BackendError itself
             # rather than inside an ExceptionGroup.
             await connection.connect()
-            async with anyio.create_task_group() as tg:
+            # The task group would wrap in a group what the caller's block raises.
+            async with single_exception_out(), anyio.create_task_group() as tg:
                 connection.start(tg)
                 try:
                     yield connection
