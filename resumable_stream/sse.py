@@ -2,8 +2,9 @@
 
 `SSEDecoder` turns the bytes of a `text/event-stream` body into the events a browser's
 `EventSource` would dispatch, and `encode_event` / `encode_comment` produce text that every
-conforming client decodes back into what was given. Nothing here does I/O, so the same code
-serves an ASGI app, a proxy and a client.
+conforming client decodes back into what was given, but for line ends: the format has only LF
+inside `data`, so a CR or CRLF there arrives as LF (and CR and LF are dropped from `event` and
+`id`). Nothing here does I/O, so the same code serves an ASGI app, a proxy and a client.
 
 The decoder follows the spec's parsing rules to the letter, including those that common parsers
 get wrong: the body is UTF-8 whatever its `charset` says, exactly one leading BOM is dropped, a CR
