@@ -60,6 +60,7 @@ class Follower:
         self._progress = anyio.current_time()  # when it was sent, or a piece of it arrived
         self._unanswered = 0
         self._recovering = False
+        self._again = False  # another request is due once the one being sent is out
         self._early: list[p.Message] = []  # live messages held aside while a replay is due
         self._end: p.End | None = None
         self._error: ResumableStreamError | None = None
@@ -144,44 +145,57 @@ class Follower:
         return bool(await self._hub.connection.publish(channel, request.pack()))
 
     async def _recover(self, deadline: float) -> None:
-        """Ask again for the text from this follower's position: after a gap, or silence.
-
-        Nobody subscribed to the request channel may be a producer resubscribing after an
-        outage; that is retried until `deadline`, then the producer counts as gone.
-        """
-        hub = self._hub
+        """Ask again for the text from this follower's position: after a gap, silence, or for
+        the next window of a replay; once more if another reason came up meanwhile."""
+        self._recovering = True
         try:
-            request = self._new_request()
-            if await self._send(request):
-                return
-            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                delay = _FIRST_RETRY
-                while await hub.state(self.stream_id) == p.RUNNING:
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, _MAX_RETRY)
-                    if await self._send(request):
-                        return
-            state = await hub.state(self.stream_id)
-            if state == p.RUNNING:
-                await hub.record_lost(self.stream_id)
-                state = p.LOST
-            if state is None:
-                self.fail(StreamIncompleteError(f"stream {self.stream_id!r} is gone"))
-                return
-            error = p.end_error(self.stream_id, state, None)
-            self.fail(
-                error  # type: ignore[arg-type]
-                or StreamIncompleteError(
-                    f"stream {self.stream_id!r} ended but its end never arrived, and its "
-                    f"producer no longer has the text: what came after offset {self._position} "
-                    "is unknown"
-                )
-            )
+            while True:
+                self._again = False
+                if not await self._ask_again(deadline):
+                    return
+                if not self._again:
+                    return
+                deadline = anyio.current_time() + self._hub.settings.resume_timeout
         except ResumableStreamError as exc:  # BackendError
             self.fail(exc)
         finally:
             self._recovering = False
             self._signal.notify()
+
+    async def _ask_again(self, deadline: float) -> bool:
+        """Send a request from the position; False if the follower failed instead.
+
+        Nobody subscribed to the request channel may be a producer resubscribing after an
+        outage; that is retried until `deadline`, then the producer counts as gone.
+        """
+        hub = self._hub
+        request = self._new_request()
+        if await self._send(request):
+            return True
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            delay = _FIRST_RETRY
+            while await hub.state(self.stream_id) == p.RUNNING:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY)
+                if await self._send(request):
+                    return True
+        state = await hub.state(self.stream_id)
+        if state == p.RUNNING:
+            await hub.record_lost(self.stream_id)
+            state = p.LOST
+        if state is None:
+            self.fail(StreamIncompleteError(f"stream {self.stream_id!r} is gone"))
+            return False
+        error = p.end_error(self.stream_id, state, None)
+        self.fail(
+            error  # type: ignore[arg-type]
+            or StreamIncompleteError(
+                f"stream {self.stream_id!r} ended but its end never arrived, and its "
+                f"producer no longer has the text: what came after offset {self._position} "
+                "is unknown"
+            )
+        )
+        return False
 
     def resync(self) -> None:
         """Messages may have been lost (the subscriber reconnected): ask from the position."""
@@ -191,9 +205,11 @@ class Follower:
     def _recover_soon(self) -> None:
         """Ask again, in the background: after a gap, or for the next window of a replay.
 
-        The producer was alive a moment ago, so it gets `resume_timeout` to be found.
+        The producer was alive a moment ago, so it gets `resume_timeout` to be found. If a
+        request is being sent right now, its task sends another once it is out.
         """
         self._awaiting = True  # hold live messages aside from now on
+        self._again = True
         if not self._recovering:
             deadline = anyio.current_time() + self._hub.settings.resume_timeout
             self._recovering = self._hub.spawn(self.stream_id, self._recover, deadline)
@@ -409,7 +425,6 @@ class Follower:
                 # hear (its subscriber was reconnecting), not because the producer was silent.
                 now = anyio.current_time()
                 deadline = max(self.heard + settings.liveness_timeout, now + settings.heartbeat)
-            self._recovering = True
             await self._recover(deadline)
 
     async def _finish_reading(self) -> None:

@@ -113,6 +113,8 @@ class EventStreamResponse:
         check_options(keepalive, retry)
         check_callables(make_stream=make_stream, authorize=authorize)
         self.keepalive_frame = check_frame(keepalive_frame)
+        if not isinstance(id_prefix, str) or any(c in id_prefix for c in "\r\n\0"):
+            raise ValueError(f"id_prefix must be a str without CR, LF or NUL, got {id_prefix!r}")
         self.id_prefix = id_prefix
         self.authorize = authorize
         self.context = context

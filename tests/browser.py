@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import pytest
+from .machine import missing
 
 CHROMIUM = os.environ.get("RESUMABLE_STREAM_CHROMIUM", "/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps dialling out, which this machine's
@@ -26,20 +26,15 @@ CHROMIUM_ARGS = [
 
 @asynccontextmanager
 async def chromium() -> AsyncIterator[Any]:
-    """A launched browser; fails loudly when it cannot be had, unless told to skip."""
-    if os.environ.get("RESUMABLE_STREAM_SKIP_BROWSER") == "1":
-        pytest.skip("RESUMABLE_STREAM_SKIP_BROWSER=1")
+    """A launched browser; without Chromium the test is skipped, or fails if all is required."""
     try:
         from playwright.async_api import async_playwright
     except ImportError:
-        pytest.fail(
-            "the browser tests need playwright (pip install playwright), or set "
-            "RESUMABLE_STREAM_SKIP_BROWSER=1"
-        )
+        missing("the browser tests need playwright (pip install playwright)")
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
+        missing(
             f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium, or set "
-            "RESUMABLE_STREAM_CHROMIUM), or set RESUMABLE_STREAM_SKIP_BROWSER=1"
+            "RESUMABLE_STREAM_CHROMIUM)"
         )
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

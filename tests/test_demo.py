@@ -1,9 +1,9 @@
 """`python -m resumable_stream demo`: the ASGI app driven in-process, the command line, and the
 page in a real headless Chromium against the demo server run as a subprocess.
 
-The browser tests fail (never skip) when Chromium or Playwright is missing, unless
-`RESUMABLE_STREAM_SKIP_BROWSER=1`; `RESUMABLE_STREAM_CHROMIUM` names another Chromium binary.
-They leave a screenshot in `tests/artifacts/demo.png`.
+Without Chromium or Playwright the browser tests are skipped (they fail under
+`RESUMABLE_STREAM_REQUIRE_ALL=1`, as in CI); `RESUMABLE_STREAM_CHROMIUM` names another Chromium
+binary. They leave a screenshot in `tests/artifacts/demo.png`.
 """
 
 from __future__ import annotations

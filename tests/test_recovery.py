@@ -259,17 +259,18 @@ async def test_followers_dropped_by_redis_for_falling_behind_recover_exactly(
     server: RedisServer, admin: redis.asyncio.Redis
 ) -> None:
     # Redis drops a subscriber whose unread output passes 1 MiB; the subscriber of C is
-    # stalled behind a proxy while a 24 MiB burst is published, so both of its followers lose
-    # text, while a follower in D keeps the producer publishing.
+    # stalled behind a proxy while a 16 MiB burst is published, so both of its followers lose
+    # text, while a follower in D keeps the producer publishing. Messages of 4 KiB: Valkey
+    # counts a large message in a subscriber's output by reference, not by size.
     await admin.config_set("client-output-buffer-limit", "pubsub 1048576 524288 60")
     assert server.port is not None
-    chunk = "0123456789abcdef" * 256  # 4 KiB
-    count = 6 * 1024
+    chunk = "0123456789abcdef" * 64  # 1 KiB
+    count = 16 * 1024
     # A long liveness timeout: the followers must recover from the gap itself, not from a
     # silence probe.
     options: dict[str, Any] = {
         "key_prefix": "burst",
-        "max_message_size": 64 << 10,
+        "max_message_size": 4 << 10,
         "liveness_timeout": 10.0,
     }
     with TcpProxy(server.port) as proxy:

