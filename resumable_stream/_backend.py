@@ -46,10 +46,11 @@ class Connection(Protocol):
     async def publish(self, channel: str, message: bytes) -> int:
         """Send `message`; returns how many connections are subscribed to `channel`."""
 
-    async def subscribe(self, channel: str, *, wait: bool = True) -> None:
-        """Subscribe; with `wait`, return only once messages published from now on arrive."""
+    async def subscribe(self, *channels: str, wait: bool = True) -> None:
+        """Subscribe to `channels` (of one stream: one hash slot); with `wait`, return only once
+        messages published from now on arrive."""
 
-    async def unsubscribe(self, channel: str) -> None: ...
+    async def unsubscribe(self, *channels: str) -> None: ...
 
 
 class Backend(Protocol):
@@ -170,14 +171,16 @@ class _MemoryConnection:
                 logger.exception("message handler failed on channel %r", channel)
         return len(subscribers)
 
-    async def subscribe(self, channel: str, *, wait: bool = True) -> None:
+    async def subscribe(self, *channels: str, wait: bool = True) -> None:
         await anyio.lowlevel.checkpoint()
         self._backend.commands["subscribe"] += 1
-        if channel not in self.channels:
-            self.channels.add(channel)
-            self._backend._subscribers.setdefault(channel, []).append(self)
+        for channel in channels:
+            if channel not in self.channels:
+                self.channels.add(channel)
+                self._backend._subscribers.setdefault(channel, []).append(self)
 
-    async def unsubscribe(self, channel: str) -> None:
+    async def unsubscribe(self, *channels: str) -> None:
         await anyio.lowlevel.checkpoint()
         self._backend.commands["unsubscribe"] += 1
-        self._backend._drop(channel, self)
+        for channel in channels:
+            self._backend._drop(channel, self)

@@ -108,7 +108,6 @@ class ResumableStreamContext:
             )
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._hub.open(connection, self._tg)
-            await connection.subscribe(self._hub.reply_channel)
             self._stack = stack.pop_all()
         return self
 

@@ -137,7 +137,8 @@ class Follower:
         self._answered = False
         self._progress = anyio.current_time()
         window = hub.settings.replay_window
-        return p.Request(self.listener, hub.reply_channel, self._position, after_end, window)
+        reply_to = hub.reply_channel(self.stream_id)
+        return p.Request(self.listener, reply_to, self._position, after_end, window)
 
     async def _send(self, request: p.Request) -> bool:
         """Publish `request`; True if somebody (the producer) was subscribed."""

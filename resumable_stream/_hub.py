@@ -56,8 +56,7 @@ class Hub:
     def __init__(self, settings: Settings, keys: p.Keys) -> None:
         self.settings = settings
         self.keys = keys
-        # Where producers send the answers to this context's followers' requests.
-        self.reply_channel = keys.inbox(uuid.uuid4().hex)
+        self._context_id = uuid.uuid4().hex
         self._connection: Connection | None = None
         self._tg: TaskGroup | None = None
         self._producers: dict[str, RequestHandler] = {}  # by request channel
@@ -105,19 +104,27 @@ class Hub:
 
     # Followers
 
+    def reply_channel(self, stream_id: str) -> str:
+        """Where producers answer this context's followers of `stream_id`: in the stream's
+        slot (one channel per context would put every stream's replies on one shard)."""
+        return self.keys.reply(stream_id, self._context_id)
+
     async def follow(self, follower: MessageSink) -> None:
-        """Route the stream's live messages to `follower`, subscribing on the first one."""
-        channel = self.keys.live(follower.stream_id)
+        """Route the stream's live messages and replies to `follower`, subscribing (to both,
+        in one command) for the first follower of the stream."""
+        stream_id = follower.stream_id
+        channel = self.keys.live(stream_id)
         async with self._live_lock:
             followers = self._live.get(channel)
             if followers is None:
-                await self.connection.subscribe(channel)
+                await self.connection.subscribe(channel, self.reply_channel(stream_id))
                 followers = self._live[channel] = set()
             followers.add(follower)
 
     async def unfollow(self, follower: MessageSink) -> None:
         """Stop routing to `follower`; unsubscribe with the last one. Shielded and bounded."""
-        channel = self.keys.live(follower.stream_id)
+        stream_id = follower.stream_id
+        channel = self.keys.live(stream_id)
         with anyio.CancelScope(shield=True), anyio.move_on_after(_UNSUBSCRIBE_TIMEOUT):
             async with self._live_lock:
                 followers = self._live.get(channel)
@@ -129,7 +136,7 @@ class Hub:
                 del self._live[channel]
                 if self._connection is not None:
                     try:
-                        await self._connection.unsubscribe(channel)
+                        await self._connection.unsubscribe(channel, self.reply_channel(stream_id))
                     except BackendError as exc:
                         logger.warning("could not unsubscribe %r: %s", channel, exc)
 

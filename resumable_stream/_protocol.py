@@ -28,6 +28,7 @@ the end answers it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Iterator
@@ -60,24 +61,40 @@ WireChunk = str | list[Any]
 
 
 class Keys:
-    """Key and channel names under one prefix; the version segment isolates protocol changes."""
+    """Key and channel names under one prefix; the version segment isolates protocol changes.
+
+    Every name of a stream carries the stream's hash tag (`{<id>}`), so on a Redis Cluster all
+    of a stream's keys and channels live in one slot: its state fails over as a unit, and
+    whoever publishes to a stream also subscribes in that slot. An id with a brace in it would
+    make a broken tag, so it is tagged by a digest of itself (the names still hold the id).
+    """
 
     __slots__ = ("_base",)
 
     def __init__(self, key_prefix: str) -> None:
-        self._base = f"{key_prefix}:v2:"
+        if "{" in key_prefix or "}" in key_prefix:
+            # A brace would make every stream's names share one hash tag, hence one slot.
+            raise ValueError(f"key_prefix must not contain braces, got {key_prefix!r}")
+        self._base = f"{key_prefix}:v3:"
+
+    def _tag(self, stream_id: str) -> str:
+        if "{" in stream_id or "}" in stream_id:
+            digest = hashlib.sha256(stream_id.encode("utf-8", "surrogatepass")).hexdigest()
+            return f"{self._base}{{{digest[:24]}}}{stream_id}"
+        return f"{self._base}{{{stream_id}}}"
 
     def sentinel(self, stream_id: str) -> str:
-        return f"{self._base}sentinel:{stream_id}"
+        return f"{self._tag(stream_id)}:sentinel"
 
     def request(self, stream_id: str) -> str:
-        return f"{self._base}request:{stream_id}"
+        return f"{self._tag(stream_id)}:request"
 
     def live(self, stream_id: str) -> str:
-        return f"{self._base}live:{stream_id}"
+        return f"{self._tag(stream_id)}:live"
 
-    def inbox(self, context_id: str) -> str:
-        return f"{self._base}inbox:{context_id}"
+    def reply(self, stream_id: str, context_id: str) -> str:
+        """Where a producer answers the requests of one context's followers of the stream."""
+        return f"{self._tag(stream_id)}:reply:{context_id}"
 
 
 def validate_stream_id(stream_id: object) -> str:

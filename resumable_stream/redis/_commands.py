@@ -1,0 +1,212 @@
+"""The commands of one context: queued, then sent together as one pipeline by one task.
+
+Concurrent streams share round trips this way, whatever their number. On a Redis Cluster the
+pipeline is redis-py's cluster pipeline, which splits a batch by node and follows redirections;
+every command still gets its own answer or error. Publishes are `SPUBLISH` there, so a stream's
+messages stay in its shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import redis.exceptions
+from redis.asyncio import Redis, RedisCluster
+
+from .._buffer import Signal
+from .._exceptions import BackendError
+from ._errors import deadline, text
+
+logger = logging.getLogger("resumable_stream")
+
+# Eviction may delete a running stream's keys (every key has a TTL, so volatile-* policies
+# qualify too): a second producer could then start under the same id.
+_SAFE_POLICIES = frozenset({"noeviction"})
+
+Command = Callable[[Any], object]  # given a pipeline, adds one command to it
+
+
+class _Pending:
+    __slots__ = ("command", "done", "error", "idempotent", "result")
+
+    def __init__(self, command: Command, idempotent: bool) -> None:
+        self.command = command
+        # Idempotent commands may be sent again after a connection failure: running them
+        # twice changes nothing (our protocol takes a PUBLISHed message twice as once).
+        self.idempotent = idempotent
+        self.done = anyio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class _Retryable(Exception):
+    """A batch failed on its connection; `error` is what its commands fail with."""
+
+    def __init__(self, error: BackendError) -> None:
+        self.error = error
+
+
+def _settle(
+    batch: list[_Pending], which: Callable[[_Pending], bool] | None, error: BackendError
+) -> None:
+    for pending in batch:
+        if which is None or which(pending):
+            pending.error = error
+            pending.done.set()
+
+
+def _reply(pending: _Pending) -> Any:
+    """A command's reply; its error reply (or the batch's failure) as `BackendError`."""
+    error = pending.error
+    if error is None:
+        return pending.result
+    if isinstance(error, BackendError):
+        raise error
+    raise BackendError(f"Redis error: {error}") from error
+
+
+def _holds_no_integer(error: BaseException | None) -> bool:
+    # INCR's answer when the key holds a string that is not a number (our terminal states).
+    # Every other error reply (OOM, MOVED, READONLY, NOPERM, WRONGTYPE...) is a failure.
+    return isinstance(error, redis.exceptions.ResponseError) and "not an integer" in str(error)
+
+
+class Commands:
+    def __init__(self, client: Redis | RedisCluster, timeout: float, *, sharded: bool) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._publish = "SPUBLISH" if sharded else "PUBLISH"
+        self._queue: list[_Pending] = []
+        self._queued = Signal()
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+        batch, self._queue = self._queue, []
+        _settle(batch, None, BackendError("the context was closed"))
+
+    def _enqueue(self, command: Command, idempotent: bool = True) -> _Pending:
+        if self._closed:
+            raise BackendError("the context was closed")
+        pending = _Pending(command, idempotent)
+        self._queue.append(pending)
+        self._queued.notify()
+        return pending
+
+    async def _call(self, command: Command, idempotent: bool = True) -> Any:
+        pending = self._enqueue(command, idempotent)
+        await pending.done.wait()
+        return _reply(pending)
+
+    async def run(self) -> None:
+        """The task that sends everything queued meanwhile as one pipeline, again and again."""
+        while True:
+            while not self._queue:
+                await self._queued.wait()
+            batch, self._queue = self._queue, []
+            await self._send(batch)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        """Send a batch as one pipeline and settle each of its commands."""
+        try:
+            try:
+                results = await self._execute(batch)
+            except _Retryable as exc:
+                # A connection that broke since its last use (a Redis restart, say) fails its
+                # first command; the pipeline reconnects, so what is safe to send twice gets
+                # one more try.
+                _settle(batch, lambda pending: not pending.idempotent, exc.error)
+                batch = [pending for pending in batch if pending.idempotent]
+                results = await self._execute(batch) if batch else []
+        except _Retryable as exc:
+            _settle(batch, None, exc.error)
+            return
+        except BackendError as exc:
+            _settle(batch, None, exc)
+            return
+        except BaseException:
+            _settle(batch, None, BackendError("command aborted"))
+            raise
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                pending.error = result
+            else:
+                pending.result = result
+            pending.done.set()
+
+    async def _execute(self, batch: list[_Pending]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for pending in batch:
+            pending.command(pipe)
+        try:
+            with deadline(self._timeout, "a command"):
+                return await pipe.execute(raise_on_error=False)
+        except BackendError:
+            raise  # the deadline: sending it all again would only double the wait
+        except (redis.exceptions.ConnectionError, ConnectionError) as exc:
+            raise _Retryable(BackendError(f"Redis connection error: {exc}")) from exc
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise BackendError(f"Redis error: {exc}") from exc
+
+    async def check_eviction_policy(self) -> None:
+        """Warn once if Redis may evict our keys (best effort: CONFIG may be forbidden).
+
+        Sent with the other commands, so it costs no connection of its own; on a cluster it
+        asks one node, whose configuration the others normally share.
+        """
+        try:
+            answer = await self._call(lambda pipe: pipe.execute_command("CONFIG GET", "maxmemory*"))
+        except BackendError as exc:
+            logger.debug("could not read Redis' eviction policy: %s", exc)
+            return
+        if isinstance(answer, list):  # RESP2 gives the pairs flat
+            answer = dict(zip(answer[::2], answer[1::2], strict=True))
+        config = {text(k): text(v) for k, v in dict(answer).items()}
+        policy = config.get("maxmemory-policy")
+        if config.get("maxmemory") not in (None, "0") and policy not in (None, *_SAFE_POLICIES):
+            logger.warning(
+                "Redis evicts keys under memory pressure (maxmemory-policy %s): a running "
+                "stream whose keys are evicted cannot be resumed, and readers get "
+                "ProducerConflictError if a second producer starts under its id; use "
+                "maxmemory-policy noeviction for resumable streams",
+                policy,
+            )
+
+    # The commands of the Connection protocol
+
+    async def incr(self, key: str, ttl: int) -> int | None:
+        # redis-py's `incr` sends INCRBY; the raw command keeps the protocol to a plain INCR.
+        incr = self._enqueue(lambda pipe: pipe.execute_command("INCR", key), idempotent=False)
+        expire = self._enqueue(lambda pipe: pipe.expire(key, ttl))
+        await incr.done.wait()
+        await expire.done.wait()
+        if _holds_no_integer(incr.error):
+            _reply(expire)
+            return None  # the key holds a terminal state: the stream finished
+        value = _reply(incr)
+        _reply(expire)
+        return int(value)
+
+    async def get(self, key: str) -> str | None:
+        return text(await self._call(lambda pipe: pipe.get(key)))
+
+    async def set(self, key: str, value: str, ttl: int) -> None:
+        await self._call(lambda pipe: pipe.set(key, value, ex=ttl))
+
+    async def swap(self, key: str, value: str, ttl: int) -> str | None:
+        return text(
+            await self._call(lambda pipe: pipe.set(key, value, ex=ttl, get=True), idempotent=False)
+        )
+
+    async def create(self, key: str, value: str, ttl: int) -> bool:
+        created = await self._call(
+            lambda pipe: pipe.set(key, value, ex=ttl, nx=True), idempotent=False
+        )
+        return bool(created)
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        command = self._publish
+        return int(await self._call(lambda pipe: pipe.execute_command(command, channel, message)))
