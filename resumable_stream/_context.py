@@ -317,14 +317,15 @@ def _validate(stream_id: object, make_stream: object, resume_at: object) -> tupl
 
 
 def create_resumable_stream_context(
-    redis: str | redis.asyncio.Redis | None = None,
+    redis: str | redis.asyncio.Redis | redis.asyncio.RedisCluster | None = None,
     *,
     backend: Backend | None = None,
     key_prefix: str = "resumable-stream",
     command_timeout: float | None = None,
     **options: Any,
 ) -> ResumableStreamContext:
-    """Make a context on Redis (a URL or a `redis.asyncio.Redis` client) or on a backend.
+    """Make a context on Redis (a URL, or a `redis.asyncio.Redis` or `RedisCluster` client: see
+    `resumable_stream.redis`) or on a backend.
 
     With neither, `REDIS_URL` is used if set, else an in-memory backend (streams are then
     resumable only inside this process). `command_timeout` bounds every Redis command (seconds,

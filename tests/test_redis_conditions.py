@@ -125,9 +125,11 @@ async def test_a_stalled_redis_fails_commands_within_the_command_timeout(
                 with anyio.fail_after(2), pytest.raises(rs.BackendError):
                     await ctx.has_existing_stream("s")
                 proxy.resume()
-                # The stalled connection was dropped; the next commands use a fresh one.
+                # The stalled connection was dropped; the next commands use a fresh one. (The
+                # INCR sent into the stall may still reach Redis once it ends: a network that
+                # held bytes delivers them late, so "s" may be taken now.)
                 with anyio.fail_after(5):
-                    assert await ctx.has_existing_stream("s") is None
+                    assert await ctx.has_existing_stream("s") in (None, True)
                     stream = await ctx.resumable_stream("s2", words)
                     assert await read(stream) == "all the words"
                 proxy.stall()  # leaving the context is bounded too

@@ -131,6 +131,9 @@ class _RedisConnection:
 
     async def connect(self) -> None:
         await self._subscriber.connect()
+        # Fail now, as BackendError, if the server refuses us (bad credentials, say): some
+        # redis-py versions connect a subscriber without asking anything of the server.
+        await self._commands.ping()
 
     def start(self, tg: TaskGroup) -> None:
         tg.start_soon(self._commands.run)

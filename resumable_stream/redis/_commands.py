@@ -175,6 +175,14 @@ class Commands:
                 policy,
             )
 
+    async def ping(self) -> None:
+        """One command straight away, before the sending task runs."""
+        try:
+            with deadline(self._timeout, "PING"):
+                await self._client.ping()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise BackendError(f"Redis error: {exc}") from exc
+
     # The commands of the Connection protocol
 
     async def incr(self, key: str, ttl: int) -> int | None:

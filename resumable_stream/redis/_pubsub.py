@@ -49,9 +49,11 @@ class Subscriber:
     async def connect(self) -> None:
         with map_exceptions(), deadline(self._timeout, "connect"):
             await self._pubsub.connect()  # type: ignore[no-untyped-call]
-        connection = self._pubsub.connection
-        assert connection is not None
-        connection.register_connect_callback(self._connected_again)
+        # Every redis-py connection has it; fakeredis's, with older redis-py, has not (and
+        # never loses what it was sent).
+        register = getattr(self._pubsub.connection, "register_connect_callback", None)
+        if register is not None:
+            register(self._connected_again)
 
     def _connected_again(self, connection: object) -> None:
         self._reconnected = True

@@ -50,9 +50,14 @@ class _Link:
     def __init__(self, node: ClusterNode) -> None:
         self.node = node
         self.name: str = node.name
-        kwargs = {**node.connection_kwargs, "socket_timeout": None, "protocol": 2}
         # No timeout on reads: a subscriber waits for messages as long as it lives (its
-        # liveness is checked with pings instead). RESP2: pushes come as plain replies.
+        # liveness is checked with pings instead). RESP2: pushes come as plain replies, and
+        # redis-py 8's maintenance notifications (RESP3 only) are not for this connection.
+        kwargs = {
+            **{k: v for k, v in node.connection_kwargs.items() if "maint" not in k},
+            "socket_timeout": None,
+            "protocol": 2,
+        }
         self.connection: RedisConnection = node.connection_class(**kwargs)
         self.channels: set[str] = set()
         self.confirmations: dict[tuple[bytes, str], deque[anyio.Event]] = {}
