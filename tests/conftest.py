@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -27,6 +27,9 @@ import resumable_stream as rs
 from resumable_stream._protocol import Keys
 
 from .machine import missing, server_binary
+
+if TYPE_CHECKING:
+    from .cluster import LocalCluster, LocalSentinel
 
 FLAVORS = ["memory", "memory-trio", "fakeredis", "redis"]
 # What HTTP-level modules run on (they override `flavor` with these): uvloop as well, on the
@@ -200,3 +203,61 @@ async def workers(flavor: str, request: pytest.FixtureRequest) -> AsyncIterator[
         yield Workers(P, C, flavor, prefix, (backend_p, backend_c), client)
     if client is not None:
         await client.aclose()
+
+
+# --- A real Redis Cluster and a real Sentinel setup (tests/cluster.py) ---------------------
+# Session-scoped and lazy: started the first time a test asks for one (~2-3 s each), stopped at
+# the end of the session. A test that changes the cluster's or Sentinel's shape (failover,
+# kill, migration) takes the `clean_` fixture, which puts it back before and after the test, so
+# that the next test starts from the original shape whatever this one did or left half-done.
+
+
+def _binary_for_cluster() -> str:
+    try:
+        return server_binary().path
+    except FileNotFoundError as exc:
+        missing(f"no real Redis-protocol server for a local cluster: {exc}")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """3 masters + 3 replicas on loopback; `seed_url` for clients."""
+    from .cluster import LocalCluster  # imports redis: only when a test asks
+
+    cluster = LocalCluster(_binary_for_cluster())
+    cluster.start()  # on failure, it stops what it started
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def clean_redis_cluster(redis_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """The session's cluster in its original shape (reset before and after the test)."""
+    redis_cluster.reset()
+    yield redis_cluster
+    redis_cluster.reset()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[LocalSentinel]:
+    """1 master + 1 replica + 3 sentinels on loopback; `sentinels` and `service_name` for
+    clients."""
+    from .cluster import LocalSentinel
+
+    setup = LocalSentinel(_binary_for_cluster())
+    setup.start()
+    try:
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def clean_redis_sentinel(redis_sentinel: LocalSentinel) -> Iterator[LocalSentinel]:
+    """The session's Sentinel setup with one master and its replica, agreed on by all (reset
+    before and after the test: no demoted master still taking writes)."""
+    redis_sentinel.reset()
+    yield redis_sentinel
+    redis_sentinel.reset()
