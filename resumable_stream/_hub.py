@@ -38,6 +38,8 @@ class RequestHandler(Protocol):
 
     def stop(self) -> None: ...
 
+    def resync(self) -> None: ...
+
 
 class MessageSink(Protocol):
     """A follower, as far as message routing goes."""
@@ -152,8 +154,11 @@ class Hub:
         return list({id(f): f for fs in self._live.values() for f in fs}.values())
 
     def resync(self) -> None:
-        """The backend's reconnect handler: messages may have been lost, so every follower
-        asks again from its position."""
+        """The backend's reconnect handler. Messages may have been lost, so every follower
+        asks again from its position; writes just before may have been lost too (a failover),
+        so every producer writes its stream's state again."""
+        for producer in list(self._producers.values()):
+            producer.resync()
         for follower in self.followers():
             follower.resync()
 

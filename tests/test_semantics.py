@@ -295,12 +295,7 @@ async def test_follower_close_detaches_only_itself(workers: Workers) -> None:
 
 
 async def channels_of(workers: Workers) -> list[str]:
-    if isinstance(workers.backends[0], rs.MemoryBackend):
-        channels = list(workers.backends[0].channels())
-    else:
-        raw = await workers.redis_client.pubsub_channels(f"{workers.prefix}:*")
-        channels = [c.decode() for c in raw]
-    return [c for c in channels if ":inbox:" not in c]
+    return await workers.channels()
 
 
 @pytest.mark.parametrize("workers", [{"linger": 0}], indirect=True)

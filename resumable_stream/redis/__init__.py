@@ -67,7 +67,7 @@ class RedisBackend:
         self._command_timeout = command_timeout
         self._redis = redis
         if isinstance(redis, str):
-            _client_from_url(redis)  # a malformed URL fails now, not when a context opens
+            _clients_from_url(redis)  # a malformed URL fails now, not when a context opens
 
     def __repr__(self) -> str:
         shown = _hide_password(self._redis) if isinstance(self._redis, str) else self._redis
@@ -82,8 +82,12 @@ class RedisBackend:
     async def _connect(
         self, on_message: MessageHandler, on_reconnect: ReconnectHandler | None
     ) -> AsyncIterator[Connection]:
-        owned = isinstance(self._redis, str)
-        client = _client_from_url(self._redis) if isinstance(self._redis, str) else self._redis
+        # Clients made from a URL are this context's to close (a Sentinel's included).
+        owned: list[Redis | RedisCluster] = []
+        if isinstance(self._redis, str):
+            client, owned = _clients_from_url(self._redis)
+        else:
+            client = self._redis
         connection = _RedisConnection(client, on_message, on_reconnect, self._command_timeout)
         try:
             # Connect before the task group, so a refused connection raises BackendError itself
@@ -100,9 +104,9 @@ class RedisBackend:
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
                 await connection.close()
-            if owned:
+            for made in owned:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
-                    await client.aclose()
+                    await made.aclose()
 
 
 class _RedisConnection:
@@ -158,10 +162,11 @@ class _RedisConnection:
 # URLs
 
 
-def _client_from_url(url: str) -> Redis | RedisCluster:
-    """A client for `url`: `redis[s]://` (a server), `redis[s]+cluster://` or `?cluster=true`
-    (a cluster: each host a seed), `redis[s]+sentinel://hosts/service[/db]` (a Sentinel
-    setup's master). Raises ValueError for anything else."""
+def _clients_from_url(url: str) -> tuple[Redis | RedisCluster, list[Redis | RedisCluster]]:
+    """A client for `url`, and every client made for it (to close): `redis[s]://` (a server),
+    `redis[s]+cluster://` or `?cluster=true` (a cluster: each host a seed),
+    `redis[s]+sentinel://hosts/service[/db]` (a Sentinel setup's master). Raises ValueError
+    for anything else."""
     if not isinstance(url, str):
         raise TypeError("a Redis URL must be a str")
     parts = urlsplit(url)
@@ -174,13 +179,15 @@ def _client_from_url(url: str) -> Redis | RedisCluster:
     if cluster_flag and cluster_flag[-1].lower() in ("true", "1", "yes"):
         topology = topology or "cluster"
     if topology == "":
-        return Redis.from_url(urlunsplit(parts._replace(query=urlencode(query))))
+        client = Redis.from_url(urlunsplit(parts._replace(query=urlencode(query))))
+        return client, [client]
     if topology == "cluster":
         hosts = _hosts(parts.netloc)
         first = parts._replace(scheme=scheme, netloc=_netloc(parts.netloc, hosts[0]))
         first = first._replace(query=urlencode(query))
         seeds = [ClusterNode(host, port) for host, port in hosts[1:]]
-        return RedisCluster.from_url(urlunsplit(first), startup_nodes=seeds or None)
+        cluster = RedisCluster.from_url(urlunsplit(first), startup_nodes=seeds or None)
+        return cluster, [cluster]
     if topology == "sentinel":
         hosts = _hosts(parts.netloc, default_port=26379)
         path = [piece for piece in parts.path.split("/") if piece]
@@ -198,7 +205,7 @@ def _client_from_url(url: str) -> Redis | RedisCluster:
             options["ssl"] = True
         sentinel = Sentinel(hosts, sentinel_kwargs={"ssl": scheme == "rediss"})  # type: ignore[no-untyped-call]
         master: Redis = sentinel.master_for(path[0], **options)
-        return master
+        return master, [master, *sentinel.sentinels]
     raise ValueError(f"unknown Redis URL scheme {parts.scheme!r}")
 
 

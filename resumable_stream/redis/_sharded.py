@@ -131,6 +131,7 @@ class ShardedSubscriber:
         try:
             with deadline(self._timeout, "connect"):
                 await self._client.initialize()
+                await _close_seed_connections(self._client)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise BackendError(f"Redis Cluster error: {exc}") from exc
 
@@ -189,6 +190,7 @@ class ShardedSubscriber:
     async def _refresh(self) -> None:
         try:
             await self._client.nodes_manager.initialize()
+            await _close_seed_connections(self._client)
         except (redis.exceptions.RedisError, OSError) as exc:
             logger.debug("could not refresh the Redis Cluster slot map: %s", exc)
 
@@ -386,6 +388,15 @@ class ShardedSubscriber:
                 self._lose([channel])
         elif kind == b"pong":
             link.pongs = 1
+
+
+async def _close_seed_connections(client: RedisCluster) -> None:
+    """redis-py reads the slot map through a seed node object of its own, and keeps its
+    connection open beside the one its node cache uses: one connection too many."""
+    manager = client.nodes_manager
+    for name, node in list(manager.startup_nodes.items()):
+        if manager.nodes_cache.get(name) is not node:
+            await node.disconnect()
 
 
 def _owner(nodes: Any, slot: int) -> str | None:
