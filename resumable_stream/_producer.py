@@ -245,12 +245,23 @@ class Producer:
     async def _write_state_again(self) -> None:
         hub = self._hub
         key = hub.keys.sentinel(self.stream_id)
+        ttl = hub.settings.ttl
         try:
-            if self.state is None:
-                # Only if the election was lost: its key gone, a second producer could start.
-                await hub.connection.create(key, "1", hub.settings.ttl)
-            elif self._recorded:
-                await hub.connection.set(key, p.sentinel_value(self.state), hub.settings.ttl)
+            if self.state is not None:
+                if self._recorded:
+                    await hub.connection.set(key, p.sentinel_value(self.state), ttl)
+                return
+            found = p.stream_state(await hub.connection.get(key))
+            if found is None:
+                # The election was lost with the old master: without its key, a second
+                # producer could start under this id.
+                await hub.connection.create(key, "1", ttl)
+            elif found == p.LOST:
+                # Somebody who could not reach this producer (it was on the other side of the
+                # failover) took it for dead; it is not.
+                await hub.connection.set(key, "1", ttl)
+            elif found == p.CANCELLED:
+                self.stop()  # a stop that could not reach this producer meanwhile
         except BackendError as exc:
             logger.debug("could not write the state of stream %r again: %s", self.stream_id, exc)
 

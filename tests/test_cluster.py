@@ -289,6 +289,50 @@ async def test_a_sentinel_failover_ends_no_stream(clean_redis_sentinel: LocalSen
             await client.aclose()
 
 
+async def test_sentinels_window_gives_a_typed_error_then_heals(
+    clean_redis_sentinel: LocalSentinel,
+) -> None:
+    sentinel = clean_redis_sentinel
+    hosts = ",".join(f"{host}:{port}" for host, port in sentinel.sentinels)
+    url = f"redis+sentinel://{hosts}/{sentinel.service_name}/0"
+    prefix = f"window-{uuid.uuid4().hex[:8]}"
+    async with rs.ResumableStreamContext(
+        backend=RedisBackend(url), key_prefix=prefix, **OPTIONS
+    ) as P:
+        source = TestingSource()
+        own = await P.resumable_stream("w", source.make)
+        source.write("before; ")
+        assert await read(own, 1) == "before; "
+        with anyio.fail_after(40):
+            await run_blocking(sentinel.failover)
+        # The old master may still take the producer's connections (for up to ~10 s); a
+        # context that starts now is on the new master, where then nobody answers for the
+        # stream: a typed error, never other text. (If Sentinel demoted the old master at
+        # once, the producer is there already and answers.)
+        async with rs.ResumableStreamContext(
+            backend=RedisBackend(url), key_prefix=prefix, **OPTIONS
+        ) as N:
+            early: rs.ResumableStream | None = None
+            with anyio.fail_after(OPTIONS["resume_timeout"] + 5):
+                try:
+                    early = await N.resume_existing_stream("w")
+                except rs.ProducerUnavailableError:
+                    early = None
+            # Once Sentinel demotes the old master, the producer's context reconnects to the
+            # new one and says it is alive: the same reader now gets the text.
+            with anyio.fail_after(40):
+                await run_blocking(sentinel.settle)
+            # It was recorded as lost; the producer's context, reconnected, says it runs.
+            await poll_until(lambda: N.has_existing_stream("w"), True, 20)
+            follower = await N.resume_existing_stream("w")
+            source.write("after")
+            source.close()
+            assert await read(own) == "after"
+            assert await read(follower) == "before; after"
+            if early is not None:
+                assert await read(early) == "before; after"
+
+
 async def test_a_cluster_client_can_be_passed_in(cluster: LocalCluster) -> None:
     client = RedisCluster.from_url(cluster.seed_url)
     try:
