@@ -1,7 +1,7 @@
 """The subscriber of one context on a Redis server (or the master a Sentinel names).
 
-One connection, redis-py's `PubSub`: (un)subscribe commands are written under a lock (it is not
-safe for concurrent subscribes), and one task reads confirmations and messages and dispatches
+One connection, redis-py's `PubSub`: (un)subscriptions are queued and sent by one task (those
+queued meanwhile in one command), and one task reads confirmations and messages and dispatches
 them. redis-py reconnects it by itself and resubscribes what it knew of; after that the context
 hears `on_reconnect`, since whatever was published meanwhile was lost.
 """
@@ -9,6 +9,7 @@ hears `on_reconnect`, since whatever was published meanwhile was lost.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections import deque
 
@@ -18,10 +19,35 @@ from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 
 from .._backend import MessageHandler, ReconnectHandler
+from .._buffer import Signal
 from .._exceptions import BackendError
 from ._errors import broken_connection, deadline, delay_after, map_exceptions, text
 
 logger = logging.getLogger("resumable_stream")
+
+
+class _Change:
+    """An (un)subscription asked for, and its waiter, if any: `done` once the server confirmed
+    every channel, or the change failed (`error`)."""
+
+    __slots__ = ("channels", "done", "error", "kind", "waiting")
+
+    def __init__(self, kind: bytes, channels: tuple[str, ...], wait: bool) -> None:
+        self.kind = kind
+        self.channels = channels
+        self.waiting = len(channels) if wait else 0
+        self.done = anyio.Event()
+        self.error: BackendError | None = None
+
+    def confirmed(self) -> None:
+        self.waiting -= 1
+        if self.waiting <= 0:
+            self.done.set()
+
+    def fail(self, error: BackendError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
 
 
 class Subscriber:
@@ -40,8 +66,13 @@ class Subscriber:
         # what it knew of): messages published meanwhile were lost.
         self._reconnected = False
         self._closed = False
-        self._lock = anyio.Lock()
-        self._confirmations: dict[tuple[bytes, str], deque[anyio.Event]] = {}
+        # Changes are queued and sent by one task, those queued meanwhile together (a burst
+        # of new streams costs a few SUBSCRIBE commands, not one each, and nobody waits for
+        # a lock); writes on the PubSub are serialized (it is not safe for concurrent ones).
+        self._changes: list[_Change] = []
+        self._queued = Signal()
+        self._write_lock = anyio.Lock()
+        self._confirmations: dict[tuple[bytes, str], deque[_Change]] = {}
         self._error: BaseException | None = None
         # What we want to be subscribed to, so a reconnect can restore what an outage lost.
         self._wanted: set[str] = set()
@@ -60,6 +91,7 @@ class Subscriber:
 
     def start(self, tg: TaskGroup) -> None:
         tg.start_soon(self._read)
+        tg.start_soon(self._send_changes)
 
     def closing(self) -> None:
         self._closed = True
@@ -69,66 +101,82 @@ class Subscriber:
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, channels: tuple[str, ...], wait: bool) -> None:
-        with deadline(self._timeout, "SUBSCRIBE"):
-            await self._change(b"subscribe", channels, wait)
+        self._wanted.update(channels)
+        change = self._queue(b"subscribe", channels, wait)
+        if wait:
+            with deadline(self._timeout, "SUBSCRIBE"):
+                await change.done.wait()
+            if change.error is not None:
+                raise change.error
+            if self._error is not None:
+                raise BackendError("the Redis subscriber connection is down") from self._error
 
     async def unsubscribe(self, channels: tuple[str, ...]) -> None:
+        """Returns once the command is sent (not confirmed); a failure is left to the
+        reconnect, which forgets what is no longer wanted."""
+        self._wanted.difference_update(channels)
+        if self._closed:
+            return  # the subscriptions end with the connection
+        change = self._queue(b"unsubscribe", channels, wait=False)
         with deadline(self._timeout, "UNSUBSCRIBE"):
-            await self._change(b"unsubscribe", channels, wait=False)
+            await change.done.wait()
 
-    async def _change(self, kind: bytes, channels: tuple[str, ...], wait: bool) -> None:
-        confirmed = [(channel, anyio.Event()) for channel in channels]
-        async with self._lock:
-            if kind == b"subscribe":
-                self._wanted.update(channels)
-            else:
-                self._wanted.difference_update(channels)
-            if self._closed and kind == b"unsubscribe":
-                return  # the subscriptions end with the connection
-            if self._error is not None and kind == b"unsubscribe":
-                # Down: the reconnect forgets what is no longer wanted.
-                for channel in channels:
-                    self._pubsub.channels.pop(channel.encode(), None)
-                return
+    def _queue(self, kind: bytes, channels: tuple[str, ...], wait: bool) -> _Change:
+        change = _Change(kind, channels, wait)
+        self._changes.append(change)
+        self._queued.notify()
+        return change
+
+    async def _send_changes(self) -> None:
+        while True:
+            while not self._changes:
+                await self._queued.wait()
+            changes, self._changes = self._changes, []
+            for kind, group in itertools.groupby(changes, key=lambda change: change.kind):
+                await self._send(kind, list(group))
+
+    async def _send(self, kind: bytes, group: list[_Change]) -> None:
+        channels = [channel for change in group for channel in change.channels]
+        if kind == b"unsubscribe" and self._error is not None:
+            # Down: the reconnect forgets what is no longer wanted.
+            for channel in channels:
+                self._pubsub.channels.pop(channel.encode(), None)
+            for change in group:
+                change.done.set()
+            return
+        for change in group:
+            if change.waiting:
+                for channel in change.channels:
+                    self._confirmations.setdefault((kind, channel), deque()).append(change)
+        try:
             # Even while the connection is down: redis-py connects again to send this (with
             # nothing subscribed, nothing else would make it try).
-            for channel, event in confirmed:
-                self._confirmations.setdefault((kind, channel), deque()).append(event)
-            try:
-                with map_exceptions(), broken_connection():
+            what = kind.decode().upper()
+            async with self._write_lock:
+                with deadline(self._timeout, what), map_exceptions(), broken_connection():
                     if kind == b"subscribe":
                         await self._pubsub.subscribe(*channels)
                     else:
                         await self._pubsub.unsubscribe(*channels)
-            except BackendError:
-                self._forget(kind, confirmed)
-                if not wait:
-                    return  # the reconnect subscribes what is wanted then
-                raise
-            except BaseException:
-                self._forget(kind, confirmed)
-                raise
-        if wait:
-            try:
-                for _, event in confirmed:
-                    await event.wait()
-            except BaseException:
-                # A confirmation that comes later may release the next waiter instead: the
-                # server handled this command first, so that waiter's wait is over too.
-                self._forget(kind, confirmed)
-                raise
-            if self._error is not None:
-                raise BackendError("the Redis subscriber connection is down") from self._error
+        except BackendError as exc:
+            # Still wanted: the reconnect subscribes them. Whoever waits learns it now.
+            for change in group:
+                self._forget(change)
+                change.fail(exc)
+            return
+        for change in group:
+            if not change.waiting:
+                change.done.set()  # nothing to wait for but the sending
 
-    def _forget(self, kind: bytes, confirmed: list[tuple[str, anyio.Event]]) -> None:
-        for channel, event in confirmed:
+    def _forget(self, change: _Change) -> None:
+        for channel in change.channels:
             with contextlib.suppress(KeyError, ValueError):
-                self._confirmations[(kind, channel)].remove(event)
+                self._confirmations[(change.kind, channel)].remove(change)
 
     async def _restore(self) -> None:
         # redis-py resubscribes what it knew of; whatever was asked for during the outage is
         # subscribed here, and what was dropped meanwhile is let go.
-        async with self._lock:
+        async with self._write_lock:
             known = {text(name) for name in self._pubsub.channels}
             missing = [channel for channel in self._wanted if channel not in known]
             stale = [channel for channel in known if channel not in self._wanted]
@@ -144,7 +192,7 @@ class Subscriber:
     def _confirm(self, kind: bytes, channel: str) -> None:
         waiters = self._confirmations.get((kind, channel))
         if waiters:
-            waiters.popleft().set()
+            waiters.popleft().confirmed()
             if not waiters:
                 del self._confirmations[(kind, channel)]
 
@@ -156,9 +204,10 @@ class Subscriber:
                 response = await pubsub.parse_response(block=True)
             except (redis.exceptions.RedisError, OSError) as exc:
                 self._error = exc
+                down = BackendError(f"the Redis subscriber connection is down: {exc}")
                 for waiters in self._confirmations.values():
-                    for event in waiters:
-                        event.set()
+                    for change in waiters:
+                        change.fail(down)
                 self._confirmations.clear()
                 delay = delay_after(failures)
                 failures += 1

@@ -123,7 +123,10 @@ class ShardedSubscriber:
         self._where: dict[str, _Link] = {}  # channel -> the link it is subscribed on
         self._lost: set[str] = set()  # wanted channels to subscribe again
         self._lost_signal = Signal()
-        self._lock = anyio.Lock()  # one change of the subscriptions at a time
+        # Opening a link (connect, ROLE) takes round trips: one at a time per master, so that
+        # concurrent subscribes share it. Everything else needs no lock: sends are serialized
+        # per link, and the bookkeeping between awaits is synchronous.
+        self._opening: dict[str, anyio.Lock] = {}
         self._tg: TaskGroup | None = None
         self._closed = False
 
@@ -159,8 +162,7 @@ class ShardedSubscriber:
             # Whoever does not wait gets it done in the background, as soon as it can be.
             try:
                 with deadline(self._timeout, "SSUBSCRIBE"):
-                    async with self._lock:
-                        await self._subscribe_on_master(channels, slot)
+                    await self._subscribe_on_master(channels, slot)
             except BackendError:
                 self._lose(channels)
             return
@@ -170,8 +172,7 @@ class ShardedSubscriber:
                 failures = 0
                 while True:
                     try:
-                        async with self._lock:
-                            events = await self._subscribe_on_master(channels, slot)
+                        events = await self._subscribe_on_master(channels, slot)
                         break
                     except BackendError as exc:
                         # A failover under way: the slot map names a demoted master, or the
@@ -195,24 +196,23 @@ class ShardedSubscriber:
             logger.debug("could not refresh the Redis Cluster slot map: %s", exc)
 
     async def unsubscribe(self, channels: tuple[str, ...]) -> None:
+        by_link: dict[str, list[str]] = {}
+        for channel in channels:
+            self._wanted.pop(channel, None)
+            self._lost.discard(channel)
+            link = self._where.pop(channel, None)
+            if link is not None:
+                link.channels.discard(channel)
+                by_link.setdefault(link.name, []).append(channel)
+                link.unsubscribing[channel] = link.unsubscribing.get(channel, 0) + 1
+        if self._closed:
+            return  # the subscriptions end with the connections
         with deadline(self._timeout, "SUNSUBSCRIBE"):
-            async with self._lock:
-                by_link: dict[str, list[str]] = {}
-                for channel in channels:
-                    self._wanted.pop(channel, None)
-                    self._lost.discard(channel)
-                    link = self._where.pop(channel, None)
-                    if link is not None:
-                        link.channels.discard(channel)
-                        by_link.setdefault(link.name, []).append(channel)
-                        link.unsubscribing[channel] = link.unsubscribing.get(channel, 0) + 1
-                if self._closed:
-                    return  # the subscriptions end with the connections
-                for name, names in by_link.items():
-                    link = self._links.get(name)
-                    if link is not None and not link.broken:
-                        with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                            await link.send("SUNSUBSCRIBE", *names)
+            for name, names in by_link.items():
+                link = self._links.get(name)
+                if link is not None and not link.broken:
+                    with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                        await link.send("SUNSUBSCRIBE", *names)
 
     async def _subscribe_on_master(self, channels: tuple[str, ...], slot: int) -> list[anyio.Event]:
         """SSUBSCRIBE on the slot's master (checked by ROLE); the confirmations to wait for."""
@@ -241,17 +241,21 @@ class ShardedSubscriber:
         link = self._links.get(node.name)
         if link is not None and not link.broken:
             return link
-        link = _Link(node)
-        try:
-            await link.open()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await link.close()
-            raise
-        self._links[link.name] = link
-        assert self._tg is not None
-        self._tg.start_soon(self._read, link)
-        return link
+        async with self._opening.setdefault(node.name, anyio.Lock()):
+            link = self._links.get(node.name)
+            if link is not None and not link.broken:
+                return link  # another task opened it meanwhile
+            link = _Link(node)
+            try:
+                await link.open()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await link.close()
+                raise
+            self._links[link.name] = link
+            assert self._tg is not None
+            self._tg.start_soon(self._read, link)
+            return link
 
     # Losing and restoring subscriptions
 
@@ -277,21 +281,22 @@ class ShardedSubscriber:
             try:
                 with deadline(self._timeout, "a resubscription"):
                     await self._refresh()
-                    async with self._lock:
-                        lost, self._lost = self._lost, set()
-                        by_slot: dict[int, list[str]] = {}
-                        for channel in lost:
-                            slot = self._wanted.get(channel)
-                            if slot is not None:
-                                by_slot.setdefault(slot, []).append(channel)
-                        try:
-                            for slot, names in by_slot.items():
-                                events = await self._subscribe_on_master(tuple(names), slot)
-                                for event in events:
-                                    await event.wait()
-                        except BaseException:
-                            self._lost.update(c for cs in by_slot.values() for c in cs)
-                            raise
+                    lost, self._lost = self._lost, set()
+                    by_slot: dict[int, list[str]] = {}
+                    for channel in lost:
+                        slot = self._wanted.get(channel)
+                        if slot is not None:
+                            by_slot.setdefault(slot, []).append(channel)
+                    try:
+                        # All sent first, then all confirmations awaited: one round trip.
+                        events = []
+                        for slot, names in by_slot.items():
+                            events += await self._subscribe_on_master(tuple(names), slot)
+                        for event in events:
+                            await event.wait()
+                    except BaseException:
+                        self._lost.update(c for cs in by_slot.values() for c in cs)
+                        raise
             except (BackendError, redis.exceptions.RedisError, OSError) as exc:
                 failures += 1
                 logger.warning(
