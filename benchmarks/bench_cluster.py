@@ -32,11 +32,11 @@ import resumable_stream as rs
 from resumable_stream.redis import RedisBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.cluster
-from bench_core import chunk, make_source, median_of, produce_consume, resume_gated  # noqa: E402
+from bench_core import chunk, make_source, median_of, produce_consume, resume_gated
 
-from tests.cluster import LocalCluster  # noqa: E402
-from tests.conftest import start_redis_server  # noqa: E402
-from tests.machine import server_binary  # noqa: E402
+from tests.cluster import LocalCluster
+from tests.conftest import start_redis_server
+from tests.machine import server_binary
 
 _ADMIN = {"info", "client|info", "client|setinfo", "client|list", "hello", "ping", "select"}
 
@@ -195,7 +195,7 @@ async def main() -> None:
             "table": table,
             "spread": shares,
         }
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        await anyio.Path(args.json).write_text(json.dumps(report, indent=2, default=str))
 
 
 if __name__ == "__main__":
