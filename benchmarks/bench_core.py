@@ -85,11 +85,14 @@ def git(*args: str) -> str:
 
 
 def code_version(ref: str | None = None) -> str:
-    """`ref` as a short commit, or the checkout's HEAD (+ "-dirty" if its library has edits)."""
+    """`ref` as a short commit; without it, the checkout's library: the last commit that changed
+    `resumable_stream/` (not HEAD, which moves with every commit to the benchmarks), with
+    "-dirty" if the package has uncommitted edits."""
     if ref is not None:
         return git("rev-parse", "--short", f"{ref}^{{commit}}")
     dirty = git("status", "--porcelain", "--", "resumable_stream")
-    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+    last = git("log", "-1", "--format=%h", "HEAD", "--", "resumable_stream")
+    return last + ("-dirty" if dirty else "")
 
 
 @contextlib.contextmanager
