@@ -1,6 +1,7 @@
 """Side by side with the Node reference: the shared workload against this library and npm's.
 
 Usage: python benchmarks/bench_compare.py [--processes 3] [--runs 5] [--chunks 10000] [--width 64]
+       [--baseline REF]
 
 Starts its own redis-server on a free loopback port, installs the reference into
 `benchmarks/node/` if it is missing (`npm ci`, versions pinned in its package.json), then runs the
@@ -10,12 +11,19 @@ one server; then a 40 MiB replay once per implementation, bounded by `--replay-t
 Figures are medians over all runs of all processes; ratios are ours / Node from the same run.
 Prints one Markdown table and writes `benchmarks/results/compare-{python,node}.json` and
 `compare.json`.
+
+With `--baseline REF`, the library as of git REF ("before") is measured in the same run too: its
+package is extracted into a temporary directory and a third set of worker processes imports it
+(PYTHONPATH), alternating with the others; the table gains a column for it and after / before.
+The code under test ("after") is this checkout's `resumable_stream/`, pinned the same way. Each
+worker reports the file it imported, and the run stops if it is not the intended copy.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import math
@@ -35,7 +43,16 @@ from typing import Any
 import anyio
 import redis
 import redis.asyncio
-from bench_core import commandstats, median_of, start_redis
+from bench_core import (
+    REPO,
+    check_imported,
+    code_version,
+    commandstats,
+    env_importing,
+    library_at,
+    median_of,
+    start_redis,
+)
 
 import resumable_stream as rs
 
@@ -314,6 +331,8 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     info = await admin.info("server")
     report: dict[str, Any] = {
         "impl": f"python:resumable-streams@{rs.__version__}",
+        # Which copy of the library this process runs: the orchestrator checks it.
+        "module_file": rs.__file__,
         "python": platform.python_version(),
         "redis_client": f"redis-py@{redis.__version__}",
         "redis_version": info["redis_version"],
@@ -413,8 +432,10 @@ def ensure_node_reference() -> None:
     subprocess.run(["npm", install, "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True)
 
 
-def run_json(command: list[str], timeout: float) -> dict[str, Any]:
-    done = subprocess.run(command, stdout=subprocess.PIPE, timeout=timeout, check=True)
+def run_json(
+    command: list[str], timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    done = subprocess.run(command, stdout=subprocess.PIPE, timeout=timeout, check=True, env=env)
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
@@ -502,30 +523,46 @@ def rate(value: float) -> str:
     return f"{value / 1e3:.1f}k" if value >= 1e3 else f"{value:.0f}"
 
 
+def ratio_text(a: float, b: float) -> str:
+    if not b or math.isnan(a) or math.isnan(b):
+        return "-"
+    # Two significant digits for the small ratios of command counts (12 / 5,003).
+    return f"{a / b:.2f}" if a / b >= 0.1 else f"{a / b:.2g}"
+
+
 def commands_text(calls: dict[str, float]) -> str:
     total = sum(calls.values())
     parts = ", ".join(f"{k.upper()} {v:g}" for k, v in calls.items())
     return f"{total:g} ({parts})"
 
 
-def table(py: dict[str, Any], node: dict[str, Any], replay_mib: int) -> list[list[str]]:
-    """The headline rows: figure, ours, Node, ours / Node, which way is better."""
+def table(
+    reports: dict[str, dict[str, Any]], ratios: list[tuple[str, str]], replay_mib: int
+) -> list[list[str]]:
+    """The headline rows: figure, one column per implementation (in the order of `reports`),
+    then one per ratio (a, b) of `ratios` (a's median / b's, from this run), which way is better.
+    """
     rows: list[list[str]] = []
+    names = list(reports)
+    first = reports[names[0]]
 
     def median(report: dict[str, Any], scenario: str, metric: str) -> float:
         value: float = report["results"][scenario]["median"][metric]
         return value
 
-    def numeric(label: str, scenario: str, metric: str, kind: str) -> None:
-        ours, theirs = median(py, scenario, metric), median(node, scenario, metric)
-        shown = rate if kind == "rate" else (lambda v: f"{v:.2f} ms")
-        better = "higher" if kind == "rate" else "lower"
-        rows.append([label, shown(ours), shown(theirs), f"{ours / theirs:.2f}", better])
+    def add(label: str, shown: list[str], values: dict[str, float], better: str) -> None:
+        quotients = [ratio_text(values[a], values[b]) for a, b in ratios]
+        rows.append([label, *shown, *quotients, better])
 
-    def commands(label: str, ours: dict[str, float], theirs: dict[str, float]) -> None:
-        a, b = sum(ours.values()), sum(theirs.values())
-        ratio = f"{a / b:.2f}" if b else "-"
-        rows.append([label, commands_text(ours), commands_text(theirs), ratio, "lower"])
+    def numeric(label: str, scenario: str, metric: str, kind: str) -> None:
+        values = {name: median(report, scenario, metric) for name, report in reports.items()}
+        show = rate if kind == "rate" else (lambda v: f"{v:.2f} ms")
+        better = "higher" if kind == "rate" else "lower"
+        add(label, [show(values[name]) for name in names], values, better)
+
+    def commands(label: str, calls: dict[str, dict[str, float]]) -> None:
+        totals = {name: float(sum(c.values())) for name, c in calls.items()}
+        add(label, [commands_text(calls[name]) for name in names], totals, "lower")
 
     numeric("read the source, no library: chunks/s", "baseline_no_library", "chunks_per_s", "rate")
     numeric("produce + consume: chunks/s", "produce_consume", "chunks_per_s", "rate")
@@ -544,7 +581,7 @@ def table(py: dict[str, Any], node: dict[str, Any], replay_mib: int) -> list[lis
         "rate",
     )
     gated = "resume_gated_idempotent_api"
-    half = py["params"]["chunks"] // 2
+    half = first["params"]["chunks"] // 2
     numeric(
         f"resume at chunk {half:,} (mid-chunk): call → first reply", gated, "resume_ack_ms", "ms"
     )
@@ -566,41 +603,38 @@ def table(py: dict[str, Any], node: dict[str, Any], replay_mib: int) -> list[lis
         ("Redis commands per uncontended stream", "commands_per_stream_idempotent_api"),
         ("same, explicit API", "commands_per_stream_explicit_api"),
     ):
-        commands(
-            label,
-            py["results"][scenario]["per_stream_calls"],
-            node["results"][scenario]["per_stream_calls"],
-        )
-    chunks = py["params"]["chunks"]
+        commands(label, {n: r["results"][scenario]["per_stream_calls"] for n, r in reports.items()})
+    chunks = first["params"]["chunks"]
     commands(
         f"Redis commands, one {chunks:,}-chunk stream",
-        py["results"]["commands_one_big_stream"]["raw_delta"],
-        node["results"]["commands_one_big_stream"]["raw_delta"],
+        {n: r["results"]["commands_one_big_stream"]["raw_delta"] for n, r in reports.items()},
     )
-    ours_pub = py["results"][gated]["commands_first_run"].get("publish", 0)
-    node_pub = node["results"][gated]["commands_first_run"].get("publish", 0)
-    rows.append(
-        [
-            f"PUBLISH, {chunks:,}-chunk stream, 1 follower at {chunks // 2:,}",
-            f"{ours_pub:,}",
-            f"{node_pub:,}",
-            f"{ours_pub / node_pub:.4f}" if node_pub else "-",
-            "lower",
-        ]
+    publishes = {
+        name: float(report["results"][gated]["commands_first_run"].get("publish", 0))
+        for name, report in reports.items()
+    }
+    add(
+        f"PUBLISH, {chunks:,}-chunk stream, 1 follower at {chunks // 2:,}",
+        [f"{publishes[name]:,.0f}" for name in names],
+        publishes,
+        "lower",
     )
 
-    def replay(report: dict[str, Any]) -> str:
+    def replay(report: dict[str, Any]) -> tuple[str, float]:
         r = report["results"].get(f"replay_{replay_mib}mib")
         if r is None:
-            return "not run"
+            return "not run", math.nan
         if r["completed"] and r["ok"]:
-            return f"last byte at {r['last_byte_ms']:.0f} ms"
-        return f"fails after {r['failed_after_ms']:.0f} ms: {r['error']}"
+            return f"last byte at {r['last_byte_ms']:.0f} ms", r["last_byte_ms"]
+        return f"fails after {r['failed_after_ms']:.0f} ms: {r['error']}", math.nan
 
     if replay_mib:
-        timeout = py["params"]["replay_timeout"]
+        timeout = first["params"]["replay_timeout"]
         label = f"{replay_mib} MiB replay: call → last byte (timeout {timeout:g} s)"
-        rows.append([label, replay(py), replay(node), "-", "completes"])
+        replays = {name: replay(report) for name, report in reports.items()}
+        # A ratio only between two that completed: a failure's time says nothing about speed.
+        times = {name: value for name, (_, value) in replays.items()}
+        add(label, [replays[name][0] for name in names], times, "lower; completes")
     ok_keys = ("ok", "follower_ok", "producer_ok")
 
     def all_ok(report: dict[str, Any]) -> str:
@@ -615,12 +649,12 @@ def table(py: dict[str, Any], node: dict[str, Any], replay_mib: int) -> list[lis
         nulls = sum(run["follower_null"] for run in ungated)
         return f"{sum(flags)}/{len(flags)} exact" + (f", {nulls} null resumes" if nulls else "")
 
-    rows.append(["texts exact (all runs, all readers)", all_ok(py), all_ok(node), "-", ""])
+    shown = [all_ok(report) for report in reports.values()]
+    rows.append(["texts exact (all runs, all readers)", *shown, *("-" for _ in ratios), ""])
     return rows
 
 
-def markdown(rows: Iterable[list[str]]) -> str:
-    header = ["figure (medians)", "ours (Python)", "Node reference", "ours / Node", "better"]
+def markdown(header: list[str], rows: Iterable[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -629,65 +663,100 @@ def markdown(rows: Iterable[list[str]]) -> str:
 def orchestrate(args: argparse.Namespace) -> None:
     started = time.monotonic()
     ensure_node_reference()
+    with contextlib.ExitStack() as stack:
+        # Each Python implementation: (label, where its `resumable_stream/` is, git version).
+        pythons = {"python": ("ours (Python)", REPO, code_version())}
+        if args.baseline:
+            root = stack.enter_context(library_at(args.baseline))
+            before = ("before", root, code_version(args.baseline))
+            pythons = {"before": before, "python": ("after", REPO, code_version())}
+        compare(args, pythons, started)
+
+
+def compare(
+    args: argparse.Namespace, pythons: dict[str, tuple[str, Path, str]], started: float
+) -> None:
+    names = [*pythons, "node"]
+    labels = {name: f"{label} ({version})" for name, (label, _, version) in pythons.items()}
+    labels["node"] = "Node reference"
+    envs = {name: env_importing(root) for name, (_, root, _) in pythons.items()}
+
+    def run(name: str, url: str, mode: str, timeout: float) -> dict[str, Any]:
+        if name == "node":
+            return run_json(node_command(args, url, mode), timeout)
+        report = run_json(python_command(args, url, mode), timeout, envs[name])
+        check_imported(report["module_file"], pythons[name][1], labels[name])
+        return report
+
     process, url = start_redis()
-    reports: dict[str, list[dict[str, Any]]] = {"python": [], "node": []}
+    reports: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     replays: dict[str, dict[str, Any]] = {}
-    commands = {"python": python_command, "node": node_command}
     try:
         for i in range(args.processes):
-            order = ("python", "node") if i % 2 == 0 else ("node", "python")
-            for impl in order:
-                print(f"[{time.monotonic() - started:5.0f} s] {impl} process {i + 1}", flush=True)
-                reports[impl].append(run_json(commands[impl](args, url, "main"), timeout=900))
+            # Rotate the order so that no implementation always runs first (or last).
+            order = names[i % len(names) :] + names[: i % len(names)]
+            for name in order:
+                print(f"[{time.monotonic() - started:5.0f} s] {name} process {i + 1}", flush=True)
+                reports[name].append(run(name, url, "main", timeout=900))
         if args.replay_mib:
             replay_key = f"replay_{args.replay_mib}mib"
-            for impl in ("python", "node"):
-                print(f"[{time.monotonic() - started:5.0f} s] {impl}: {args.replay_mib} MiB replay")
+            for name in names:
+                print(f"[{time.monotonic() - started:5.0f} s] {name}: {args.replay_mib} MiB replay")
                 try:
-                    replays[impl] = run_json(
-                        commands[impl](args, url, "replay"), timeout=args.replay_timeout + 120
-                    )
+                    replays[name] = run(name, url, "replay", timeout=args.replay_timeout + 120)
                 except (subprocess.SubprocessError, ValueError) as exc:
                     failure: dict[str, Any] = {"completed": False, "ok": False}
-                    failure.update(failed_after_ms=math.nan, error=f"{impl} process: {exc}")
-                    replays[impl] = {"params": {}, "results": {replay_key: failure}}
+                    failure.update(failed_after_ms=math.nan, error=f"{name} process: {exc}")
+                    replays[name] = {"params": {}, "results": {replay_key: failure}}
     finally:
         process.terminate()
         process.wait(10)
-    merged = {impl: merge(runs) for impl, runs in reports.items()}
-    for impl, report in replays.items():
-        merged[impl]["results"].update(report["results"])
-        merged[impl]["params"].update(report["params"], replay_timeout=args.replay_timeout)
-    for report in merged.values():
+    merged = {name: merge(runs) for name, runs in reports.items()}
+    for name, report in replays.items():
+        merged[name]["results"].update(report["results"])
+        merged[name]["params"].update(report["params"], replay_timeout=args.replay_timeout)
+    for name, report in merged.items():
         report["params"].pop("port", None)
         report["params"].setdefault("replay_timeout", args.replay_timeout)
-    rows = table(merged["python"], merged["node"], args.replay_mib)
+        if name in pythons:
+            report["code"] = pythons[name][2]
+    ratios = (
+        [("python", "before"), ("python", "node")] if "before" in names else [("python", "node")]
+    )
+    short = {"python": "after" if "before" in names else "ours", "before": "before", "node": "Node"}
+    header = [
+        "figure (medians)",
+        *(labels[name] for name in names),
+        *(f"{short[a]} / {short[b]}" for a, b in ratios),
+        "better",
+    ]
+    rows = table(merged, ratios, args.replay_mib)
     elapsed = time.monotonic() - started
     print()
-    print(markdown(rows))
+    print(markdown(header, rows))
     print(
         f"\n{args.processes} processes x {args.runs} runs per implementation, "
         f"N = {args.chunks:,} chunks of {args.width} chars; total {elapsed:.0f} s"
     )
     RESULTS_DIR.mkdir(exist_ok=True)
+    keys = ["figure", *names, *(f"{a}/{b}" for a, b in ratios), "better"]
     combined = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "params": {k: v for k, v in vars(args).items() if k not in ("worker", "url")},
+        "columns": dict(zip(keys[1:-1], header[1:-1], strict=True)),
         "total_s": round(elapsed, 1),
-        "table": [
-            dict(zip(["figure", "ours", "node", "ratio", "better"], r, strict=True)) for r in rows
-        ],
+        "table": [dict(zip(keys, r, strict=True)) for r in rows],
         # The per-implementation files hold every run; this one the medians and counts.
-        **{impl: summary(report) for impl, report in merged.items()},
+        **{name: summary(report) for name, report in merged.items()},
     }
-    for name, data in (
-        ("compare-python.json", merged["python"]),
-        ("compare-node.json", merged["node"]),
-        ("compare.json", combined),
-    ):
-        (RESULTS_DIR / name).write_text(dump(data))
-    print(f"wrote {RESULTS_DIR.relative_to(HERE.parent)}/compare{{,-python,-node}}.json")
+    files = {f"compare-{name}.json": merged[name] for name in ("python", "node")}
+    if "before" in merged:
+        files["compare-python-before.json"] = merged["before"]
+    files["compare.json"] = combined
+    for file, data in files.items():
+        (RESULTS_DIR / file).write_text(dump(data))
+    print(f"wrote {', '.join(f'{RESULTS_DIR.relative_to(HERE.parent)}/{f}' for f in files)}")
 
 
 def main() -> None:
@@ -700,6 +769,11 @@ def main() -> None:
     parser.add_argument("--replay-mib", type=int, default=40, help="0 skips the big replay")
     parser.add_argument("--replay-width", type=int, default=65_536, help="chunk size there")
     parser.add_argument("--replay-timeout", "--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure the library as of this git ref (e.g. 5c46410), in the same run",
+    )
     parser.add_argument("--worker", choices=["main", "replay"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -10,17 +10,22 @@ medians of --runs runs in one process; ratios are against the baseline measured 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,6 +34,8 @@ import redis.asyncio
 import resumable_stream as rs
 from resumable_stream.redis import RedisBackend
 
+# The checkout this file belongs to: its `resumable_stream/` is "the code under test".
+REPO = Path(__file__).resolve().parent.parent
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _ADMIN = {"info", "client|info", "client|setinfo", "hello", "ping", "select"}
 Source = Callable[[], AsyncIterator[str]]
@@ -68,6 +75,65 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.02)
     process.kill()
     sys.exit("redis-server did not start")
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def code_version(ref: str | None = None) -> str:
+    """`ref` as a short commit; without it, the checkout's library: the last commit that changed
+    `resumable_stream/` (not HEAD, which moves with every commit to the benchmarks), with
+    "-dirty" if the package has uncommitted edits."""
+    if ref is not None:
+        return git("rev-parse", "--short", f"{ref}^{{commit}}")
+    dirty = git("status", "--porcelain", "--", "resumable_stream")
+    last = git("log", "-1", "--format=%h", "HEAD", "--", "resumable_stream")
+    return last + ("-dirty" if dirty else "")
+
+
+@contextlib.contextmanager
+def library_at(ref: str) -> Iterator[Path]:
+    """A directory whose `resumable_stream/` is the library as of git `ref`, for PYTHONPATH.
+
+    `git archive` into a temporary directory outside the repository, rather than a `git
+    worktree`: only the package is needed, and a run that is killed leaves no worktree
+    registered in a repository that other people work in.
+    """
+    commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", commit, "resumable_stream"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    directory = Path(tempfile.mkdtemp(prefix=f"resumable-stream-{commit[:8]}-"))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(directory, filter="data")
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def env_importing(root: Path) -> dict[str, str]:
+    """The environment for a subprocess whose `import resumable_stream` finds `root`'s copy.
+
+    PYTHONPATH comes before site-packages, where the editable install points at whichever
+    checkout it was made from (possibly one that someone else is editing); so the code under
+    test is pinned this way too, not only the baseline.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    return env
+
+
+def check_imported(module_file: str, root: Path, who: str) -> None:
+    """Exit unless a subprocess imported the library from `root` (it reports its `__file__`)."""
+    if not Path(module_file).resolve().is_relative_to(root.resolve()):
+        sys.exit(f"{who} imported resumable_stream from {module_file}, not from {root}")
 
 
 async def commandstats(client: redis.asyncio.Redis) -> Counter[str]:
