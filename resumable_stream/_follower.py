@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 
 from . import _protocol as p
 from ._buffer import Entry, Signal
+from ._event import Event
 from ._exceptions import (
     ProducerConflictError,
     ProducerLostError,
@@ -31,7 +33,7 @@ from ._exceptions import (
     StreamIncompleteError,
 )
 from ._hub import Hub
-from ._reader import CHECKPOINT_EVERY
+from ._reader import CHECKPOINT_MASK
 
 __all__ = ["Follower"]
 
@@ -52,7 +54,7 @@ class Follower:
         self._position = resume_at  # text before this offset has been taken
         self._consumed = resume_at  # text before this offset has been handed to the reader
         self._partial: list[str] = []  # the start of a chunk that continues in the next message
-        self._partial_label: tuple[str | None, int | None] | None = None
+        self._partial_label: tuple[Any, Any] | None = None
         self._ready: deque[Entry] = deque()
         self._producer: str | None = None  # the token of the producer whose text this is
         self._awaiting = True  # a request is out whose replay has not all arrived
@@ -67,7 +69,6 @@ class Follower:
         self._signal = Signal()
         self._detached = False
         self._overflowed = False
-        self._turns = 0
 
     # Asking the producer
 
@@ -316,12 +317,16 @@ class Follower:
     def _take(self, start: int, chunks: list[p.WireChunk], cont: bool) -> None:
         last = len(chunks) - 1
         for i, chunk in enumerate(chunks):
-            text = p.chunk_text(chunk)
+            # Inline, not through helpers: this runs for every chunk a follower reads.
+            label: tuple[Any, Any] | None
+            if type(chunk) is str:
+                text, label = chunk, None
+            else:
+                text, label = chunk[0], (chunk[1], chunk[2])
             end = start + len(text)
             if end > self._position:
                 piece = text[self._position - start :]
                 self._position = end
-                label = p.chunk_label(chunk)
                 if cont and i == last:
                     if not self._partial:
                         self._partial_label = label
@@ -333,7 +338,7 @@ class Follower:
                     piece = "".join(self._partial)
                     self._partial.clear()
                     label, self._partial_label = self._partial_label, None
-                self._ready.append((p.with_label(piece, label), end))
+                self._ready.append((piece if label is None else Event(piece, *label), end))
             start = end
         backlog = self._position - self._consumed
         if backlog > self._hub.settings.max_backlog:
@@ -355,11 +360,12 @@ class Follower:
         return self
 
     async def __anext__(self) -> str:
-        self._turns += 1
-        if self._turns % CHECKPOINT_EVERY == 0:
-            await anyio.lowlevel.checkpoint()
-        if self._ready:
-            item, self._consumed = self._ready.popleft()
+        ready = self._ready
+        if ready and not len(ready) & CHECKPOINT_MASK:
+            await anyio.lowlevel.checkpoint()  # let other tasks run
+            ready = self._ready  # aclose() may have emptied it meanwhile
+        if ready:
+            item, self._consumed = ready.popleft()
         else:
             item = (await self.next_batch(1))[0][0]
         return item if isinstance(item, str) else item.data

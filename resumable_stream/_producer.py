@@ -22,7 +22,7 @@ from ._buffer import ChunkBuffer, Entry, Signal
 from ._event import Event
 from ._exceptions import BackendError
 from ._hub import Hub
-from ._reader import CHECKPOINT_EVERY
+from ._reader import CHECKPOINT_MASK
 
 logger = logging.getLogger("resumable_stream")
 
@@ -350,7 +350,7 @@ class Producer:
 class ProducerReader:
     """The producer's own reader: reads the in-memory buffer, taking every new chunk per wake-up."""
 
-    __slots__ = ("_closed", "_head", "_index", "_offset", "_producer", "_turns")
+    __slots__ = ("_closed", "_head", "_index", "_offset", "_producer")
 
     def __init__(self, producer: Producer, resume_at: int) -> None:
         self._producer = producer
@@ -358,18 +358,16 @@ class ProducerReader:
         self._index: int | None = None  # next chunk to take, once the buffer reached the offset
         self._head: Entry | None = None  # the first chunk, trimmed when resumed mid-chunk
         self._closed = False
-        self._turns = 0
 
     def __aiter__(self) -> ProducerReader:
         return self
 
     async def __anext__(self) -> str:
-        self._turns += 1
-        if self._turns % CHECKPOINT_EVERY == 0:
-            await anyio.lowlevel.checkpoint()
         chunks = self._producer.buffer.chunks
         index = self._index
         if index is not None and index < len(chunks) and self._head is None and not self._closed:
+            if index & CHECKPOINT_MASK == CHECKPOINT_MASK:
+                await anyio.lowlevel.checkpoint()  # let other tasks run (the buffer only grows)
             self._index = index + 1
             return chunks[index]
         item = (await self.next_batch(1))[0][0]

@@ -200,19 +200,6 @@ def wire_event(event: Event, data: str | None = None) -> list[Any]:
     return [event.data if data is None else data, event.event, event.retry]
 
 
-def chunk_text(chunk: WireChunk) -> str:
-    return chunk if isinstance(chunk, str) else chunk[0]
-
-
-def chunk_label(chunk: WireChunk) -> tuple[str | None, int | None] | None:
-    """The event name and retry of a chunk yielded as an `Event`; None for a plain chunk."""
-    return None if isinstance(chunk, str) else (chunk[1], chunk[2])
-
-
-def with_label(text: str, label: tuple[str | None, int | None] | None) -> str | Event:
-    return text if label is None else Event(text, *label)
-
-
 def _check_chunks(chunks: object) -> list[WireChunk]:
     if not isinstance(chunks, list):
         raise ValueError("malformed chunks")

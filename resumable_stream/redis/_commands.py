@@ -82,6 +82,9 @@ class Commands:
         self._queue: list[_Pending] = []
         self._queued = Signal()
         self._closed = False
+        self._busy_since: float | None = None  # when the batch in flight went out
+        self._scope = anyio.CancelScope()  # the sending task's; the watchdog cancels it
+        self._stalled: BackendError | None = None  # why the watchdog cancelled it
 
     def close(self) -> None:
         self._closed = True
@@ -102,12 +105,40 @@ class Commands:
         return _reply(pending)
 
     async def run(self) -> None:
-        """The task that sends everything queued meanwhile as one pipeline, again and again."""
+        """The task that sends everything queued meanwhile as one pipeline, again and again.
+
+        A watchdog, not a cancel scope per batch (which costs more than a small batch's own
+        work), bounds each batch: one that Redis has not answered after `command_timeout`
+        (checked twice per timeout) is cancelled, its commands fail, and its connection is
+        dropped (redis-py disconnects a connection whose read was cancelled).
+        """
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch)
+            while True:
+                with anyio.CancelScope() as scope:
+                    self._scope = scope
+                    await self._send_all()
+
+    async def _send_all(self) -> None:
         while True:
             while not self._queue:
                 await self._queued.wait()
             batch, self._queue = self._queue, []
-            await self._send(batch)
+            self._busy_since = anyio.current_time()
+            try:
+                await self._send(batch)
+            finally:
+                self._busy_since = None
+
+    async def _watch(self) -> None:
+        while True:
+            await anyio.sleep(self._timeout / 2)
+            since = self._busy_since
+            if since is not None and anyio.current_time() - since >= self._timeout:
+                self._stalled = BackendError(
+                    f"Redis did not answer a command within {self._timeout}s (command_timeout)"
+                )
+                self._scope.cancel()
 
     async def _send(self, batch: list[_Pending]) -> None:
         """Send a batch as one pipeline and settle each of its commands."""
@@ -128,7 +159,8 @@ class Commands:
             _settle(batch, None, exc)
             return
         except BaseException:
-            _settle(batch, None, BackendError("command aborted"))
+            stalled, self._stalled = self._stalled, None
+            _settle(batch, None, stalled or BackendError("command aborted"))
             raise
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
@@ -142,10 +174,7 @@ class Commands:
         for pending in batch:
             pending.command(pipe)
         try:
-            with deadline(self._timeout, "a command"):
-                return await pipe.execute(raise_on_error=False)
-        except BackendError:
-            raise  # the deadline: sending it all again would only double the wait
+            return await pipe.execute(raise_on_error=False)
         except (redis.exceptions.ConnectionError, ConnectionError) as exc:
             raise _Retryable(BackendError(f"Redis connection error: {exc}")) from exc
         except (redis.exceptions.RedisError, OSError) as exc:
