@@ -102,7 +102,13 @@ class Subscriber:
 
     async def subscribe(self, channels: tuple[str, ...], wait: bool) -> None:
         self._wanted.update(channels)
-        change = self._queue(b"subscribe", channels, wait)
+        if wait and not self._changes and not self._write_lock.locked():
+            # Nothing queued or being sent: send it from here, without a hop through the
+            # sending task (a follower waits for this before it can ask for its text).
+            change = _Change(b"subscribe", channels, wait)
+            await self._send(b"subscribe", [change])
+        else:
+            change = self._queue(b"subscribe", channels, wait)
         if wait:
             with deadline(self._timeout, "SUBSCRIBE"):
                 await change.done.wait()
