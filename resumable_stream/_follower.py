@@ -168,7 +168,8 @@ class Follower:
         """Send a request from the position; False if the follower failed instead.
 
         Nobody subscribed to the request channel may be a producer resubscribing after an
-        outage; that is retried until `deadline`, then the producer counts as gone.
+        outage or a failover (a finished one too, while it lingers); that is retried until
+        `deadline`, then the producer counts as gone.
         """
         hub = self._hub
         request = self._new_request()
@@ -176,7 +177,7 @@ class Follower:
             return True
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             delay = _FIRST_RETRY
-            while await hub.state(self.stream_id) == p.RUNNING:
+            while True:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, _MAX_RETRY)
                 if await self._send(request):
