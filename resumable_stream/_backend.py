@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import Counter
@@ -11,12 +12,25 @@ from typing import Protocol
 
 import anyio.lowlevel
 
-__all__ = ["Backend", "Connection", "MemoryBackend", "MessageHandler", "ReconnectHandler"]
+__all__ = [
+    "Backend",
+    "Connection",
+    "LogEntry",
+    "LogId",
+    "MemoryBackend",
+    "MessageHandler",
+    "ReconnectHandler",
+]
 
 logger = logging.getLogger("resumable_stream")
 
 MessageHandler = Callable[[str, bytes], None]
 """Called with (channel, message) for every message on a subscribed channel; must not block."""
+
+LogId = tuple[int, int]
+"""An entry's id in a durable stream's log: (offset, seq); the order is the tuple's."""
+LogEntry = tuple[int, int, str, bytes]
+"""(offset, seq, field, value): an entry of a durable stream's log."""
 
 ReconnectHandler = Callable[[], None]
 """Called once a connection's subscriptions are back after an outage: whatever was published
@@ -52,6 +66,31 @@ class Connection(Protocol):
 
     async def unsubscribe(self, *channels: str) -> None: ...
 
+    # Durable streams: a log of entries per stream, each at an id (offset, seq).
+
+    async def append(
+        self,
+        key: str,
+        entry: LogId,
+        field: str,
+        value: bytes,
+        ttl: int,
+        channel: str,
+        message: bytes,
+        state: tuple[str, str] | None = None,
+    ) -> bool:
+        """Add `value` (under `field`) to the log `key` as `entry`, make `key` expire after
+        `ttl` s, set `state` (a key and its value, with that TTL) if given, then publish
+        `message` on `channel`: atomically, in one round trip. An entry at or after `entry`
+        being there already, it adds nothing (so appending twice is appending once) and
+        returns False."""
+
+    async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
+        """At most `count` entries of the log `key`, from the last one at or before
+        (`offset`, 1) on; none if there is no such log."""
+
+    async def delete(self, key: str) -> None: ...
+
 
 class Backend(Protocol):
     """A shared store and message bus; `connect` opens one context's connection to it."""
@@ -70,6 +109,7 @@ class MemoryBackend:
 
     def __init__(self) -> None:
         self._values: dict[str, tuple[str, float]] = {}
+        self._logs: dict[str, tuple[list[LogEntry], float]] = {}
         self._subscribers: dict[str, list[_MemoryConnection]] = {}
         self.commands: Counter[str] = Counter()
 
@@ -94,8 +134,17 @@ class MemoryBackend:
 
     def ttl(self, key: str) -> float | None:
         """Seconds until `key` expires, or None if it does not exist."""
+        if self._log(key) is not None:
+            return self._logs[key][1] - time.monotonic()
         entry = self._lookup(key)
         return None if entry is None else entry[1] - time.monotonic()
+
+    def _log(self, key: str) -> list[LogEntry] | None:
+        found = self._logs.get(key)
+        if found is not None and found[1] <= time.monotonic():
+            del self._logs[key]
+            return None
+        return None if found is None else found[0]
 
     def _lookup(self, key: str) -> tuple[str, float] | None:
         entry = self._values.get(key)
@@ -163,6 +212,9 @@ class _MemoryConnection:
     async def publish(self, channel: str, message: bytes) -> int:
         await anyio.lowlevel.checkpoint()
         self._backend.commands["publish"] += 1
+        return self._deliver(channel, message)
+
+    def _deliver(self, channel: str, message: bytes) -> int:
         subscribers = self._backend._subscribers.get(channel, ())
         for connection in tuple(subscribers):
             try:
@@ -184,3 +236,41 @@ class _MemoryConnection:
         self._backend.commands["unsubscribe"] += 1
         for channel in channels:
             self._backend._drop(channel, self)
+
+    async def append(
+        self,
+        key: str,
+        entry: LogId,
+        field: str,
+        value: bytes,
+        ttl: int,
+        channel: str,
+        message: bytes,
+        state: tuple[str, str] | None = None,
+    ) -> bool:
+        await anyio.lowlevel.checkpoint()
+        backend = self._backend
+        backend.commands["eval"] += 1
+        log = backend._log(key) or []
+        fresh = not log or entry > log[-1][:2]
+        if fresh:
+            log.append((*entry, field, value))
+        expiry = time.monotonic() + ttl
+        backend._logs[key] = (log, expiry)
+        if state is not None:
+            backend._values[state[0]] = (state[1], expiry)
+        self._deliver(channel, message)
+        return fresh
+
+    async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands.update(("xrevrange", "xrange"))
+        log = self._backend._log(key) or []
+        first = bisect.bisect_right(log, (offset, 1, "\uffff")) - 1
+        return log[max(first, 0) : max(first, 0) + count]
+
+    async def delete(self, key: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["del"] += 1
+        self._backend._logs.pop(key, None)
+        self._backend._values.pop(key, None)

@@ -69,6 +69,8 @@ class ResumableStreamContext:
         lost_ttl: int = _DEFAULTS.lost_ttl,
         max_backlog: int = _DEFAULTS.max_backlog,
         on_backend_error: Literal["degrade", "raise"] = "degrade",
+        durable: bool = False,
+        flush_interval: float = _DEFAULTS.flush_interval,
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError("key_prefix must be a non-empty str")
@@ -85,6 +87,8 @@ class ResumableStreamContext:
             liveness_timeout=liveness_timeout,
             lost_ttl=lost_ttl,
             max_backlog=max_backlog,
+            durable=durable,
+            flush_interval=flush_interval,
         )
         self._backend = backend
         self._hub = Hub(self._settings, p.Keys(key_prefix))

@@ -34,9 +34,12 @@ from ._exceptions import (
 )
 from ._hub import Hub
 from ._reader import CHECKPOINT_MASK
+from ._store import parse as parse_entry
 
 __all__ = ["Follower"]
 
+_FIRST_PAGE = 16
+_MAX_PAGE = 1024
 _FIRST_RETRY = 0.002
 _MAX_RETRY = 0.1
 # Requests in a row that the producer got (somebody was subscribed) but never answered.
@@ -69,18 +72,132 @@ class Follower:
         self._signal = Signal()
         self._detached = False
         self._overflowed = False
+        # Durable streams: the text is read from the backend's log, a page at a time as the
+        # reader takes it, and the producer is asked only for what the log lost.
+        self._durable = hub.settings.durable
+        self._store_pending = False  # the log may hold text from the position on, not read yet
+        self._store_useless = False  # it did not hold what was missing: ask the producer
+        self._after_store: ResumableStreamError | None = None  # raised once the log is read
+        self._page = _FIRST_PAGE  # entries per read
 
     # Asking the producer
 
     async def join(self, after_end: bool = False) -> str | None:
-        """Ask the producer for the text from the reader's offset.
+        """Get the text from the reader's offset on: from the producer, or for a durable
+        stream from the backend's log.
 
-        Returns the stream's state as found: `RUNNING` once the producer answered (the reader
-        is ready), a terminal state when there is nothing to read, or None if there is no
-        such stream. With `after_end`, only a producer lingering after the end may answer.
-        Raises `ProducerUnavailableError` if the producer got the request but did not answer
-        within `resume_timeout`, `ProducerLostError` if nobody listens for a running stream.
+        Returns the stream's state as found: `RUNNING` once the reader is ready, a terminal
+        state when there is nothing to read, or None if there is no such stream. With
+        `after_end`, only a producer lingering after the end may answer (or the log). Raises
+        `ProducerUnavailableError` if the producer got the request but did not answer within
+        `resume_timeout`, `ProducerLostError` if nobody listens for a running stream.
         """
+        if self._durable:
+            return await self._join_stored(after_end)
+        return await self._join_requested(after_end)
+
+    async def _join_stored(self, after_end: bool) -> str | None:
+        hub = self._hub
+        start = self._position
+        await hub.follow(self)  # what is written from now on is also published to us
+        try:
+            self._awaiting = True  # live batches wait until the log is read
+            self._store_pending = True
+            found: list[str | None] = []
+
+            async def read_state() -> None:
+                found.append(await hub.state(self.stream_id))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_state)  # in the same round trip as the first read
+                await self._read_store()
+            state = found[0]
+            if self._error is not None:
+                return p.RUNNING  # the reader learns it
+            got_nothing = self._position == start and self._end is None
+            if state is None and got_nothing and not self._ready:
+                await self.aclose()
+                return None
+            if self._end is not None and after_end:
+                left = self._nothing_left()
+                if left is not None:
+                    await self.aclose()
+                    return left
+            lost = (
+                got_nothing
+                and not self._store_pending
+                and ((state != p.RUNNING and state is not None) or start > 0)
+            )
+            if lost:
+                # The log has nothing from here although the stream had text (a reader with a
+                # cursor) or ended (the log ends with the end): it lost it. Ask the producer.
+                self._store_useless = True
+                self._store_pending = False
+                return await self._join_requested(after_end)
+            self.heard = anyio.current_time()
+            return p.RUNNING
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+            raise
+
+    async def _read_store(self) -> None:
+        """Take the next page of the log, from the position on."""
+        hub = self._hub
+        entries = await hub.connection.read(
+            hub.keys.text(self.stream_id), self._position, self._page
+        )
+        size = 0
+        for entry in entries:
+            size += len(entry[3])
+            try:
+                message = parse_entry(entry)
+            except ValueError:
+                self._error = ResumableStreamError(
+                    f"malformed stored text for stream {self.stream_id!r}"
+                )
+                break
+            if self._producer is None:
+                self._producer = message.producer
+            elif not self._same_producer(message.producer):
+                break
+            if type(message) is p.Live:
+                assert isinstance(message, p.Live)
+                if message.start > self._position:
+                    self._store_failed()  # a hole: the log lost text
+                    return
+                self._take(message.start, message.chunks, False)
+            else:
+                assert isinstance(message, p.End)
+                if message.length > self._position:
+                    self._store_failed()
+                    return
+                self._end = message
+        # As many entries as make about a replay window next time.
+        window = hub.settings.replay_window
+        self._page = max(1, min(_MAX_PAGE, self._page * window // max(size, 1)))
+        if len(entries) < self._page or self._end is not None or self._error is not None:
+            self._store_done()
+        if self._error is not None or self._end is not None:
+            self.ended.set()
+        self._signal.notify()
+
+    def _store_done(self) -> None:
+        """The log is read to its end: the live batches held aside follow."""
+        self._store_pending = False
+        if self._after_store is not None:
+            error, self._after_store = self._after_store, None
+            if self._end is None:
+                self.fail(error)
+                return
+        self._release_early()
+
+    def _store_failed(self) -> None:
+        self._store_pending = False
+        self._store_useless = True
+        self._recover_soon()
+
+    async def _join_requested(self, after_end: bool) -> str | None:
         hub = self._hub
         await hub.follow(self)
         try:
@@ -187,10 +304,10 @@ class Follower:
             await hub.record_lost(self.stream_id)
             state = p.LOST
         if state is None:
-            self.fail(StreamIncompleteError(f"stream {self.stream_id!r} is gone"))
+            self._fail_after_store(StreamIncompleteError(f"stream {self.stream_id!r} is gone"))
             return False
         error = p.end_error(self.stream_id, state, None)
-        self.fail(
+        self._fail_after_store(
             error  # type: ignore[arg-type]
             or StreamIncompleteError(
                 f"stream {self.stream_id!r} ended but its end never arrived, and its "
@@ -200,6 +317,16 @@ class Follower:
         )
         return False
 
+    def _fail_after_store(self, error: ResumableStreamError) -> None:
+        """End with `error`; a durable stream's reader first gets what its log still holds
+        (everything its producer wrote before it died)."""
+        if not self._durable or self._store_useless:
+            self.fail(error)
+            return
+        self._after_store = error
+        self._store_pending = True
+        self._signal.notify()
+
     def resync(self) -> None:
         """Messages may have been lost (the subscriber reconnected): ask from the position."""
         if not (self._detached or self.ended.is_set()):
@@ -208,10 +335,16 @@ class Follower:
     def _recover_soon(self) -> None:
         """Ask again, in the background: after a gap, or for the next window of a replay.
 
-        The producer was alive a moment ago, so it gets `resume_timeout` to be found. If a
-        request is being sent right now, its task sends another once it is out.
+        A durable stream's log is read again (by the reader, when it next reads), unless it
+        already failed to hold what was missing. Else the producer is asked: it was alive a
+        moment ago, so it gets `resume_timeout` to be found. If a request is being sent right
+        now, its task sends another once it is out.
         """
         self._awaiting = True  # hold live messages aside from now on
+        if self._durable and not self._store_useless:
+            self._store_pending = True
+            self._signal.notify()
+            return
         self._again = True
         if not self._recovering:
             deadline = anyio.current_time() + self._hub.settings.resume_timeout
@@ -257,13 +390,18 @@ class Follower:
         if replay.more:
             self._recover_soon()  # this window is complete: ask for the next one
         elif replay.upto is not None:
-            self._awaiting = False
-            early, self._early = self._early, []
-            for i, message in enumerate(early):
-                if self._awaiting or self._error is not None:
-                    self._early.extend(early[i:])  # another gap: held until the next replay
-                    break
-                self._apply(message)
+            self._store_useless = False
+            self._release_early()
+
+    def _release_early(self) -> None:
+        """The text asked for arrived: the live messages held aside meanwhile follow."""
+        self._awaiting = False
+        early, self._early = self._early, []
+        for i, message in enumerate(early):
+            if self._awaiting or self._error is not None:
+                self._early.extend(early[i:])  # another gap: held until the next answer
+                break
+            self._apply(message)
 
     def _same_producer(self, token: str) -> bool:
         if token == self._producer:
@@ -404,6 +542,12 @@ class Follower:
                 raise StopAsyncIteration
             if self._detached:
                 raise StopAsyncIteration
+            if self._store_pending:
+                try:
+                    await self._read_store()
+                except ResumableStreamError as exc:  # BackendError
+                    self.fail(exc)
+                continue
             if self._recovering:
                 await self._signal.wait()  # the recovery ends with an answer or an error
                 continue

@@ -42,6 +42,8 @@ class Settings:
     liveness_timeout: float = 3.0
     lost_ttl: int = 60
     max_backlog: int = 64 << 20
+    durable: bool = False
+    flush_interval: float = 0.02
 
     def __post_init__(self) -> None:
         check_int("ttl (seconds)", self.ttl)
@@ -52,6 +54,12 @@ class Settings:
         check_seconds("liveness_timeout", self.liveness_timeout)
         check_int("lost_ttl (seconds)", self.lost_ttl)
         check_int("max_backlog", self.max_backlog)
+        if not isinstance(self.durable, bool):
+            raise ValueError(f"durable must be True or False, got {self.durable!r}")
+        check_seconds("flush_interval", self.flush_interval, zero=True)
+        if self.flush_interval > 1:
+            # Text waits this long before it is stored: what a producer's death may lose.
+            raise ValueError(f"flush_interval must be at most 1 second, got {self.flush_interval}")
 
     @property
     def replay_window(self) -> int:

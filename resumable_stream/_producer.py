@@ -23,6 +23,7 @@ from ._event import Event
 from ._exceptions import BackendError
 from ._hub import Hub
 from ._reader import CHECKPOINT_MASK
+from ._store import Store
 
 logger = logging.getLogger("resumable_stream")
 
@@ -52,6 +53,7 @@ class Producer:
         "_request_channel",
         "_started",
         "_stop",
+        "_store",
         "buffer",
         "changed",
         "error",
@@ -94,6 +96,12 @@ class Producer:
         self._live_index = 0
         self._publishing = False
         self._published = Signal()
+        # Durable streams: the text in the backend too, written by a task of the store's.
+        self._store = (
+            Store(hub, stream_id, self.token, self.buffer, self.changed)
+            if hub.settings.durable and not offline
+            else None
+        )
 
     @property
     def error_type(self) -> str | None:
@@ -110,6 +118,8 @@ class Producer:
             with self._stop:
                 if not self.offline:
                     await hub.connection.subscribe(self._request_channel, wait=False)
+                if self._store is not None:
+                    hub.spawn(self.stream_id, self._store.run, lambda: self.state is not None)
                 await self._pump()
                 state = p.DONE
         except Exception as exc:
@@ -193,6 +203,12 @@ class Producer:
             await self._published.wait()
         if self.offline:
             return
+        if self._store is not None:
+            # Stored and announced with the state, in one command.
+            self._recorded = await self._record(state)
+            if not self._recorded:
+                self._hub.spawn(self.stream_id, self._record_later, state)
+            return
         self._recorded = await self._record(state)
         if self._following:
             # Announced whether or not the state could be written: followers end now either way.
@@ -205,6 +221,11 @@ class Producer:
             self._hub.spawn(self.stream_id, self._record_later, state)
 
     async def _record(self, state: str, *, retry: bool = False) -> bool:
+        if self._store is not None:
+            recorded = await self._store.write_end(state, self.error_type)
+            if recorded and retry:
+                logger.warning("recorded the end of stream %r at last", self.stream_id)
+            return recorded
         hub = self._hub
         key = hub.keys.sentinel(self.stream_id)
         try:
@@ -250,18 +271,21 @@ class Producer:
             if self.state is not None:
                 if self._recorded:
                     await hub.connection.set(key, p.sentinel_value(self.state), ttl)
-                return
-            found = p.stream_state(await hub.connection.get(key))
-            if found is None:
-                # The election was lost with the old master: without its key, a second
-                # producer could start under this id.
-                await hub.connection.create(key, "1", ttl)
-            elif found == p.LOST:
-                # Somebody who could not reach this producer (it was on the other side of the
-                # failover) took it for dead; it is not.
-                await hub.connection.set(key, "1", ttl)
-            elif found == p.CANCELLED:
-                self.stop()  # a stop that could not reach this producer meanwhile
+            else:
+                found = p.stream_state(await hub.connection.get(key))
+                if found is None:
+                    # The election was lost with the old master: without its key, a second
+                    # producer could start under this id.
+                    await hub.connection.create(key, "1", ttl)
+                elif found == p.LOST:
+                    # Somebody who could not reach this producer (it was on the other side of
+                    # the failover) took it for dead; it is not.
+                    await hub.connection.set(key, "1", ttl)
+                elif found == p.CANCELLED:
+                    self.stop()  # a stop that could not reach this producer meanwhile
+            if self._store is not None:
+                ended = None if self.state is None else (self.state, self.error_type)
+                await self._store.repair(ended if self._recorded else None)
         except BackendError as exc:
             logger.debug("could not write the state of stream %r again: %s", self.stream_id, exc)
 
@@ -280,7 +304,9 @@ class Producer:
                 self._following = True
                 self._live_index = count
             if not self._publishing:
-                self._publishing = self._hub.spawn(self.stream_id, self._publish_live)
+                # A durable stream's batches go out with its writes: only its heartbeats here.
+                publish = self._publish_live if self._store is None else self._heartbeats
+                self._publishing = self._hub.spawn(self.stream_id, publish)
         connection = self._hub.connection
         limit = self._hub.settings.max_message_size
         start = min(request.resume_at, length)
@@ -304,6 +330,31 @@ class Producer:
                 await connection.publish(request.reply_to, end.pack())
         except BackendError as exc:
             logger.warning("could not answer a resume request for %r: %s", self.stream_id, exc)
+
+    async def _heartbeats(self) -> None:
+        """A durable stream, while somebody follows: when idle, say it is alive, and how much
+        text is stored (a follower that has less asks for the rest)."""
+        store = self._store
+        assert store is not None
+        connection = self._hub.connection
+        interval = self._hub.settings.heartbeat
+        try:
+            while self.state is None:
+                with anyio.move_on_after(interval) as idle:
+                    await self.changed.wait()
+                if not idle.cancelled_caught:
+                    continue  # text came: its write reaches the followers
+                epoch = self._epoch
+                alive = p.Heartbeat(self.token, store.stored_length).pack()
+                receivers = await connection.publish(self._live_channel, alive)
+                if not receivers and epoch == self._epoch:
+                    self._following = False
+                    return
+        except BackendError as exc:
+            logger.warning("could not publish stream %r to followers: %s", self.stream_id, exc)
+        finally:
+            self._publishing = False
+            self._published.notify()
 
     async def _publish_live(self) -> None:
         connection = self._hub.connection

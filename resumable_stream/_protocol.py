@@ -92,6 +92,10 @@ class Keys:
     def live(self, stream_id: str) -> str:
         return f"{self._tag(stream_id)}:live"
 
+    def text(self, stream_id: str) -> str:
+        """A durable stream's log: its text, in entries of whole chunks."""
+        return f"{self._tag(stream_id)}:text"
+
     def reply(self, stream_id: str, context_id: str) -> str:
         """Where a producer answers the requests of one context's followers of the stream."""
         return f"{self._tag(stream_id)}:reply:{context_id}"

@@ -132,6 +132,9 @@ class _RedisConnection:
         self.swap = self._commands.swap
         self.create = self._commands.create
         self.publish = self._commands.publish
+        self.append = self._commands.append
+        self.read = self._commands.read
+        self.delete = self._commands.delete
 
     async def connect(self) -> None:
         await self._subscriber.connect()

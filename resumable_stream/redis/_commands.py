@@ -16,6 +16,7 @@ import anyio
 import redis.exceptions
 from redis.asyncio import Redis, RedisCluster
 
+from .._backend import LogEntry, LogId
 from .._buffer import Signal
 from .._exceptions import BackendError
 from ._errors import deadline, text
@@ -247,3 +248,69 @@ class Commands:
     async def publish(self, channel: str, message: bytes) -> int:
         command = self._publish
         return int(await self._call(lambda pipe: pipe.execute_command(command, channel, message)))
+
+    # Durable streams: a Redis Stream per stream, entry ids `<offset>-<seq>`.
+
+    async def append(
+        self,
+        key: str,
+        entry: LogId,
+        field: str,
+        value: bytes,
+        ttl: int,
+        channel: str,
+        message: bytes,
+        state: tuple[str, str] | None = None,
+    ) -> bool:
+        keys = [key, channel] if state is None else [key, channel, state[0]]
+        args: list[Any] = [f"{entry[0]}-{entry[1]}", field, value, ttl, self._publish, message]
+        if state is not None:
+            args.append(state[1])
+        fresh = await self._call(
+            lambda pipe: pipe.execute_command("EVAL", _APPEND, len(keys), *keys, *args)
+        )
+        return bool(fresh)
+
+    async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
+        # The entry that holds `offset` (the last one at or before it), then those after it:
+        # two commands, one round trip.
+        at = f"{offset}-1"
+        before = self._enqueue(lambda pipe: pipe.xrevrange(key, at, "-", count=1))
+        after = self._enqueue(lambda pipe: pipe.xrange(key, f"({at}", "+", count=count))
+        await before.done.wait()
+        await after.done.wait()
+        entries = []
+        for entry_id, fields in [*_reply(before), *_reply(after)][:count]:
+            ms, _, seq = text(entry_id).partition("-")  # type: ignore[union-attr]
+            [(field, value)] = fields.items()
+            entries.append((int(ms), int(seq), text(field) or "", value))
+        return entries
+
+    async def delete(self, key: str) -> None:
+        await self._call(lambda pipe: pipe.delete(key))
+
+
+# Appends an entry to a durable stream's log unless an entry at or after its id is there (so a
+# retried append adds nothing), refreshes the TTL, sets the stream's state if one is given, and
+# publishes the message: atomic, one round trip. KEYS: log, channel[, state key]. ARGV: id,
+# field, value, ttl, publish command, message[, state value]. The channel is a KEY so that a
+# cluster checks that it lives in the log's slot, as SPUBLISH in a script requires.
+_APPEND = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local fresh = true
+if #last > 0 then
+  local lo, ls = string.match(last[1][1], '(%d+)-(%d+)')
+  local no, ns = string.match(ARGV[1], '(%d+)-(%d+)')
+  lo, ls, no, ns = tonumber(lo), tonumber(ls), tonumber(no), tonumber(ns)
+  fresh = no > lo or (no == lo and ns > ls)
+end
+if fresh then
+  redis.call('XADD', KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if KEYS[3] then
+  redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[4])
+end
+redis.call(ARGV[5], KEYS[2], ARGV[6])
+if fresh then return 1 else return 0 end
+"""

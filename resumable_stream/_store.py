@@ -1,0 +1,192 @@
+"""A durable stream's text in the backend, written by its producer.
+
+The text goes into a log (a Redis Stream on Redis) under the stream's keys, one entry per batch
+of whole chunks at the id (its start offset, 1), and the end as a last entry at (length, 2),
+with the state (Redis allows no entry at 0-0). A task of its own appends whatever was produced since the last write, at most
+every `flush_interval` seconds, in one atomic command that also refreshes the TTL and publishes
+the same batch to followers: the producer's own reader never waits for it. Each entry is keyed
+by the producer's token, so a reader never takes two producers' text for one.
+
+What a reader needs to find a batch: the entry's id holds its start offset, its value is the
+JSON list of the batch's chunks (a chunk yielded as an `Event` as [text, event, retry]).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import anyio
+
+from . import _protocol as p
+from ._backend import LogEntry, LogId
+from ._buffer import ChunkBuffer, Signal
+from ._exceptions import BackendError
+from ._hub import Hub
+
+logger = logging.getLogger("resumable_stream")
+
+_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+BATCH, END = 1, 2  # the seq part of an entry's id
+_LAST = 1 << 62  # past any offset: reading from it gives the log's last entry
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def pack_end(state: str, detail: str | None) -> bytes:
+    return _dumps({"state": state, "detail": detail}).encode("utf-8", "surrogatepass")
+
+
+class Store:
+    __slots__ = (
+        "_buffer",
+        "_changed",
+        "_channel",
+        "_hub",
+        "_key",
+        "_last",
+        "_lock",
+        "_stream_id",
+        "_token",
+        "stored",
+        "stored_changed",
+    )
+
+    def __init__(
+        self, hub: Hub, stream_id: str, token: str, buffer: ChunkBuffer, changed: Signal
+    ) -> None:
+        self._hub = hub
+        self._stream_id = stream_id
+        self._token = token
+        self._buffer = buffer
+        self._changed = changed  # the producer's: notified for every chunk, and at the end
+        self._key = hub.keys.text(stream_id)
+        self._channel = hub.keys.live(stream_id)
+        self.stored = 0  # chunks stored so far
+        self.stored_changed = Signal()
+        self._last: LogId | None = None  # the id of the last entry written
+        # One write at a time: the appending task, the end, a rewrite after an outage.
+        self._lock = anyio.Lock()
+
+    @property
+    def stored_length(self) -> int:
+        return self._buffer.start_of(self.stored)
+
+    async def run(self, ended: Callable[[], bool]) -> None:
+        """Append what is produced, in batches, until the producer `ended()` and all is stored.
+
+        A failed write is retried with backoff: the text is in memory, and the next write
+        takes everything not stored yet.
+        """
+        buffer = self._buffer
+        interval = self._hub.settings.flush_interval
+        failures = 0
+        while True:
+            while self.stored == len(buffer.chunks):
+                if ended():
+                    return
+                await self._changed.wait()
+            if interval and not ended() and not failures:
+                await anyio.sleep(interval)  # a window for the batch to grow: one write
+            try:
+                await self._write_up_to(len(buffer.chunks))
+            except BackendError as exc:
+                level = logging.DEBUG if failures else logging.WARNING
+                logger.log(level, "could not store stream %r: %s", self._stream_id, exc)
+                await anyio.sleep(_RETRY_DELAYS[min(failures, len(_RETRY_DELAYS) - 1)])
+                failures += 1
+                continue
+            if failures:
+                logger.warning("stream %r is stored again", self._stream_id)
+            failures = 0
+
+    async def _write_up_to(self, stop: int) -> None:
+        async with self._lock:
+            while self.stored < stop:
+                self.stored = await self._write(self.stored, stop)
+                self.stored_changed.notify()
+
+    async def _write(self, index: int, stop: int) -> int:
+        """Append chunks `index` on (whole ones, about `max_message_size` characters, at least
+        one) as one entry; return the index after the last one written."""
+        buffer = self._buffer
+        limit = self._hub.settings.max_message_size
+        start = buffer.start_of(index)
+        # The chunk holding the limit's last character goes in only if it ends by the limit.
+        last = buffer.index_at(start + limit - 1)
+        fits = last < len(buffer.chunks) and buffer.ends[last] <= start + limit
+        end_index = min(stop, max(index + 1, last + 1 if fits else last))
+        chunks = buffer.wire(start, end_index)
+        end = buffer.start_of(end_index)
+        if end - start <= limit:
+            message = p.Live(self._token, start, chunks, False).pack()
+        else:
+            # A chunk too large for one message: followers learn its length, and read it from
+            # the log.
+            message = p.Heartbeat(self._token, end).pack()
+        await self._append((start, BATCH), _dumps(chunks).encode("utf-8", "surrogatepass"), message)
+        return end_index
+
+    async def _append(
+        self, entry: LogId, value: bytes, message: bytes, state: tuple[str, str] | None = None
+    ) -> None:
+        hub = self._hub
+        await hub.connection.append(
+            self._key, entry, self._token, value, hub.settings.ttl, self._channel, message, state
+        )
+        self._last = entry
+
+    async def write_end(self, state: str, detail: str | None) -> bool:
+        """Store what is left, then the end with the stream's state, and announce it: one
+        command for the end. False if the backend failed (the caller retries)."""
+        hub = self._hub
+        try:
+            await self._write_up_to(len(self._buffer.chunks))
+            length = self._buffer.length
+            end = p.End(None, self._token, length, state, detail).pack()
+            sentinel = (hub.keys.sentinel(self._stream_id), p.sentinel_value(state))
+            async with self._lock:
+                await self._append((length, END), pack_end(state, detail), end, sentinel)
+        except BackendError as exc:
+            logger.warning("could not store the end of stream %r (%s)", self._stream_id, exc)
+            return False
+        return True
+
+    async def repair(self, ended: tuple[str, str | None] | None) -> None:
+        """After the backend came back: if its log lost entries (a restart without
+        persistence, a failover that dropped writes), write it all again from memory."""
+        hub = self._hub
+        async with self._lock:
+            last = await hub.connection.read(self._key, _LAST, 1)
+            found = (last[0][0], last[0][1]) if last else None
+            if found == self._last:
+                return
+            logger.warning(
+                "the stored text of stream %r was lost (a Redis restart or failover?); "
+                "storing it again",
+                self._stream_id,
+            )
+            await hub.connection.delete(self._key)
+            stored, self.stored = self.stored, 0
+            while self.stored < stored:
+                self.stored = await self._write(self.stored, stored)
+            if ended is not None and self._last is not None:
+                length = self._buffer.length
+                end = p.End(None, self._token, length, *ended).pack()
+                await self._append((length, END), pack_end(*ended), end)
+
+
+def parse(entry: LogEntry) -> p.Live | p.End:
+    """A log entry as the message it stands for: a batch (`Live`) or the end; ValueError if it
+    is not one of ours."""
+    offset, seq, token, value = entry
+    try:
+        decoded = json.loads(value.decode("utf-8", "surrogatepass"))
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError("malformed log entry") from exc
+    if seq == BATCH:
+        return p.Live.parse([token, offset, decoded, False])
+    if seq == END and isinstance(decoded, dict):
+        return p.End.parse([None, token, offset, decoded.get("state"), decoded.get("detail")])
+    raise ValueError("malformed log entry")
