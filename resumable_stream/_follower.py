@@ -157,9 +157,7 @@ class Follower:
                     f"malformed stored text for stream {self.stream_id!r}"
                 )
                 break
-            if self._producer is None:
-                self._producer = message.producer
-            elif not self._same_producer(message.producer):
+            if not self._same_producer(message.producer):
                 break
             if type(message) is p.Live:
                 assert isinstance(message, p.Live)
@@ -405,6 +403,9 @@ class Follower:
 
     def _same_producer(self, token: str) -> bool:
         if token == self._producer:
+            return True
+        if self._producer is None:
+            self._producer = token  # the first we hear of (a durable stream's log was empty)
             return True
         if self._error is None:
             self._error = ProducerConflictError(

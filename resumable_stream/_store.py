@@ -2,10 +2,11 @@
 
 The text goes into a log (a Redis Stream on Redis) under the stream's keys, one entry per batch
 of whole chunks at the id (its start offset, 1), and the end as a last entry at (length, 2),
-with the state (Redis allows no entry at 0-0). A task of its own appends whatever was produced since the last write, at most
-every `flush_interval` seconds, in one atomic command that also refreshes the TTL and publishes
-the same batch to followers: the producer's own reader never waits for it. Each entry is keyed
-by the producer's token, so a reader never takes two producers' text for one.
+with the state (Redis allows no entry at 0-0). A task of its own appends whatever was produced
+since the last write, at most every `flush_interval` seconds, in one atomic command that also
+refreshes the TTL and publishes the same batch to followers: the producer's own reader never
+waits for it. Each entry is keyed by the producer's token, so a reader never takes two
+producers' text for one.
 
 What a reader needs to find a batch: the entry's id holds its start offset, its value is the
 JSON list of the batch's chunks (a chunk yielded as an `Event` as [text, event, retry]).

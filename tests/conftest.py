@@ -144,6 +144,7 @@ class Workers:
     prefix: str
     backends: tuple[rs.Backend, rs.Backend]
     redis_client: Any = None  # a raw client on the same server, for inspection
+    durable: bool = False  # the contexts keep their streams' text in the backend too
 
     async def ttl(self, key: str) -> float | None:
         backend = self.backends[0]
@@ -184,6 +185,7 @@ class Workers:
     ) -> rs.ResumableStreamContext:
         """Another worker on the same backend (or on `backend`, a wrapper of it)."""
         options.setdefault("drain_timeout", 2.0)
+        options.setdefault("durable", self.durable)
         return rs.ResumableStreamContext(
             backend=backend or self.backends[backend_index], key_prefix=self.prefix, **options
         )
@@ -215,17 +217,37 @@ def make_backends(flavor: str, request: pytest.FixtureRequest) -> tuple[Any, Any
     return RedisBackend(url), RedisBackend(url), redis.asyncio.Redis.from_url(url)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Modules that set `DURABLE = True` run their `workers` tests in both modes: the text in
+    # the producer's memory only, and durable (in the backend too).
+    if (
+        getattr(metafunc.module, "DURABLE", False)
+        and "workers" in metafunc.fixturenames
+        and metafunc.definition.get_closest_marker("not_durable") is None
+    ):
+        metafunc.parametrize("durable", [False, True], ids=["memory-only", "durable"])
+
+
 @pytest.fixture
-async def workers(flavor: str, request: pytest.FixtureRequest) -> AsyncIterator[Workers]:
+def durable() -> bool:
+    return False
+
+
+@pytest.fixture
+async def workers(
+    flavor: str, durable: bool, request: pytest.FixtureRequest
+) -> AsyncIterator[Workers]:
     backend_p, backend_c, client = make_backends(flavor, request)
     prefix = f"test-{uuid.uuid4().hex}"
-    options = getattr(request, "param", {})
+    options = dict(getattr(request, "param", {}))
     options.setdefault("drain_timeout", 2.0)
+    if durable:
+        options.setdefault("durable", True)
     async with (
         rs.ResumableStreamContext(backend=backend_p, key_prefix=prefix, **options) as P,
         rs.ResumableStreamContext(backend=backend_c, key_prefix=prefix, **options) as C,
     ):
-        yield Workers(P, C, flavor, prefix, (backend_p, backend_c), client)
+        yield Workers(P, C, flavor, prefix, (backend_p, backend_c), client, durable)
     if client is not None:
         await client.aclose()
 

@@ -19,6 +19,8 @@ from .helpers import TestingSource, read
 
 pytestmark = pytest.mark.anyio
 
+DURABLE = True  # conftest: every `workers` test here runs in both modes
+
 
 @pytest.fixture(params=HTTP_FLAVORS)
 def flavor(request: pytest.FixtureRequest) -> str:

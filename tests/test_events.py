@@ -11,6 +11,8 @@ from .helpers import TestingSource, never_called, read, read_entries
 
 pytestmark = pytest.mark.anyio
 
+DURABLE = True  # conftest: every `workers` test here runs in both modes
+
 E = rs.Event
 
 

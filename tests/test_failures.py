@@ -16,6 +16,8 @@ from .helpers import Filtered, TestingSource, never_called, poll_until, read
 
 pytestmark = pytest.mark.anyio
 
+DURABLE = True  # conftest: every `workers` test here runs in both modes
+
 
 # Stop
 

@@ -13,6 +13,8 @@ from .helpers import TestingSource, never_called, read
 
 pytestmark = pytest.mark.anyio
 
+DURABLE = True  # conftest: every `workers` test here runs in both modes
+
 
 async def test_acts_like_a_normal_stream(workers: Workers) -> None:
     source = TestingSource()

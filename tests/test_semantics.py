@@ -17,6 +17,8 @@ from .helpers import Filtered, TestingSource, never_called, poll_until, read, re
 
 pytestmark = pytest.mark.anyio
 
+DURABLE = True  # conftest: every `workers` test here runs in both modes
+
 
 # 1. Election and producer lifetime
 
@@ -199,10 +201,22 @@ async def test_a_source_that_never_awaits_does_not_starve_followers(workers: Wor
 async def test_no_producer_answering_raises_instead_of_hanging(workers: Workers) -> None:
     # A sentinel whose producer is gone: nobody listens on the request channel.
     await workers.write(workers.keys.sentinel("orphan"), "1")
-    with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
-        await workers.C.resume_existing_stream("orphan")
+    if workers.durable:
+        # A durable stream's reader needs no answer to start: it reads the (empty) log, then
+        # learns that the producer is gone.
+        reader = await workers.C.resume_existing_stream("orphan")
+        with anyio.fail_after(8), pytest.raises(rs.ProducerUnavailableError):
+            await read(reader)
+    else:
+        with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
+            await workers.C.resume_existing_stream("orphan")
     with anyio.fail_after(5), pytest.raises(rs.ProducerUnavailableError):
         await workers.C.resumable_stream("orphan", never_called)
+
+
+@pytest.mark.not_durable
+@pytest.mark.parametrize("workers", [{"resume_timeout": 0.2}], indirect=True)
+async def test_a_producer_that_never_answers_is_unavailable(workers: Workers) -> None:
     # A producer that is subscribed but never answers (its process hung).
     mute = Filtered(workers.backends[0], lambda channel, message: type(message) is p.Request)
     source = TestingSource()
@@ -371,6 +385,11 @@ async def test_without_lingering_the_tail_is_gone(workers: Workers) -> None:
     source.close()
     assert await read(own) == "abc"
     await poll_until(lambda: workers.C.has_existing_stream("s"), "DONE")
+    if workers.durable:
+        # Not gone: a durable stream's text stays in the backend for its TTL.
+        assert await read(await workers.C.resumable_stream("s", never_called, 1)) == "bc"
+        assert await read(await workers.C.resume_existing_stream("s", resume_at=0)) == "abc"
+        return
     assert await workers.C.resumable_stream("s", never_called, 1) is None
     assert await workers.C.resume_existing_stream("s", resume_at=0) is None
 
