@@ -77,13 +77,16 @@ class Connection(Protocol):
         ttl: int,
         channel: str,
         message: bytes,
-        state: tuple[str, str] | None = None,
-    ) -> bool:
+        sentinel: str,
+        state: str | None = None,
+    ) -> LogId | None:
         """Add `value` (under `field`) to the log `key` as `entry`, make `key` expire after
-        `ttl` s, set `state` (a key and its value, with that TTL) if given, then publish
+        `ttl` s, set the key `sentinel` to `state` if given (else to "1" if it is absent, so
+        that a backend that lost it still knows the stream), with that TTL, then publish
         `message` on `channel`: atomically, in one round trip. An entry at or after `entry`
-        being there already, it adds nothing (so appending twice is appending once) and
-        returns False."""
+        being there already, it adds nothing (so appending twice is appending once). Returns
+        the id of the log's last entry before this call (None if it had none), so that the
+        writer can tell that the log lost entries."""
 
     async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
         """At most `count` entries of the log `key`, from the last one at or before
@@ -246,21 +249,22 @@ class _MemoryConnection:
         ttl: int,
         channel: str,
         message: bytes,
-        state: tuple[str, str] | None = None,
-    ) -> bool:
+        sentinel: str,
+        state: str | None = None,
+    ) -> LogId | None:
         await anyio.lowlevel.checkpoint()
         backend = self._backend
         backend.commands["eval"] += 1
         log = backend._log(key) or []
-        fresh = not log or entry > log[-1][:2]
-        if fresh:
+        last = (log[-1][0], log[-1][1]) if log else None
+        if last is None or entry > last:
             log.append((*entry, field, value))
         expiry = time.monotonic() + ttl
         backend._logs[key] = (log, expiry)
-        if state is not None:
-            backend._values[state[0]] = (state[1], expiry)
+        if state is not None or backend._lookup(sentinel) is None:
+            backend._values[sentinel] = (state or "1", expiry)
         self._deliver(channel, message)
-        return fresh
+        return last
 
     async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
         await anyio.lowlevel.checkpoint()

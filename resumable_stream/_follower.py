@@ -133,7 +133,15 @@ class Follower:
                 # cursor) or ended (the log ends with the end): it lost it. Ask the producer.
                 self._store_useless = True
                 self._store_pending = False
-                return await self._join_requested(after_end)
+                answer = await self._join_requested(after_end)
+                if state in p.TERMINAL_STATES and not self.acked.is_set():
+                    # Finished, and nobody lingers with the text: it is gone, and saying
+                    # "nothing more" would pass a shorter text off as the whole.
+                    raise StreamIncompleteError(
+                        f"the stored text of stream {self.stream_id!r} was lost (evicted, or "
+                        "Redis restarted without persistence) and its producer no longer has it"
+                    )
+                return answer
             self.heard = anyio.current_time()
             return p.RUNNING
         except BaseException:

@@ -41,6 +41,7 @@ def pack_end(state: str, detail: str | None) -> bytes:
 
 class Store:
     __slots__ = (
+        "_broken",
         "_buffer",
         "_changed",
         "_channel",
@@ -48,6 +49,7 @@ class Store:
         "_key",
         "_last",
         "_lock",
+        "_sentinel",
         "_stream_id",
         "_token",
         "stored",
@@ -64,9 +66,11 @@ class Store:
         self._changed = changed  # the producer's: notified for every chunk, and at the end
         self._key = hub.keys.text(stream_id)
         self._channel = hub.keys.live(stream_id)
+        self._sentinel = hub.keys.sentinel(stream_id)
         self.stored = 0  # chunks stored so far
         self.stored_changed = Signal()
         self._last: LogId | None = None  # the id of the last entry written
+        self._broken = False  # the log lost entries (Redis evicted or lost it): write it again
         # One write at a time: the appending task, the end, a rewrite after an outage.
         self._lock = anyio.Lock()
 
@@ -92,6 +96,8 @@ class Store:
                 await anyio.sleep(interval)  # a window for the batch to grow: one write
             try:
                 await self._write_up_to(len(buffer.chunks))
+                if self._broken:
+                    await self._rewrite(None)
             except BackendError as exc:
                 level = logging.DEBUG if failures else logging.WARNING
                 logger.log(level, "could not store stream %r: %s", self._stream_id, exc)
@@ -130,25 +136,37 @@ class Store:
         return end_index
 
     async def _append(
-        self, entry: LogId, value: bytes, message: bytes, state: tuple[str, str] | None = None
+        self, entry: LogId, value: bytes, message: bytes, state: str | None = None
     ) -> None:
         hub = self._hub
-        await hub.connection.append(
-            self._key, entry, self._token, value, hub.settings.ttl, self._channel, message, state
+        previous = await hub.connection.append(
+            self._key,
+            entry,
+            self._token,
+            value,
+            hub.settings.ttl,
+            self._channel,
+            message,
+            self._sentinel,
+            state,
         )
+        if previous != self._last and not (previous is not None and previous >= entry):
+            self._broken = True  # what this producer wrote last is not there any more
         self._last = entry
 
     async def write_end(self, state: str, detail: str | None) -> bool:
         """Store what is left, then the end with the stream's state, and announce it: one
         command for the end. False if the backend failed (the caller retries)."""
-        hub = self._hub
         try:
             await self._write_up_to(len(self._buffer.chunks))
             length = self._buffer.length
             end = p.End(None, self._token, length, state, detail).pack()
-            sentinel = (hub.keys.sentinel(self._stream_id), p.sentinel_value(state))
             async with self._lock:
-                await self._append((length, END), pack_end(state, detail), end, sentinel)
+                await self._append(
+                    (length, END), pack_end(state, detail), end, p.sentinel_value(state)
+                )
+            if self._broken:
+                await self._rewrite((state, detail))
         except BackendError as exc:
             logger.warning("could not store the end of stream %r (%s)", self._stream_id, exc)
             return False
@@ -157,25 +175,36 @@ class Store:
     async def repair(self, ended: tuple[str, str | None] | None) -> None:
         """After the backend came back: if its log lost entries (a restart without
         persistence, a failover that dropped writes), write it all again from memory."""
-        hub = self._hub
+        connection = self._hub.connection
+        first = await connection.read(self._key, 0, 1)
+        last = await connection.read(self._key, _LAST, 1)
+        whole = (not first and self._last is None) or (
+            bool(first)
+            and first[0][:2] in ((0, BATCH), (0, END))
+            and bool(last)
+            and last[0][:2] == self._last
+        )
+        if not whole:
+            await self._rewrite(ended)
+
+    async def _rewrite(self, ended: tuple[str, str | None] | None) -> None:
+        logger.warning(
+            "the stored text of stream %r was lost (evicted, a Redis restart or failover?); "
+            "storing it again",
+            self._stream_id,
+        )
         async with self._lock:
-            last = await hub.connection.read(self._key, _LAST, 1)
-            found = (last[0][0], last[0][1]) if last else None
-            if found == self._last:
-                return
-            logger.warning(
-                "the stored text of stream %r was lost (a Redis restart or failover?); "
-                "storing it again",
-                self._stream_id,
-            )
-            await hub.connection.delete(self._key)
+            await self._hub.connection.delete(self._key)
+            self._last = None
             stored, self.stored = self.stored, 0
             while self.stored < stored:
                 self.stored = await self._write(self.stored, stored)
-            if ended is not None and self._last is not None:
+            if ended is not None:
                 length = self._buffer.length
                 end = p.End(None, self._token, length, *ended).pack()
-                await self._append((length, END), pack_end(*ended), end)
+                state = p.sentinel_value(ended[0])
+                await self._append((length, END), pack_end(*ended), end, state)
+            self._broken = False
 
 
 def parse(entry: LogEntry) -> p.Live | p.End:

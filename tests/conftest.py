@@ -228,6 +228,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("durable", [False, True], ids=["memory-only", "durable"])
 
 
+# Durable mode is the same engine on the same backends: it runs on the in-memory backend and the
+# real servers, not again under trio and on fakeredis (which add nothing to it), to keep the
+# suite's time in bounds.
+_DURABLE_FLAVORS = {"memory", "redis", "cluster", "memory-uvloop", "redis-uvloop"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        params = params.params if params is not None else {}
+        if params.get("durable") and params.get("flavor") not in _DURABLE_FLAVORS:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture
 def durable() -> bool:
     return False

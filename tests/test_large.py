@@ -9,6 +9,8 @@ from .helpers import TestingSource, never_called, read_chunks
 
 pytestmark = pytest.mark.anyio
 
+DURABLE = True  # conftest: every `workers` test here runs in both modes
+
 MIB = 1 << 20
 
 

@@ -260,16 +260,22 @@ class Commands:
         ttl: int,
         channel: str,
         message: bytes,
-        state: tuple[str, str] | None = None,
-    ) -> bool:
-        keys = [key, channel] if state is None else [key, channel, state[0]]
+        sentinel: str,
+        state: str | None = None,
+    ) -> LogId | None:
+        keys = [key, channel, sentinel]
         args: list[Any] = [f"{entry[0]}-{entry[1]}", field, value, ttl, self._publish, message]
         if state is not None:
-            args.append(state[1])
-        fresh = await self._call(
-            lambda pipe: pipe.execute_command("EVAL", _APPEND, len(keys), *keys, *args)
+            args.append(state)
+        last = text(
+            await self._call(
+                lambda pipe: pipe.execute_command("EVAL", _APPEND, len(keys), *keys, *args)
+            )
         )
-        return bool(fresh)
+        if not last:
+            return None
+        offset, _, seq = last.partition("-")
+        return int(offset), int(seq)
 
     async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
         # The entry that holds `offset` (the last one at or before it), then those after it:
@@ -291,15 +297,18 @@ class Commands:
 
 
 # Appends an entry to a durable stream's log unless an entry at or after its id is there (so a
-# retried append adds nothing), refreshes the TTL, sets the stream's state if one is given, and
-# publishes the message: atomic, one round trip. KEYS: log, channel[, state key]. ARGV: id,
-# field, value, ttl, publish command, message[, state value]. The channel is a KEY so that a
+# retried append adds nothing), refreshes the TTL, sets the stream's state if one is given (else
+# sets it running if a restart lost it), and publishes the message: atomic, one round trip.
+# Returns the id of the log's last entry before (empty if none). KEYS: log, channel, state key.
+# ARGV: id, field, value, ttl, publish command, message[, state]. The channel is a KEY so that a
 # cluster checks that it lives in the log's slot, as SPUBLISH in a script requires.
 _APPEND = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local fresh = true
+local previous = ''
 if #last > 0 then
-  local lo, ls = string.match(last[1][1], '(%d+)-(%d+)')
+  previous = last[1][1]
+  local lo, ls = string.match(previous, '(%d+)-(%d+)')
   local no, ns = string.match(ARGV[1], '(%d+)-(%d+)')
   lo, ls, no, ns = tonumber(lo), tonumber(ls), tonumber(no), tonumber(ns)
   fresh = no > lo or (no == lo and ns > ls)
@@ -308,9 +317,11 @@ if fresh then
   redis.call('XADD', KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-if KEYS[3] then
+if ARGV[7] then
   redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[4])
+else
+  redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4])
 end
 redis.call(ARGV[5], KEYS[2], ARGV[6])
-if fresh then return 1 else return 0 end
+return previous
 """
