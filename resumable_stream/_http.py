@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl
 
 from ._buffer import Entry
@@ -24,6 +24,9 @@ from ._exceptions import (
     StreamIncompleteError,
 )
 from .sse import encode_event
+
+if TYPE_CHECKING:
+    from .http import PreparedResponse
 
 logger = logging.getLogger("resumable_stream")
 
@@ -266,6 +269,13 @@ def error_frame(exc: ResumableStreamError, id_prefix: str = "") -> bytes:
 
 async def body(send: Send, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def send_whole(response: PreparedResponse, send: Send) -> None:
+    """An answer that is not streamed: status, headers and the whole body."""
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.content})
 
 
 async def plain(

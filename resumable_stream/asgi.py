@@ -38,6 +38,7 @@ from ._http import (
     last_path_segment,
     plain,
     resume_cursor,
+    send_whole,
 )
 from .http import EventStream, Frames, PreparedResponse, prepare_stop
 
@@ -83,7 +84,7 @@ class EventStreamResponse(EventStream):
             scope,
         )
         if isinstance(opened, PreparedResponse):
-            await _send_whole(opened, send)
+            await send_whole(opened, send)
             return
         reader, new_reader = opened
         frames = self._frames(reader, new_reader)
@@ -156,13 +157,6 @@ class EventStreamResponse(EventStream):
                 sending = False
                 last_sent = anyio.current_time()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _send_whole(response: PreparedResponse, send: Send) -> None:
-    """An answer that is not streamed: status, headers and the whole body."""
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.content})
 
 
 class EventStreamApp:
@@ -251,7 +245,7 @@ class StopStreamApp:
             return
         context = context_of(self._context, scope)
         answer = await prepare_stop(context, stream_id, request=scope, authorize=self._authorize)
-        await _send_whole(answer, send)
+        await send_whole(answer, send)
 
 
 class ClientScriptApp:

@@ -14,6 +14,7 @@ import resumable_stream as rs
 from resumable_stream.asgi import EventStreamResponse
 from resumable_stream.http import EventStream, EventStreamBody, PreparedResponse, prepare_stop
 from resumable_stream.sse import ServerSentEvent, SSEDecoder
+from resumable_stream.tasks import TaskEndpoint, TaskRequest
 
 from .asgi_driver import client
 from .conftest import HTTP_FLAVORS, Workers
@@ -415,3 +416,44 @@ async def test_a_failed_stream_ends_with_its_error_frame(workers: Workers) -> No
     assert [e.data for e in text] == ["x"]
     assert (error.event, error.id) == ("error", "end")
     assert json.loads(error.data) == {"code": "failed", "message": "the stream failed"}
+
+
+# The task endpoint, for any framework
+
+
+async def test_task_endpoint_decides_as_the_task_app_does(workers: Workers) -> None:
+    async def double(task_input: Any, request: TaskRequest) -> Any:
+        assert request.request == "the request"
+        assert request.scope == {"type": "http"}
+        return task_input * 2
+
+    seen: list[tuple[object, str]] = []
+
+    def authorize(request: object, task_id: str) -> bool:
+        seen.append((request, task_id))
+        return task_id != "denied"
+
+    endpoint = TaskEndpoint(workers.P, double, max_input_size=10, authorize=authorize)
+    common: dict[str, Any] = {"request": "the request", "scope": {"type": "http"}}
+    wrong = await endpoint.prepare(method="PUT", **common)
+    assert (wrong.status, wrong.headers[-1]) == (405, ("allow", "GET, POST"))
+    large = await endpoint.prepare(method="POST", body=b"1" * 11, **common)
+    assert large.status == 413
+    bad = await endpoint.prepare(method="POST", body=b"{", **common)
+    assert bad.status == 400
+    denied = await endpoint.prepare(method="POST", headers={"X-Task-Id": "denied"}, **common)
+    assert denied.status == 403
+    limits: list[int] = []
+
+    async def read_body(limit: int) -> bytes:
+        limits.append(limit)
+        return b"21"
+
+    posted = await endpoint.prepare(method="POST", body=read_body, **common)
+    assert limits == [11]  # at most one byte more than allowed is asked for
+    task_id = dict(posted.headers)["x-task-id"]
+    settle = [e for e in events(await body_of(posted)) if e.event == "settle"]
+    assert [(e.data, e.id) for e in settle] == [("42", f"{task_id}:2")]
+    got = await endpoint.prepare(method="GET", query="input=5&taskId=t2", **common)
+    assert [e.data for e in events(await body_of(got)) if e.event == "settle"] == ["10"]
+    assert [task for _, task in seen] == ["denied", task_id, "t2"]
