@@ -235,16 +235,15 @@ class StopStreamApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             raise RuntimeError(f"StopStreamApp serves HTTP only, not {scope['type']!r}")
-        if scope["method"] not in ("POST", "DELETE"):
-            await plain(send, 405, "use POST or DELETE", [(b"allow", b"POST, DELETE")])
-            return
         try:
             stream_id = self._stream_id(scope)
         except ValueError as exc:
             await plain(send, 400, str(exc))
             return
         context = context_of(self._context, scope)
-        answer = await prepare_stop(context, stream_id, request=scope, authorize=self._authorize)
+        answer = await prepare_stop(
+            context, stream_id, method=scope["method"], request=scope, authorize=self._authorize
+        )
         await send_whole(answer, send)
 
 

@@ -494,16 +494,20 @@ async def prepare_stop(
     context: ResumableStreamContext,
     stream_id: str,
     *,
+    method: str = "POST",
     request: Any = None,
     authorize: Authorize | None = None,
 ) -> PreparedResponse:
     """The answer of a stop endpoint: stop `stream_id` from any worker (`cancel_stream`).
 
     204 once the stop reached the producer (or was recorded, for a stream not started yet);
-    400 for a malformed id; 403 if `authorize(request, stream_id)` says no; 503 if the store is
-    unavailable. A client that disconnects from a stream stops nothing; this does.
+    405 unless `method` is POST or DELETE; 400 for a malformed id; 403 if `authorize(request,
+    stream_id)` says no; 503 if the store is unavailable. A client that disconnects from a
+    stream stops nothing; this does.
     """
     check_callables(authorize=authorize)
+    if method not in ("POST", "DELETE"):
+        return plain(405, "use POST or DELETE", [("allow", "POST, DELETE")])
     try:
         stream_id = p.validate_stream_id(stream_id)
     except ValueError as exc:
