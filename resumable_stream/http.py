@@ -63,7 +63,6 @@ from ._http import (
 from ._producer import MakeStream
 
 __all__ = [
-    "DEFAULT_KEEPALIVE_FRAME",
     "Authorize",
     "Disconnected",
     "EventStream",

@@ -346,3 +346,98 @@ async def test_a_task_settles_and_a_reconnect_gets_its_outcome(
     assert [(e.event, json.loads(e.data)) for e in outcome] == [
         ("settle", {"doubled": 42, "request": request_class[deployment.framework]})
     ]
+
+
+# The examples, as a user starts them
+
+
+@pytest.mark.parametrize("framework", list(EXAMPLES))
+async def test_the_example_streams_resumes_and_stops(
+    framework: str, client: httpx.AsyncClient
+) -> None:
+    with uvicorn_server(EXAMPLES[framework]) as url:
+        path = new_path()
+        status, head = await events(client, f"{url}{path}?prompt=hi", limit=3)
+        assert status == 200
+        status, rest = await events(
+            client, f"{url}{path}?prompt=hi", {"Last-Event-ID": head[-1].id}
+        )
+        assert status == 200
+        whole = text(head) + text(rest)
+        assert whole.startswith("You asked 'hi'. Here is a simulated answer")
+        assert 300 <= len(whole) <= 600  # a few hundred characters
+        # A viewer from the start (the finished stream lingers for late readers) gets the same.
+        status, viewer = await events(client, f"{url}{path}?resumeAt=0")
+        assert (status, text(viewer)) == (200, whole)
+        status, nothing = await events(client, f"{url}{path}", {"Last-Event-ID": rest[-1].id})
+        assert (status, nothing) == (204, [])
+        # The stop endpoint ends a running stream for its reader.
+        stopped = new_path()
+        received: list[ServerSentEvent] = []
+        decoder = SSEDecoder()
+        with anyio.fail_after(STEP):
+            async with client.stream("GET", f"{url}{stopped}?prompt=stop") as response:
+                async for piece in response.aiter_bytes():
+                    received += decoder.feed(piece)
+                    if len(received) == 1:
+                        stop = await client.post(f"{url}{stopped}/stop")
+                        assert stop.status_code == 204
+        assert received[-1].event == "error"
+        assert json.loads(received[-1].data)["code"] == "cancelled"
+
+
+# The Django example in a real browser
+
+
+PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>EventSource through a cut</title>
+<script>
+window.record = { text: "", ids: [], opens: 0, errors: 0, closed: false };
+window.follow = (url) => {
+  // The browser's own EventSource, reconnecting by itself with Last-Event-ID.
+  const source = new EventSource(url);
+  source.onopen = () => { record.opens += 1; };
+  source.onmessage = (event) => { record.text += event.data; record.ids.push(event.lastEventId); };
+  source.onerror = () => {
+    record.errors += 1;
+    record.closed = source.readyState === EventSource.CLOSED;  // after the final 204
+  };
+};
+</script>
+"""
+
+
+async def test_chromium_follows_the_django_example_through_a_cut(client: httpx.AsyncClient) -> None:
+    from .browser import chromium
+
+    path = new_path()
+    with (
+        uvicorn_server(EXAMPLES["django"]) as url,
+        TcpProxy(port_of(url)) as proxy,
+    ):
+        origin = f"http://127.0.0.1:{proxy.port}"
+        async with chromium() as browser:
+            page = await browser.new_page()
+            page.set_default_timeout(20_000)
+            # The page comes from the proxy's origin, so its EventSource is same-origin.
+            await page.route(
+                f"{origin}/", lambda route: route.fulfill(body=PAGE, content_type="text/html")
+            )
+            await page.goto(f"{origin}/")
+            await page.evaluate("(url) => follow(url)", f"{path}?prompt=browser")
+            await page.wait_for_function("record.text.length >= 40")
+            proxy.stall()  # nothing more reaches the browser ...
+            at_cut = len(await page.evaluate("record.text"))
+            proxy.cut()  # ... and its connection drops, mid-stream
+            proxy.resume()
+            await page.wait_for_function("record.closed")
+            record = await page.evaluate("record")
+        # What a viewer that was never cut got (the finished stream lingers for late readers).
+        status, viewer = await events(client, f"{url}{path}?resumeAt=0")
+    assert status == 200
+    assert at_cut < len(text(viewer))
+    assert record["text"] == text(viewer)
+    assert record["ids"] == [e.id for e in viewer]
+    assert record["opens"] == 2  # the first connection, and the one it made by itself
+    print(f"cut at character {at_cut} of {len(record['text'])}; {record['errors']} errors")

@@ -3,7 +3,10 @@ the same as the ASGI response's, and the body iterator with its keep-alive, on e
 
 from __future__ import annotations
 
+import importlib
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -457,3 +460,24 @@ async def test_task_endpoint_decides_as_the_task_app_does(workers: Workers) -> N
     got = await endpoint.prepare(method="GET", query="input=5&taskId=t2", **common)
     assert [e.data for e in events(await body_of(got)) if e.event == "settle"] == ["10"]
     assert [task for _, task in seen] == ["denied", task_id, "t2"]
+
+
+# The public surface
+
+
+def test_the_core_needs_no_framework() -> None:
+    code = (
+        "import sys, resumable_stream, resumable_stream.http, resumable_stream.asgi, "
+        "resumable_stream.tasks; print(sorted(m for m in "
+        "('django', 'quart', 'falcon', 'starlette', 'trio') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["http", "asgi", "tasks", "django", "quart", "falcon"])
+def test_each_public_module_has_a_sorted_all(name: str) -> None:
+    module = importlib.import_module(f"resumable_stream.{name}")
+    assert module.__all__ == sorted(module.__all__)
+    for attribute in module.__all__:
+        assert hasattr(module, attribute)
