@@ -197,8 +197,7 @@ class EventStream:
         stream, else a 200's headers without a body. `disconnected`, for a framework that does
         not cancel a response whose client went away, ends the body once it returns.
 
-        Never raises for a bad request (that is a 400); a failing `authorize` or `make_stream`
-        call raises as they did.
+        Never raises for a bad request (that is a 400); an `authorize` that raises does.
         """
         opened = await self._open(method, headers, query, request)
         if isinstance(opened, PreparedResponse):

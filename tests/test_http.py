@@ -8,18 +8,18 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
 
 import resumable_stream as rs
-from resumable_stream.asgi import EventStreamResponse
+from resumable_stream.asgi import EventStreamResponse, with_context
 from resumable_stream.http import EventStream, EventStreamBody, PreparedResponse, prepare_stop
 from resumable_stream.sse import ServerSentEvent, SSEDecoder
 from resumable_stream.tasks import TaskEndpoint, TaskRequest
 
-from .asgi_driver import client
+from .asgi_driver import client, serve
 from .conftest import HTTP_FLAVORS, Workers
 from .helpers import TestingSource, poll_until, read
 
@@ -481,3 +481,58 @@ def test_each_public_module_has_a_sorted_all(name: str) -> None:
     assert module.__all__ == sorted(module.__all__)
     for attribute in module.__all__:
         assert hasattr(module, attribute)
+
+
+# with_context: a context for apps without a lifespan (Django)
+
+
+@pytest.mark.parametrize("flavor", ["memory", "memory-trio"])
+async def test_with_context_opens_the_context_for_the_servers_lifespan() -> None:
+    context = rs.ResumableStreamContext(backend=rs.MemoryBackend(), drain_timeout=1)
+    seen: list[str] = []
+
+    async def one_chunk() -> AsyncIterator[str]:
+        yield "hi"
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+        stream = await context.resumable_stream("s", one_chunk)  # only in an open context
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": (await read(stream)).encode()})
+
+    async with serve(with_context(app, context)) as c, c.request("/s") as response:
+        assert (response.status, await response.read()) == (200, b"hi")
+    assert seen == ["http"]  # the lifespan is answered, not passed on
+    with pytest.raises(RuntimeError, match="not open"):
+        await context.resumable_stream("t", one_chunk)  # closed at shutdown
+
+
+@pytest.mark.parametrize("flavor", ["memory"])
+async def test_with_context_reports_a_context_that_cannot_open() -> None:
+    class Broken:
+        async def __aenter__(self) -> None:
+            raise rs.BackendError("the store refused the credentials")
+
+        async def __aexit__(self, *exc_info: object) -> None:
+            raise AssertionError("never entered")
+
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def never(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the lifespan is not passed on")
+
+    app = with_context(never, cast(rs.ResumableStreamContext, Broken()))
+    with anyio.fail_after(STEP):
+        await app({"type": "lifespan"}, receive, send)
+    assert sent == [
+        {
+            "type": "lifespan.startup.failed",
+            "message": "BackendError: the store refused the credentials",
+        }
+    ]
