@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl
 
 from ._buffer import Entry
@@ -25,6 +25,9 @@ from ._exceptions import (
 )
 from .sse import encode_event
 
+if TYPE_CHECKING:
+    from .http import PreparedResponse
+
 logger = logging.getLogger("resumable_stream")
 
 Scope = MutableMapping[str, Any]
@@ -37,6 +40,13 @@ Authorize = Callable[[Scope, str], bool | Awaitable[bool]]
 
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
 """Extra response headers: a mapping (Starlette's form) or `(name, value)` pairs."""
+
+RequestHeaders = Mapping[str, str] | Iterable[tuple[str, str]] | Iterable[tuple[bytes, bytes]]
+"""A request's headers as any framework holds them: a mapping (names in any case), `(name,
+value)` pairs of `str`, or ASGI's pairs of `bytes`."""
+
+Query = str | bytes | Mapping[str, str] | Iterable[tuple[str, str]]
+"""A request's query: the raw query string (`str` or ASGI's `bytes`), or its parsed pairs."""
 
 DEFAULT_KEEPALIVE_FRAME = b": keep-alive\n\n"
 
@@ -64,10 +74,13 @@ def context_of(
     return context if isinstance(context, ResumableStreamContext) else context(scope)
 
 
-async def allowed(authorize: Authorize | None, scope: Scope, stream_id: str) -> bool:
+async def allowed(
+    authorize: Callable[[Any, str], bool | Awaitable[bool]] | None, request: Any, stream_id: str
+) -> bool:
+    """`authorize(request, stream_id)`'s verdict (awaited if need be); only `True` allows."""
     if authorize is None:
         return True
-    verdict = authorize(scope, stream_id)
+    verdict = authorize(request, stream_id)
     if inspect.isawaitable(verdict):
         verdict = await verdict
     return verdict is True
@@ -127,12 +140,17 @@ def resume_cursor(scope: Scope) -> int | None:
 
 
 def request_cursor(scope: Scope, id_prefix: str = "") -> Cursor | None:
+    """The ASGI request's cursor (see `parse_cursor`)."""
+    return parse_cursor(scope.get("headers", ()), scope.get("query_string", b""), id_prefix)
+
+
+def parse_cursor(headers: RequestHeaders, query: Query, id_prefix: str = "") -> Cursor | None:
     """The request's cursor: `Last-Event-ID`, else `?resumeAt=`; None if it has none.
 
     Both hold an event id this library sent: `<id_prefix><offset>`, or `<id_prefix>end` for
     the frame that ends a stream badly (the offset alone is accepted too).
     """
-    raw = cursor_value(scope)
+    raw = find_cursor(headers, query)
     if raw is None:
         return None
     name, value = raw
@@ -149,18 +167,50 @@ def request_cursor(scope: Scope, id_prefix: str = "") -> Cursor | None:
 
 
 def cursor_value(scope: Scope) -> tuple[str, str] | None:
-    """(where it came from, the raw value) of the request's cursor, unparsed."""
-    for name, value in scope.get("headers", ()):
-        if name == b"last-event-id" and value:
-            return "Last-Event-ID", value.decode("latin-1")
-    values = [
-        value
-        for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)
-        if name == "resumeAt"
-    ]
+    """(where it came from, the raw value) of the ASGI request's cursor, unparsed."""
+    return find_cursor(scope.get("headers", ()), scope.get("query_string", b""))
+
+
+def find_cursor(headers: RequestHeaders, query: Query) -> tuple[str, str] | None:
+    """(where it came from, the raw value) of a request's cursor, unparsed: the first non-empty
+    `Last-Event-ID` header, else the one `resumeAt` query parameter (ValueError if several)."""
+    value = header_value(headers, "last-event-id")
+    if value:
+        return "Last-Event-ID", value
+    values = [value for name, value in query_pairs(query) if name == "resumeAt"]
     if len(values) > 1:
         raise ValueError("give resumeAt at most once")
     return ("resumeAt", values[0]) if values else None
+
+
+def header_value(headers: RequestHeaders, name: str) -> str | None:
+    """The first non-empty value of header `name` (lower case), bytes read as Latin-1 (as
+    HTTP/1.1 servers hand them over); None if there is none."""
+    encoded = name.encode("latin-1")
+    items: Iterable[tuple[str | bytes, str | bytes]]
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for key, value in items:
+        if not value:
+            continue
+        if isinstance(key, bytes):
+            if key.lower() != encoded:
+                continue
+        elif key.lower() != name:
+            continue
+        return value.decode("latin-1") if isinstance(value, bytes) else value
+    return None
+
+
+def query_pairs(query: Query) -> list[tuple[str, str]]:
+    """The query's (name, value) pairs: a raw query string is parsed as `parse_qsl` does (blank
+    values kept; raw bytes read as Latin-1, percent-escapes as UTF-8)."""
+    if isinstance(query, bytes):
+        query = query.decode("latin-1")
+    if isinstance(query, str):
+        return parse_qsl(query, keep_blank_values=True)
+    if isinstance(query, Mapping):
+        return [(str(name), str(value)) for name, value in query.items()]
+    return [(str(name), str(value)) for name, value in query]
 
 
 def last_path_segment(scope: Scope) -> str:
@@ -219,6 +269,13 @@ def error_frame(exc: ResumableStreamError, id_prefix: str = "") -> bytes:
 
 async def body(send: Send, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def send_whole(response: PreparedResponse, send: Send) -> None:
+    """An answer that is not streamed: status, headers and the whole body."""
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.content})
 
 
 async def plain(

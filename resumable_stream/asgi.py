@@ -13,51 +13,34 @@ answers 204, which tells `EventSource` to stop reconnecting.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from . import _protocol as p
-from ._context import ResumableStream, ResumableStreamContext
+from ._context import ResumableStreamContext
 from ._event import Event
-from ._exceptions import (
-    BackendError,
-    ProducerLostError,
-    ProducerUnavailableError,
-    ResumableStreamError,
-    StreamCancelledError,
-    StreamFailedError,
-)
 from ._http import (
-    DEFAULT_KEEPALIVE_FRAME,
     Authorize,
     Headers,
     Message,
     Receive,
     Scope,
     Send,
-    allowed,
     body,
     check_callables,
-    check_frame,
     check_headers,
     check_options,
     context_of,
-    error_frame,
-    error_info,
     last_path_segment,
     plain,
-    raw_body,
-    request_cursor,
     resume_cursor,
-    sse_body,
+    send_whole,
 )
-from ._producer import MakeStream
+from .http import EventStream, Frames, PreparedResponse, prepare_stop
 
 __all__ = [
     "Authorize",
@@ -71,116 +54,43 @@ __all__ = [
     "Send",
     "StopStreamApp",
     "resume_cursor",
+    "with_context",
 ]
 
 logger = logging.getLogger("resumable_stream")
 
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-_SMALL_BATCH = 16
-_COALESCE_TURNS = 4
 _CLEANUP_TIMEOUT = 5.0
 
 
-class EventStreamResponse:
-    """Create or resume `stream_id` on `context` and send it to this request.
+class EventStreamResponse(EventStream):
+    """Create or resume `stream_id` on `context` and send it to this request: an ASGI callable.
 
-    With `make_stream`, the first request for the id produces the stream and later ones follow
-    it; without, the response only resumes (204 if there is nothing to resume). `raw=True`
-    sends the plain text from the cursor instead of SSE, for fetch-based clients that count
-    characters themselves. `keepalive` is the idle time (seconds) after which `keepalive_frame`
-    (a comment) is sent so proxies keep the connection open; `retry` (milliseconds) is sent to
-    `EventSource`s as their reconnection delay. `headers` (a mapping or `(name, value)` pairs)
-    are added to a 200's. `authorize(scope, stream_id)` is asked before anything is created or
-    read (403 if it says no). Arguments are checked here (`TypeError`, `ValueError`), never once
-    the response runs.
+    The options are `resumable_stream.http.EventStream`'s, which decides the status, the
+    headers and the body (`authorize` gets the ASGI scope); this sends them, and ends the
+    response when the client disconnects (the producer keeps running). With `make_stream`, the
+    first request for the id produces the stream and later ones follow it; without, the
+    response only resumes (204 if there is nothing to resume). `raw=True` sends the plain text
+    from the cursor instead of SSE. Arguments are checked here (`TypeError`, `ValueError`),
+    never once the response runs.
     """
 
-    def __init__(
-        self,
-        context: ResumableStreamContext,
-        stream_id: str,
-        make_stream: MakeStream | None = None,
-        *,
-        raw: bool = False,
-        keepalive: float | None = 15.0,
-        retry: int | None = None,
-        headers: Headers | None = None,
-        authorize: Authorize | None = None,
-        keepalive_frame: bytes = DEFAULT_KEEPALIVE_FRAME,
-        id_prefix: str = "",
-    ) -> None:
-        # Checked here: once the response runs, a bad argument could only be a 500.
-        check_options(keepalive, retry)
-        check_callables(make_stream=make_stream, authorize=authorize)
-        self.keepalive_frame = check_frame(keepalive_frame)
-        if not isinstance(id_prefix, str) or any(c in id_prefix for c in "\r\n\0"):
-            raise ValueError(f"id_prefix must be a str without CR, LF or NUL, got {id_prefix!r}")
-        self.id_prefix = id_prefix
-        self.authorize = authorize
-        self.context = context
-        self.stream_id = stream_id
-        self.make_stream = make_stream
-        self.raw = raw
-        self.keepalive = keepalive
-        self.retry = retry
-        self.headers = check_headers(headers)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            stream_id = p.validate_stream_id(self.stream_id)
-            cursor = request_cursor(scope, self.id_prefix)
-        except ValueError as exc:
-            await plain(send, 400, str(exc))
+        opened = await self._open(
+            scope.get("method", "GET"),
+            scope.get("headers", ()),
+            scope.get("query_string", b""),
+            scope,
+        )
+        if isinstance(opened, PreparedResponse):
+            await send_whole(opened, send)
             return
-        if not await allowed(self.authorize, scope, stream_id):
-            await plain(send, 403, "not allowed")
-            return
-        if cursor is not None and cursor.seen_end:
-            await _no_content(send)  # it has seen the frame that ended the stream: stop
-            return
-        resume_at = None if cursor is None else cursor.offset
-        try:
-            # A request with a cursor continues a stream it saw; it never starts a new one
-            # (that would serve the new stream's text from an offset into the old one).
-            if self.make_stream is not None and resume_at is None:
-                stream = await self.context.resumable_stream(stream_id, self.make_stream)
-            else:
-                stream = await self.context.resume_existing_stream(stream_id, resume_at)
-        except (StreamFailedError, StreamCancelledError, ProducerLostError) as exc:
-            await self._ended(exc, send)
-            return
-        except ProducerUnavailableError:
-            await plain(send, 503, "the stream's producer did not answer; try again")
-            return
-        except BackendError as exc:
-            logger.warning("could not open stream %r: %s", stream_id, exc)
-            await plain(send, 503, "the stream store is unavailable; try again")
-            return
-        if stream is None:
-            await _no_content(send)
-            return
-        await self._stream(stream, receive, send, new_reader=cursor is None)
-
-    async def _ended(self, exc: ResumableStreamError, send: Send) -> None:
-        """A stream that already ended badly: every reader learns how, a reconnecting one too
-        (it may have all the text and miss only the end); the end frame's id then stops it."""
-        if self.raw:
-            await plain(send, 410, error_info(exc)[1])
-        else:
-            headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": error_frame(exc, self.id_prefix)})
-
-    async def _stream(
-        self, stream: ResumableStream, receive: Receive, send: Send, new_reader: bool
-    ) -> None:
-        media = b"text/plain; charset=utf-8" if self.raw else b"text/event-stream; charset=utf-8"
+        reader, new_reader = opened
+        frames = self._frames(reader, new_reader)
         headers = [
-            (b"content-type", media),
-            (b"cache-control", b"no-cache, no-transform"),
-            (b"x-accel-buffering", b"no"),
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.stream_headers()
         ]
-        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             async with anyio.create_task_group() as tg:
@@ -191,19 +101,18 @@ class EventStreamResponse:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch_disconnect)
-                await self._send_body(stream, send, tg, new_reader)
+                await self._send_body(frames, send, tg)
                 tg.cancel_scope.cancel()
         except OSError:
             pass
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
-                await stream.aclose()
+                await reader.aclose()
 
-    async def _send_body(
-        self, reader: ResumableStream, send: Send, tg: TaskGroup, new_reader: bool
-    ) -> None:
-        prefix = self.id_prefix
-        encode = raw_body if self.raw else functools.partial(sse_body, id_prefix=prefix)
+    async def _send_body(self, frames: Frames, send: Send, tg: TaskGroup) -> None:
+        # The framework-neutral body (`EventStreamBody`) waits for frames in a task of its own
+        # so that it can hand out keep-alives; here a task group is at hand, and a keep-alive
+        # task costs nothing per batch.
         keepalive = self.keepalive
         # Time of the last send, and whether one is in progress, for the keep-alive task.
         last_sent = anyio.current_time()
@@ -236,46 +145,18 @@ class EventStreamResponse:
         # OSError is how ASGI 2.4 servers say the client went away; caught here, in the
         # task group's own body, as anyio would wrap it in an ExceptionGroup otherwise.
         with contextlib.suppress(OSError):
-            if not self.raw:
-                # A new reader's first frame gives it a cursor (an id-only block dispatches
-                # nothing), so its reconnect resumes even before the first chunk: a stream that
-                # ended meanwhile still sends it everything, and how it ended.
-                head = f"retry: {self.retry}\n" if self.retry is not None else ""
-                if new_reader:
-                    head += f"id: {prefix}0\n"
-                if head:
-                    await body(send, f"{head}\n".encode())
             while True:
-                entries = reader.take_ready()
-                if not entries:
+                piece = frames.ready()
+                if piece is None:
                     try:
-                        entries = await reader.next_batch()
+                        piece = await frames.wait()
                     except StopAsyncIteration:
                         break
-                    except ResumableStreamError as exc:
-                        if not self.raw:
-                            await body(send, error_frame(exc, prefix))
-                        break
-                    # A generator handing over one chunk per loop turn would cost one send
-                    # per chunk; a few more turns let the next chunks join this send.
-                    for _ in range(_COALESCE_TURNS):
-                        if len(entries) >= _SMALL_BATCH:
-                            break
-                        await anyio.lowlevel.checkpoint()
-                        more = reader.take_ready()
-                        if not more:
-                            break
-                        entries += more
                 sending = True
-                await body(send, encode(entries))
+                await body(send, piece)
                 sending = False
                 last_sent = anyio.current_time()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _no_content(send: Send) -> None:
-    await send({"type": "http.response.start", "status": 204, "headers": []})
-    await send({"type": "http.response.body", "body": b""})
 
 
 class EventStreamApp:
@@ -354,25 +235,16 @@ class StopStreamApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             raise RuntimeError(f"StopStreamApp serves HTTP only, not {scope['type']!r}")
-        if scope["method"] not in ("POST", "DELETE"):
-            await plain(send, 405, "use POST or DELETE", [(b"allow", b"POST, DELETE")])
-            return
         try:
-            stream_id = p.validate_stream_id(self._stream_id(scope))
+            stream_id = self._stream_id(scope)
         except ValueError as exc:
             await plain(send, 400, str(exc))
             return
-        if not await allowed(self._authorize, scope, stream_id):
-            await plain(send, 403, "not allowed")
-            return
-        try:
-            await context_of(self._context, scope).cancel_stream(stream_id)
-        except BackendError as exc:
-            logger.warning("could not stop stream %r: %s", stream_id, exc)
-            await plain(send, 503, "the stream store is unavailable; try again")
-            return
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+        context = context_of(self._context, scope)
+        answer = await prepare_stop(
+            context, stream_id, method=scope["method"], request=scope, authorize=self._authorize
+        )
+        await send_whole(answer, send)
 
 
 class ClientScriptApp:
@@ -409,3 +281,32 @@ class ClientScriptApp:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
+
+
+def with_context(app: ASGIApp, context: ResumableStreamContext) -> ASGIApp:
+    """`app` with `context` open from the server's lifespan startup to its shutdown.
+
+    For frameworks without a lifespan of their own (Django): the lifespan events are answered
+    here and not passed on (startup fails, with the reason, if the context cannot open); every
+    other connection goes to `app`.
+    """
+
+    async def app_with_context(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+        await receive()  # lifespan.startup
+        started = False
+        try:
+            async with context:
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except Exception as exc:
+            # The server prints the message and stops (startup) or reports it (shutdown).
+            failed = "lifespan.shutdown.failed" if started else "lifespan.startup.failed"
+            await send({"type": failed, "message": f"{type(exc).__name__}: {exc}"})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+    return app_with_context

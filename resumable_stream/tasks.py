@@ -15,6 +15,9 @@ connection, on any worker, and still gets the outcome. Event ids are `<task id>:
 `EventSource` on `GET ?input=` (which cannot read headers) rejoins its own task when it
 reconnects, and its first frame gives it such an id before the task has said anything.
 `StopStreamApp` stops a task by its id.
+
+`TaskEndpoint(context, fn)` makes the same decisions for any framework, from the request's
+method, headers, query and body (`resumable_stream.django`, `.quart` and `.falcon` use it).
 """
 
 from __future__ import annotations
@@ -24,17 +27,34 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
 
 from . import _protocol as p
 from ._context import ResumableStreamContext
 from ._event import Event
-from ._http import Authorize, Receive, Scope, Send, allowed, context_of, cursor_value, plain
+from ._http import (
+    Query,
+    Receive,
+    RequestHeaders,
+    Scope,
+    Send,
+    allowed,
+    check_callables,
+    check_options,
+    context_of,
+    find_cursor,
+    header_value,
+    query_pairs,
+    send_whole,
+)
 from .asgi import EventStreamResponse
+from .http import Authorize, Disconnected, EventStream, PreparedResponse
+from .http import plain as answer
 
-__all__ = ["TaskApp", "TaskError", "TaskRequest"]
+__all__ = ["TaskApp", "TaskEndpoint", "TaskError", "TaskRequest"]
 
 logger = logging.getLogger("resumable_stream")
+
+_WAIT_FRAME = b"event: wait\ndata: \n\n"
 
 
 class TaskError(Exception):
@@ -48,10 +68,12 @@ class TaskError(Exception):
 
 @dataclass(frozen=True)
 class TaskRequest:
-    """What a task function learns of the request that started it."""
+    """What a task function learns of the request that started it: the ASGI `scope`, and the
+    framework's own `request` object where an adapter (Django, Quart, Falcon) started it."""
 
     task_id: str
     scope: Scope = field(repr=False)
+    request: Any = field(default=None, repr=False, compare=False)
 
     @property
     def path_params(self) -> Mapping[str, Any]:
@@ -67,13 +89,16 @@ class TaskRequest:
 
 TaskFunction = Callable[[Any, TaskRequest], Awaitable[Any]]
 
+ReadBody = Callable[[int], Awaitable[bytes]]
+"""`read_body(limit)`: the request body, or at least its first `limit` bytes when it is longer
+(more is fine); `ValueError` if the client went away before sending it."""
 
-class TaskApp:
-    """An ASGI endpoint running `fn(input, request)` as a resumable task (see module docs)."""
+
+class _Tasks:
+    """The decisions of a task endpoint, whatever serves it; options checked when built."""
 
     def __init__(
         self,
-        context: ResumableStreamContext | Callable[[Scope], ResumableStreamContext],
         fn: TaskFunction,
         *,
         wait_interval: float = 0.3,
@@ -83,85 +108,65 @@ class TaskApp:
     ) -> None:
         if not wait_interval > 0:
             raise ValueError(f"wait_interval must be > 0 seconds, got {wait_interval!r}")
-        self._context = context
-        self._fn = fn
-        self._wait_interval = wait_interval
-        self._retry = retry
-        self._max_input_size = max_input_size
-        self._authorize = authorize
+        check_options(wait_interval, retry)
+        if isinstance(max_input_size, bool) or not isinstance(max_input_size, int):
+            raise TypeError(f"max_input_size must be an int, not {type(max_input_size).__name__}")
+        if max_input_size < 0:
+            raise ValueError(f"max_input_size must be >= 0 bytes, got {max_input_size!r}")
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        check_callables(authorize=authorize)
+        self.fn = fn
+        self.wait_interval = wait_interval
+        self.retry = retry
+        self.max_input_size = max_input_size
+        self.authorize = authorize
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            raise RuntimeError(f"TaskApp serves HTTP only, not {scope['type']!r}")
-        method = scope["method"]
+    def _options(self, task_id: str) -> dict[str, Any]:
+        """The options of the task's `EventStream`."""
+        return {
+            "keepalive": self.wait_interval,
+            "keepalive_frame": _WAIT_FRAME,
+            "retry": self.retry,
+            "headers": [("x-task-id", task_id)],
+            "id_prefix": f"{task_id}:",
+        }
+
+    async def _decide(
+        self,
+        method: str,
+        headers: RequestHeaders,
+        query: Query,
+        body: bytes | ReadBody,
+        request: Any,
+        scope: Scope | None,
+    ) -> PreparedResponse | tuple[str, Callable[[], AsyncIterator[Event]]]:
+        """The answer, or the task's id and its stream's generator."""
         if method not in ("GET", "POST"):
-            await plain(send, 405, "use POST (or GET)", [(b"allow", b"GET, POST")])
-            return
-        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), True)
+            return answer(405, "use POST (or GET)", [("allow", "GET, POST")])
+        pairs = query_pairs(query)
         try:
-            task_id = self._task_id(scope, query)
+            task_id = _task_id(headers, pairs)
             if method == "POST":
-                raw = await self._body(receive)
+                raw = body if isinstance(body, bytes) else await body(self.max_input_size + 1)
+                if len(raw) > self.max_input_size:
+                    return answer(413, f"the input is larger than {self.max_input_size} bytes")
             else:
-                raw = next((v.encode() for k, v in query if k == "input"), b"null")
+                raw = next((v.encode() for k, v in pairs if k == "input"), b"null")
             task_input = json.loads(raw) if raw.strip() else None
-        except _TooLarge:
-            await plain(send, 413, f"the input is larger than {self._max_input_size} bytes")
-            return
         except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
-            await plain(send, 400, f"bad task request: {exc}")
-            return
+            return answer(400, f"bad task request: {exc}")
         except RecursionError:
             # json.loads recurses once per nesting level, so valid but deep JSON exhausts it.
-            await plain(send, 400, "bad task request: the input is nested too deeply")
-            return
-        if not await allowed(self._authorize, scope, task_id):
-            await plain(send, 403, "not allowed")
-            return
-        request = TaskRequest(task_id, scope)
-        response = EventStreamResponse(
-            context_of(self._context, scope),
-            task_id,
-            lambda: self._run(task_input, request),
-            keepalive=self._wait_interval,
-            keepalive_frame=b"event: wait\ndata: \n\n",
-            retry=self._retry,
-            headers=[("x-task-id", task_id)],
-            id_prefix=f"{task_id}:",
-        )
-        await response(scope, receive, send)
-
-    def _task_id(self, scope: Scope, query: list[tuple[str, str]]) -> str:
-        for name, value in scope.get("headers", ()):
-            if name == b"x-task-id":
-                return p.validate_stream_id(value.decode("latin-1"))
-        for name, text in query:
-            if name == "taskId":
-                return p.validate_stream_id(text)
-        cursor = cursor_value(scope)
-        if cursor is not None:
-            # An event id of ours names its task: `<task id>:<offset>`.
-            task_id, colon, _ = cursor[1].rpartition(":")
-            if not colon:
-                raise ValueError("resuming needs the task id (X-Task-Id or ?taskId=)")
-            return p.validate_stream_id(task_id)
-        return p.new_stream_id()
-
-    async def _body(self, receive: Receive) -> bytes:
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ValueError("the client went away before sending its input")
-            body += message.get("body", b"")
-            if len(body) > self._max_input_size:
-                raise _TooLarge
-            if not message.get("more_body", False):
-                return bytes(body)
+            return answer(400, "bad task request: the input is nested too deeply")
+        if not await allowed(self.authorize, request, task_id):
+            return answer(403, "not allowed")
+        task = TaskRequest(task_id, {} if scope is None else scope, request)
+        return task_id, lambda: self._run(task_input, task)
 
     async def _run(self, task_input: Any, request: TaskRequest) -> AsyncIterator[Event]:
         try:
-            result = json.dumps(await self._fn(task_input, request))
+            result = json.dumps(await self.fn(task_input, request))
         except TaskError as exc:
             failure = {"message": exc.message, "code": exc.code}
             yield Event(json.dumps(failure), "server-error")
@@ -175,5 +180,123 @@ class TaskApp:
         yield Event(result, "settle")
 
 
-class _TooLarge(Exception):
-    pass
+def _task_id(headers: RequestHeaders, pairs: list[tuple[str, str]]) -> str:
+    value = header_value(headers, "x-task-id")
+    if value is not None:
+        return p.validate_stream_id(value)
+    for name, text in pairs:
+        if name == "taskId":
+            return p.validate_stream_id(text)
+    cursor = find_cursor(headers, pairs)
+    if cursor is not None:
+        # An event id of ours names its task: `<task id>:<offset>`.
+        task_id, colon, _ = cursor[1].rpartition(":")
+        if not colon:
+            raise ValueError("resuming needs the task id (X-Task-Id or ?taskId=)")
+        return p.validate_stream_id(task_id)
+    return p.new_stream_id()
+
+
+class TaskEndpoint(_Tasks):
+    """A task endpoint for any framework (see module docs): `await endpoint.prepare(...)` with
+    the request's method, headers, query and body decides the answer, as `TaskApp` does.
+
+    `authorize(request, task_id)` gets what `prepare` was given as `request`. Options are
+    checked here.
+    """
+
+    def __init__(
+        self,
+        context: ResumableStreamContext,
+        fn: TaskFunction,
+        *,
+        wait_interval: float = 0.3,
+        retry: int | None = 1000,
+        max_input_size: int = 1 << 20,
+        authorize: Authorize | None = None,
+    ) -> None:
+        super().__init__(
+            fn,
+            wait_interval=wait_interval,
+            retry=retry,
+            max_input_size=max_input_size,
+            authorize=authorize,
+        )
+        self.context = context
+
+    async def prepare(
+        self,
+        *,
+        method: str,
+        headers: RequestHeaders = (),
+        query: Query = "",
+        body: bytes | ReadBody = b"",
+        request: Any = None,
+        scope: Scope | None = None,
+        disconnected: Disconnected | None = None,
+    ) -> PreparedResponse:
+        """The answer to one request: `body` is the request body, or `read_body(limit)`, read
+        only for a POST once the task id is known. The task function's `TaskRequest` gets
+        `scope` (the ASGI scope, where the framework has it) and `request`."""
+        decided = await self._decide(method, headers, query, body, request, scope)
+        if isinstance(decided, PreparedResponse):
+            return decided
+        task_id, make = decided
+        stream = EventStream(self.context, task_id, make, **self._options(task_id))
+        return await stream.prepare(
+            method=method, headers=headers, query=query, request=request, disconnected=disconnected
+        )
+
+
+class TaskApp:
+    """An ASGI endpoint running `fn(input, request)` as a resumable task (see module docs).
+
+    `context` is the context or a function of the ASGI scope returning it; `authorize(scope,
+    task_id)` is asked before a task is started or joined (403 if it says no).
+    """
+
+    def __init__(
+        self,
+        context: ResumableStreamContext | Callable[[Scope], ResumableStreamContext],
+        fn: TaskFunction,
+        *,
+        wait_interval: float = 0.3,
+        retry: int | None = 1000,
+        max_input_size: int = 1 << 20,
+        authorize: Authorize | None = None,
+    ) -> None:
+        self._context = context
+        self._tasks = _Tasks(
+            fn,
+            wait_interval=wait_interval,
+            retry=retry,
+            max_input_size=max_input_size,
+            authorize=authorize,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            raise RuntimeError(f"TaskApp serves HTTP only, not {scope['type']!r}")
+
+        async def read_body(limit: int) -> bytes:
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ValueError("the client went away before sending its input")
+                body += message.get("body", b"")
+                if len(body) > limit or not message.get("more_body", False):
+                    return bytes(body)
+
+        headers = scope.get("headers", ())
+        query = scope.get("query_string", b"")
+        decided = await self._tasks._decide(
+            scope["method"], headers, query, read_body, scope, scope
+        )
+        if isinstance(decided, PreparedResponse):
+            await send_whole(decided, send)
+            return
+        task_id, make = decided
+        context = context_of(self._context, scope)
+        response = EventStreamResponse(context, task_id, make, **self._tasks._options(task_id))
+        await response(scope, receive, send)

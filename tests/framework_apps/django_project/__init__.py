@@ -1,0 +1,1 @@
+"""The Django test project (routes: see `../common.py`)."""
