@@ -1,7 +1,7 @@
 """Streamed responses that survive dropped connections and serve extra viewers."""
 
 from ._backend import Backend, Connection, MemoryBackend
-from ._context import ResumableStreamContext, create_resumable_stream_context
+from ._context import ContextStats, ResumableStreamContext, create_resumable_stream_context
 from ._event import Event
 from ._exceptions import (
     BackendError,
@@ -23,6 +23,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "Connection",
+    "ContextStats",
     "Event",
     "MemoryBackend",
     "ProducerConflictError",

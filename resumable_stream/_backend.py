@@ -15,6 +15,7 @@ import anyio.lowlevel
 __all__ = [
     "Backend",
     "Connection",
+    "CountedConnection",
     "LogEntry",
     "LogId",
     "MemoryBackend",
@@ -278,3 +279,75 @@ class _MemoryConnection:
         self._backend.commands["del"] += 1
         self._backend._logs.pop(key, None)
         self._backend._values.pop(key, None)
+
+
+class CountedConnection:
+    """A connection that reports every command it is asked for to `count`, by the name of the
+    Redis command it amounts to (those `MemoryBackend.commands` counts, too): one place, at the
+    backend boundary, whatever the backend. A context wraps its connection in one only when
+    telemetry is on."""
+
+    __slots__ = ("_connection", "_count")
+
+    def __init__(self, connection: Connection, count: Callable[[str], None]) -> None:
+        self._connection = connection
+        self._count = count
+
+    async def incr(self, key: str, ttl: int) -> int | None:
+        self._count("incr")
+        self._count("expire")
+        return await self._connection.incr(key, ttl)
+
+    async def get(self, key: str) -> str | None:
+        self._count("get")
+        return await self._connection.get(key)
+
+    async def set(self, key: str, value: str, ttl: int) -> None:
+        self._count("set")
+        await self._connection.set(key, value, ttl)
+
+    async def swap(self, key: str, value: str, ttl: int) -> str | None:
+        self._count("set")
+        return await self._connection.swap(key, value, ttl)
+
+    async def create(self, key: str, value: str, ttl: int) -> bool:
+        self._count("set")
+        return await self._connection.create(key, value, ttl)
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        self._count("publish")
+        return await self._connection.publish(channel, message)
+
+    async def subscribe(self, *channels: str, wait: bool = True) -> None:
+        self._count("subscribe")
+        await self._connection.subscribe(*channels, wait=wait)
+
+    async def unsubscribe(self, *channels: str) -> None:
+        self._count("unsubscribe")
+        await self._connection.unsubscribe(*channels)
+
+    async def append(
+        self,
+        key: str,
+        entry: LogId,
+        field: str,
+        value: bytes,
+        ttl: int,
+        channel: str,
+        message: bytes,
+        sentinel: str,
+        state: str | None = None,
+    ) -> LogId | None:
+        self._count("eval")
+        return await self._connection.append(
+            key, entry, field, value, ttl, channel, message, sentinel, state
+        )
+
+    async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
+        self._count("xrevrange")
+        self._count("xrange")
+        return await self._connection.read(key, offset, count)
+
+    async def delete(self, key: str) -> None:
+        self._count("del")
+        await self._connection.delete(key)

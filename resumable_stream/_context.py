@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -12,7 +14,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import _protocol as p
-from ._backend import Backend, MemoryBackend
+from ._backend import Backend, Connection, CountedConnection, MemoryBackend
 from ._buffer import Signal
 from ._exceptions import BackendError, ResumableStreamError, single_exception_out
 from ._follower import Follower
@@ -20,15 +22,39 @@ from ._hub import Hub
 from ._options import Settings
 from ._producer import MakeStream, Producer
 from ._reader import ResumableStream
+from ._telemetry import Resume, make_telemetry
 
 if TYPE_CHECKING:
     import redis.asyncio
 
-__all__ = ["ResumableStream", "ResumableStreamContext", "create_resumable_stream_context"]
+__all__ = [
+    "ContextStats",
+    "ResumableStream",
+    "ResumableStreamContext",
+    "create_resumable_stream_context",
+]
 
 logger = logging.getLogger("resumable_stream")
 
 _DEFAULTS = Settings()
+
+
+@dataclass(frozen=True, slots=True)
+class ContextStats:
+    """A snapshot of one context, for a health endpoint (`ctx.stats()`)."""
+
+    producers: int
+    """Producers whose generator runs in this context."""
+    followers: int
+    """Readers here following a stream produced elsewhere."""
+    lingering: int
+    """Finished producers keeping their text for late resumes (`linger`)."""
+    backend_connected: bool
+    """The context is open and its backend connection is up (for Redis: its subscriber)."""
+    reconnects: int
+    """How many times the backend connection came back after an outage."""
+    last_reconnect: float | None
+    """When it last did (`time.time()`), or None."""
 
 
 class ResumableStreamContext:
@@ -53,6 +79,11 @@ class ResumableStreamContext:
     An exception raised inside `async with ctx:` comes out of it as itself, not wrapped in an
     exception group; only several failures at the same time (the block's and the backend's,
     say) come out as a `BaseExceptionGroup`.
+
+    With `opentelemetry-api` installed (and `telemetry=True`, the default), the context reports
+    metrics and spans (see the README's table) through `meter_provider` and `tracer_provider`,
+    by default the global ones; `trace_stream_ids=False` keeps stream ids out of span
+    attributes. Without the API, nothing of it is imported or run.
     """
 
     def __init__(
@@ -71,6 +102,10 @@ class ResumableStreamContext:
         on_backend_error: Literal["degrade", "raise"] = "degrade",
         durable: bool = False,
         flush_interval: float = _DEFAULTS.flush_interval,
+        telemetry: bool = True,
+        meter_provider: Any = None,
+        tracer_provider: Any = None,
+        trace_stream_ids: bool = True,
     ) -> None:
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError("key_prefix must be a non-empty str")
@@ -90,14 +125,24 @@ class ResumableStreamContext:
             durable=durable,
             flush_interval=flush_interval,
         )
+        for name, flag in (("telemetry", telemetry), ("trace_stream_ids", trace_stream_ids)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        self._telemetry = make_telemetry(
+            telemetry, meter_provider, tracer_provider, trace_stream_ids
+        )
         self._backend = backend
-        self._hub = Hub(self._settings, p.Keys(key_prefix))
+        self._hub = Hub(self._settings, p.Keys(key_prefix), self._telemetry)
         self._degrade = on_backend_error == "degrade"
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._running: set[Producer] = set()  # producers whose generator has not ended
         self._running_changed = Signal()
         self._local: dict[str, Producer] = {}  # the running producers, by stream id
+        self._lingering = 0  # finished producers still answering late resumes
+        self._connection: Connection | None = None  # the backend's own, for `stats`
+        self._reconnects = 0
+        self._last_reconnect: float | None = None
 
     def __repr__(self) -> str:
         return f"<ResumableStreamContext backend={self._backend!r}>"
@@ -108,8 +153,11 @@ class ResumableStreamContext:
         async with AsyncExitStack() as stack:
             hub = self._hub
             connection = await stack.enter_async_context(
-                self._backend.connect(hub.dispatch, hub.resync)
+                self._backend.connect(hub.dispatch, self._reconnected)
             )
+            self._connection = connection
+            if self._telemetry.enabled:
+                connection = CountedConnection(connection, self._telemetry.command)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._hub.open(connection, self._tg)
             self._stack = stack.pop_all()
@@ -141,7 +189,26 @@ class ResumableStreamContext:
             finally:
                 self._hub.close()
                 self._tg = None
+                self._connection = None
         return None
+
+    def _reconnected(self) -> None:
+        self._reconnects += 1
+        self._last_reconnect = time.time()
+        self._telemetry.reconnect()
+        self._hub.resync()
+
+    def stats(self) -> ContextStats:
+        """A snapshot of this context (no backend command): for a health endpoint."""
+        connection = self._connection
+        return ContextStats(
+            producers=len(self._running),
+            followers=self._hub.follower_count(),
+            lingering=self._lingering,
+            backend_connected=connection is not None and getattr(connection, "connected", True),
+            reconnects=self._reconnects,
+            last_reconnect=self._last_reconnect,
+        )
 
     # Public API
 
@@ -158,20 +225,25 @@ class ResumableStreamContext:
         if local is not None:
             return local
         hub = self._hub
+        started = time.time_ns()  # a resume, if it turns out to be one, started now
         try:
             count = await hub.connection.incr(hub.keys.sentinel(stream_id), self._settings.ttl)
         except BackendError as exc:
             if not self._degrade:
                 raise
             logger.warning(
-                "stream %r runs without resumability: the backend failed (%s)", stream_id, exc
+                "stream %r runs without resumability: the backend failed (%s)",
+                stream_id,
+                exc,
+                extra={"stream_id": stream_id},
             )
             return self._start_producer(stream_id, make_stream, offline=True).reader(offset)
-        if count is None:
-            return await self._finished(stream_id, offset, resume_at is not None)
         if count == 1:
             return self._start_producer(stream_id, make_stream).reader(offset)
-        return await self._follow(stream_id, offset)
+        with self._telemetry.resume(stream_id, offset, started) as resume:
+            if count is None:
+                return await self._finished(stream_id, offset, resume_at is not None, resume)
+            return await self._follow(stream_id, offset, resume)
 
     async def create_new_resumable_stream(
         self, stream_id: str, make_stream: MakeStream, resume_at: int | None = None
@@ -201,12 +273,15 @@ class ResumableStreamContext:
         local = self._local_reader(stream_id, offset)
         if local is not None:
             return local
-        state = await self._hub.state(stream_id)
-        if state is None:
-            return None
-        if state != p.RUNNING:
-            return await self._finished(stream_id, offset, resume_at is not None, state)
-        return await self._follow(stream_id, offset)
+        with self._telemetry.resume(stream_id, offset) as resume:
+            state = await self._hub.state(stream_id)
+            if state is None:
+                resume.answered("not_found")
+                return None
+            if state != p.RUNNING:
+                has_cursor = resume_at is not None
+                return await self._finished(stream_id, offset, has_cursor, resume, state)
+            return await self._follow(stream_id, offset, resume)
 
     async def cancel_stream(self, stream_id: str) -> None:
         """Stop a stream from any process: its generator is cancelled and every reader ends
@@ -265,14 +340,21 @@ class ResumableStreamContext:
         return producer
 
     async def _run(self, producer: Producer) -> None:
+        telemetry = self._telemetry
+        span = telemetry.producer_started(producer.stream_id)
         try:
             await producer.run()
         finally:
+            telemetry.producer_ended(span, producer.state, producer.buffer.length)
             self._running.discard(producer)
             if self._local.get(producer.stream_id) is producer:
                 del self._local[producer.stream_id]
             self._running_changed.notify()
-            await producer.linger()
+            self._lingering += 1
+            try:
+                await producer.linger()
+            finally:
+                self._lingering -= 1
 
     def _local_reader(self, stream_id: str, offset: int) -> ResumableStream | None:
         """A reader of `stream_id` straight from its producer, when it runs in this context.
@@ -280,31 +362,51 @@ class ResumableStreamContext:
         No backend command is needed: the producer's buffer has the whole text.
         """
         producer = self._local.get(stream_id)
-        return None if producer is None else producer.reader(offset)
+        if producer is None:
+            return None
+        with self._telemetry.resume(stream_id, offset) as resume:
+            replayed = max(0, producer.buffer.length - offset)
+            resume.answered("replayed" if replayed else "live", replayed)
+            return producer.reader(offset)
 
     # Followers
 
-    async def _follow(self, stream_id: str, offset: int) -> ResumableStream | None:
+    async def _follow(self, stream_id: str, offset: int, resume: Resume) -> ResumableStream | None:
         follower = Follower(self._hub, stream_id, offset)
         state = await follower.join()
         if state == p.RUNNING:
-            return follower
+            return _following(follower, offset, resume)
+        resume.answered("not_found" if state is None else "finished")
         _raise_if_failed(stream_id, state)
         return None
 
     async def _finished(
-        self, stream_id: str, offset: int, has_cursor: bool, state: str | None = None
+        self,
+        stream_id: str,
+        offset: int,
+        has_cursor: bool,
+        resume: Resume,
+        state: str | None = None,
     ) -> ResumableStream | None:
         """A finished stream: its tail from a lingering producer, None, or its error."""
         if has_cursor:
             follower = Follower(self._hub, stream_id, offset)
             state = await follower.join(after_end=True)
             if state == p.RUNNING:
-                return follower
+                return _following(follower, offset, resume)
         elif state is None:
             state = await self._hub.state(stream_id)
+        resume.answered("finished")
         _raise_if_failed(stream_id, state)
         return None
+
+
+def _following(follower: Follower, offset: int, resume: Resume) -> Follower:
+    """A follower handed to its reader: counted as active, its resume answered."""
+    replayed = follower.received - offset
+    resume.answered("replayed" if replayed else "live", replayed)
+    follower.activate()
+    return follower
 
 
 def _raise_if_failed(stream_id: str, state: str | None) -> None:
@@ -342,7 +444,7 @@ def create_resumable_stream_context(
     if backend is None:
         url = redis if redis is not None else os.environ.get("REDIS_URL") or None
         if url is None:
-            logger.warning(
+            logger.warning(  # about no stream in particular
                 "resumable_stream: no Redis configured (redis= or REDIS_URL); using an in-memory "
                 "backend, so streams are resumable only inside this process"
             )

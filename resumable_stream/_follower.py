@@ -35,6 +35,7 @@ from ._exceptions import (
 from ._hub import Hub
 from ._reader import CHECKPOINT_MASK
 from ._store import parse as parse_entry
+from ._telemetry import outcome_of
 
 __all__ = ["Follower"]
 
@@ -71,6 +72,7 @@ class Follower:
         self._error: ResumableStreamError | None = None
         self._signal = Signal()
         self._detached = False
+        self._active = False  # counted by telemetry as an active follower
         self._overflowed = False
         # Durable streams: the text is read from the backend's log, a page at a time as the
         # reader takes it, and the producer is asked only for what the log lost.
@@ -262,7 +264,8 @@ class Follower:
         self._progress = anyio.current_time()
         window = hub.settings.replay_window
         reply_to = hub.reply_channel(self.stream_id)
-        return p.Request(self.listener, reply_to, self._position, after_end, window)
+        traceparent = hub.telemetry.traceparent()  # the resume's span, if it is traced
+        return p.Request(self.listener, reply_to, self._position, after_end, window, traceparent)
 
     async def _send(self, request: p.Request) -> bool:
         """Publish `request`; True if somebody (the producer) was subscribed."""
@@ -540,11 +543,11 @@ class Follower:
                 return batch
             if self._error is not None:
                 error, self._error = self._error, None
-                await self._finish_reading()
+                await self._finish_reading(outcome_of(error))
                 raise error
             if self._end is not None:
                 end = self._end
-                await self._finish_reading()
+                await self._finish_reading(end.state)
                 ended = p.end_error(self.stream_id, end.state, end.detail)
                 if ended is not None:
                     raise ended
@@ -588,8 +591,8 @@ class Follower:
                 deadline = max(self.heard + settings.liveness_timeout, now + settings.heartbeat)
             await self._recover(deadline)
 
-    async def _finish_reading(self) -> None:
-        await self._detach()
+    async def _finish_reading(self, outcome: str) -> None:
+        await self._detach(outcome)
         self._end = p.End(None, "", 0, p.DONE, None)  # any later call just stops
 
     async def aclose(self) -> None:
@@ -597,8 +600,21 @@ class Follower:
         self._ready.clear()
         await self._detach()
 
-    async def _detach(self) -> None:
+    @property
+    def received(self) -> int:
+        """The offset up to which text has arrived."""
+        return self._position
+
+    def activate(self) -> None:
+        """The reader got this follower: it counts as active until it ends."""
+        self._active = True
+        self._hub.telemetry.follower_started()
+
+    async def _detach(self, outcome: str = "detached") -> None:
         if not self._detached:
             self._detached = True
+            if self._active:
+                # Unread: what arrived and was not handed out (all of it, if it was too slow).
+                self._hub.telemetry.follower_ended(outcome, self._position - self._consumed)
             self._hub.forget(self.listener)
             await self._hub.unfollow(self)

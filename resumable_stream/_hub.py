@@ -20,6 +20,7 @@ from . import _protocol as p
 from ._backend import Connection
 from ._exceptions import BackendError, ResumableStreamError
 from ._options import Settings
+from ._telemetry import NOOP, Telemetry
 
 __all__ = ["Hub", "MessageSink", "RequestHandler"]
 
@@ -55,9 +56,10 @@ class MessageSink(Protocol):
 
 
 class Hub:
-    def __init__(self, settings: Settings, keys: p.Keys) -> None:
+    def __init__(self, settings: Settings, keys: p.Keys, telemetry: Telemetry = NOOP) -> None:
         self.settings = settings
         self.keys = keys
+        self.telemetry = telemetry
         self._context_id = uuid.uuid4().hex
         self._connection: Connection | None = None
         self._tg: TaskGroup | None = None
@@ -140,7 +142,12 @@ class Hub:
                     try:
                         await self._connection.unsubscribe(channel, self.reply_channel(stream_id))
                     except BackendError as exc:
-                        logger.warning("could not unsubscribe %r: %s", channel, exc)
+                        logger.warning(
+                            "could not unsubscribe %r: %s",
+                            channel,
+                            exc,
+                            extra={"stream_id": stream_id},
+                        )
 
     def listen(self, listener: str, follower: MessageSink) -> None:
         """Route the answers to the request `listener` to `follower`."""
@@ -152,6 +159,9 @@ class Hub:
 
     def followers(self) -> list[MessageSink]:
         return list({id(f): f for fs in self._live.values() for f in fs}.values())
+
+    def follower_count(self) -> int:
+        return sum(map(len, self._live.values()))
 
     def resync(self) -> None:
         """The backend's reconnect handler. Messages may have been lost, so every follower
@@ -201,4 +211,6 @@ async def _contained(stream_id: str, task: Callable[..., Awaitable[None]], *args
     try:
         await task(*args)
     except Exception:
-        logger.exception("a helper task of stream %r failed", stream_id)
+        logger.exception(
+            "a helper task of stream %r failed", stream_id, extra={"stream_id": stream_id}
+        )

@@ -104,6 +104,11 @@ class Producer:
         )
 
     @property
+    def _log(self) -> dict[str, str]:
+        """The `extra` of this stream's log records: structured handlers index the id."""
+        return {"stream_id": self.stream_id}
+
+    @property
     def error_type(self) -> str | None:
         """The type name of the generator's exception: all that readers elsewhere learn of it."""
         return type(self.error).__name__ if self.error is not None else None
@@ -125,7 +130,7 @@ class Producer:
         except Exception as exc:
             state = p.FAILED
             self.error = exc
-            logger.warning("stream %r failed", self.stream_id, exc_info=exc)
+            logger.warning("stream %r failed", self.stream_id, exc_info=exc, extra=self._log)
         finally:
             self.state = state
             self.changed.notify()
@@ -160,10 +165,12 @@ class Producer:
             try:
                 await self._hub.connection.unsubscribe(self._request_channel)
             except BackendError as exc:
-                logger.warning("could not unsubscribe %r: %s", self._request_channel, exc)
+                logger.warning(
+                    "could not unsubscribe %r: %s", self._request_channel, exc, extra=self._log
+                )
             except Exception:
                 # Cleanup of one stream must never take the context (and every stream) down.
-                logger.exception("could not unsubscribe %r", self._request_channel)
+                logger.exception("could not unsubscribe %r", self._request_channel, extra=self._log)
 
     async def _pump(self) -> None:
         buffer = self.buffer
@@ -216,7 +223,12 @@ class Producer:
             try:
                 await self._hub.connection.publish(self._live_channel, end.pack())
             except BackendError as exc:
-                logger.warning("could not announce the end of stream %r: %s", self.stream_id, exc)
+                logger.warning(
+                    "could not announce the end of stream %r: %s",
+                    self.stream_id,
+                    exc,
+                    extra=self._log,
+                )
         if not self._recorded:
             self._hub.spawn(self.stream_id, self._record_later, state)
 
@@ -224,7 +236,9 @@ class Producer:
         if self._store is not None:
             recorded = await self._store.write_end(state, self.error_type)
             if recorded and retry:
-                logger.warning("recorded the end of stream %r at last", self.stream_id)
+                logger.warning(
+                    "recorded the end of stream %r at last", self.stream_id, extra=self._log
+                )
             return recorded
         hub = self._hub
         key = hub.keys.sentinel(self.stream_id)
@@ -232,10 +246,16 @@ class Producer:
             await hub.connection.set(key, p.sentinel_value(state), hub.settings.ttl)
         except BackendError as exc:
             level = logging.DEBUG if retry else logging.WARNING
-            logger.log(level, "could not record the end of stream %r (%s)", self.stream_id, exc)
+            logger.log(
+                level,
+                "could not record the end of stream %r (%s)",
+                self.stream_id,
+                exc,
+                extra=self._log,
+            )
             return False
         if retry:
-            logger.warning("recorded the end of stream %r at last", self.stream_id)
+            logger.warning("recorded the end of stream %r at last", self.stream_id, extra=self._log)
         return True
 
     async def _record_later(self, state: str) -> None:
@@ -287,12 +307,25 @@ class Producer:
                 ended = None if self.state is None else (self.state, self.error_type)
                 await self._store.repair(ended if self._recorded else None)
         except BackendError as exc:
-            logger.debug("could not write the state of stream %r again: %s", self.stream_id, exc)
+            logger.debug(
+                "could not write the state of stream %r again: %s",
+                self.stream_id,
+                exc,
+                extra=self._log,
+            )
 
     def on_request(self, request: p.Request) -> None:
         if request.after_end and self.state is None:
             return  # for an earlier, finished stream of this id, lingering somewhere
-        self._hub.spawn(self.stream_id, self._serve, request)
+        hub = self._hub
+        hub.spawn(
+            self.stream_id,
+            hub.telemetry.serve,
+            self.stream_id,
+            request.traceparent,
+            self._serve,
+            request,
+        )
 
     async def _serve(self, request: p.Request) -> None:
         buffer = self.buffer
@@ -329,7 +362,9 @@ class Producer:
                 end = p.End(listener, token, length, state, self.error_type)
                 await connection.publish(request.reply_to, end.pack())
         except BackendError as exc:
-            logger.warning("could not answer a resume request for %r: %s", self.stream_id, exc)
+            logger.warning(
+                "could not answer a resume request for %r: %s", self.stream_id, exc, extra=self._log
+            )
 
     async def _heartbeats(self) -> None:
         """A durable stream, while somebody follows: when idle, say it is alive, and how much
@@ -351,7 +386,9 @@ class Producer:
                     self._following = False
                     return
         except BackendError as exc:
-            logger.warning("could not publish stream %r to followers: %s", self.stream_id, exc)
+            logger.warning(
+                "could not publish stream %r to followers: %s", self.stream_id, exc, extra=self._log
+            )
         finally:
             self._publishing = False
             self._published.notify()
@@ -389,7 +426,9 @@ class Producer:
                     self._following = False
                     return
         except BackendError as exc:
-            logger.warning("could not publish stream %r to followers: %s", self.stream_id, exc)
+            logger.warning(
+                "could not publish stream %r to followers: %s", self.stream_id, exc, extra=self._log
+            )
         finally:
             self._publishing = False
             self._published.notify()

@@ -256,7 +256,13 @@ class _Message:
 @dataclass(frozen=True, slots=True)
 class Request(_Message):
     """Send `listener` the text from `resume_at` on `reply_to` (about `window` characters of
-    it: whole chunks up to the first that reaches that far), then the live chunks."""
+    it: whole chunks up to the first that reaches that far), then the live chunks.
+
+    `traceparent` (W3C trace context) is the follower's resume span, so that the producer's
+    serving of it joins the follower's trace. It is the one optional field: sent only by a
+    follower with a span to propagate, so a request without it (from a follower that traces
+    nothing, or from an older version) has the five fields it always had.
+    """
 
     TAG: ClassVar[bytes] = b"Q"
     listener: str
@@ -264,16 +270,28 @@ class Request(_Message):
     resume_at: int
     after_end: bool
     window: int
+    traceparent: str | None = None
 
     def fields(self) -> list[Any]:
-        return [self.listener, self.reply_to, self.resume_at, self.after_end, self.window]
+        fields = [self.listener, self.reply_to, self.resume_at, self.after_end, self.window]
+        if self.traceparent is not None:
+            fields.append(self.traceparent)
+        return fields
 
     @classmethod
     def parse(cls, fields: list[Any]) -> Request:
-        listener, reply_to, resume_at, after_end, window = fields
-        if _offset(window) < 1:
+        listener, reply_to, resume_at, after_end, window, *rest = fields
+        if _offset(window) < 1 or len(rest) > 1:
             raise ValueError("malformed message")
-        return cls(_str(listener), _str(reply_to), _offset(resume_at), _flag(after_end), window)
+        traceparent = _str(rest[0]) if rest else None
+        return cls(
+            _str(listener),
+            _str(reply_to),
+            _offset(resume_at),
+            _flag(after_end),
+            window,
+            traceparent,
+        )
 
 
 @dataclass(frozen=True, slots=True)

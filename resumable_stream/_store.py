@@ -100,12 +100,22 @@ class Store:
                     await self._rewrite(None)
             except BackendError as exc:
                 level = logging.DEBUG if failures else logging.WARNING
-                logger.log(level, "could not store stream %r: %s", self._stream_id, exc)
+                logger.log(
+                    level,
+                    "could not store stream %r: %s",
+                    self._stream_id,
+                    exc,
+                    extra={"stream_id": self._stream_id},
+                )
                 await anyio.sleep(_RETRY_DELAYS[min(failures, len(_RETRY_DELAYS) - 1)])
                 failures += 1
                 continue
             if failures:
-                logger.warning("stream %r is stored again", self._stream_id)
+                logger.warning(
+                    "stream %r is stored again",
+                    self._stream_id,
+                    extra={"stream_id": self._stream_id},
+                )
             failures = 0
 
     async def _write_up_to(self, stop: int) -> None:
@@ -168,7 +178,12 @@ class Store:
             if self._broken:
                 await self._rewrite((state, detail))
         except BackendError as exc:
-            logger.warning("could not store the end of stream %r (%s)", self._stream_id, exc)
+            logger.warning(
+                "could not store the end of stream %r (%s)",
+                self._stream_id,
+                exc,
+                extra={"stream_id": self._stream_id},
+            )
             return False
         return True
 
@@ -192,6 +207,7 @@ class Store:
             "the stored text of stream %r was lost (evicted, a Redis restart or failover?); "
             "storing it again",
             self._stream_id,
+            extra={"stream_id": self._stream_id},
         )
         async with self._lock:
             await self._hub.connection.delete(self._key)

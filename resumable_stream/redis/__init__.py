@@ -136,6 +136,11 @@ class _RedisConnection:
         self.read = self._commands.read
         self.delete = self._commands.delete
 
+    @property
+    def connected(self) -> bool:
+        """The subscriber connection is up (what `ctx.stats()` reports)."""
+        return self._subscriber.connected
+
     async def connect(self) -> None:
         await self._subscriber.connect()
         # Fail now, as BackendError, if the server refuses us (bad credentials, say): some

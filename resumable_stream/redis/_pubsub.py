@@ -86,6 +86,10 @@ class Subscriber:
         if register is not None:
             register(self._connected_again)
 
+    @property
+    def connected(self) -> bool:
+        return self._error is None and not self._closed
+
     def _connected_again(self, connection: object) -> None:
         self._reconnected = True
 

@@ -138,6 +138,11 @@ class ShardedSubscriber:
         except (redis.exceptions.RedisError, OSError) as exc:
             raise BackendError(f"Redis Cluster error: {exc}") from exc
 
+    @property
+    def connected(self) -> bool:
+        """No subscription is waiting to be restored."""
+        return not self._lost and not self._closed
+
     def start(self, tg: TaskGroup) -> None:
         self._tg = tg
         tg.start_soon(self._restore_lost)
