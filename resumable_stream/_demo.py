@@ -5,6 +5,7 @@ no framework, and keeps uvicorn the demo's only extra dependency. Routes:
 
 - `GET /`: the page (`static/demo.html`);
 - `GET /api/info`: which backend serves the streams, for the page to show;
+- `GET /api/stats`: the context's `stats()` snapshot, as a health endpoint would serve it;
 - `GET /stream/{id}?prompt=...`: the stream as SSE (produced on first request when a prompt is
   given, followed or resumed otherwise);
 - `POST /cut/{id}`: ends this process's open responses for that stream, server side, so the
@@ -13,6 +14,7 @@ no framework, and keeps uvicorn the demo's only extra dependency. Routes:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.resources
 import json
@@ -184,6 +186,12 @@ class DemoApp:
                 await _send(send, 200, self._page, b"text/html; charset=utf-8")
         elif path == "/api/info":
             await _send(send, 200, json.dumps(self.info()).encode(), b"application/json")
+        elif path == "/api/stats":
+            if self._context is None:
+                await _send(send, 503, b"not serving yet")
+            else:
+                stats = dataclasses.asdict(self._context.stats())
+                await _send(send, 200, json.dumps(stats).encode(), b"application/json")
         elif path.startswith("/stream/"):
             if method != "GET":
                 await _send(send, 405, b"use GET", allow=b"GET")

@@ -97,6 +97,16 @@ async def test_page_and_info_are_served() -> None:
         async with client.request("/api/info") as response:
             info = json.loads(await response.read())
         assert info == {"backend": "memory", "redis": None, "delay": 0, "retry_ms": 500}
+        async with client.request("/api/stats") as response:
+            stats = json.loads(await response.read())
+        assert stats == {
+            "producers": 0,
+            "followers": 0,
+            "lingering": 0,
+            "backend_connected": True,
+            "reconnects": 0,
+            "last_reconnect": None,
+        }
         async with client.request("/nowhere") as response:
             assert response.status == 404
         async with client.request("/cut/x") as response:
@@ -125,6 +135,10 @@ async def test_a_stream_sends_the_whole_answer_with_offsets_as_ids() -> None:
         # A reader cut off near the end still gets the tail, while the producer lingers.
         async with client.request("/stream/s1", headers={"Last-Event-ID": "3"}) as tail:
             assert "".join(e.data for e in await tail.events()) == expected[3:]
+        # The health snapshot: the finished producer lingers for late readers.
+        async with client.request("/api/stats") as response:
+            stats = json.loads(await response.read())
+        assert (stats["producers"], stats["followers"], stats["lingering"]) == (0, 0, 1)
 
 
 @on_both_loops
