@@ -8,8 +8,11 @@ own meter provider, on the in-memory backend and on a real Redis.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +38,7 @@ import resumable_stream as rs
 from resumable_stream import _protocol as p
 from resumable_stream._telemetry import NOOP
 
+from .asgi_driver import serve
 from .conftest import RedisServer
 from .helpers import TestingSource, poll_until, read
 
@@ -476,3 +480,41 @@ async def test_traces_nest_in_the_caller_span(
     assert produce.parent is not None
     assert produce.parent.span_id == http.get_span_context().span_id
     assert inner == [produce.context]
+
+
+async def test_the_prometheus_example_lists_our_instruments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    example = importlib.import_module("examples.prometheus_app")
+    async with serve(example.app) as client:
+        async with client.request("/chat/p1", query="prompt=hi") as first:
+            head = await first.events(3)
+            first.disconnect()
+        async with client.request("/chat/p1", headers={"Last-Event-ID": head[-1].id}) as again:
+            rest = await again.events()
+        assert "".join(e.data for e in head + rest).startswith("You asked 'hi'.")
+        async with client.request("/metrics") as response:
+            assert response.status == 200
+            page = (await response.read()).decode()
+        async with client.request("/healthz") as response:
+            health = json.loads(await response.read())
+    assert health["backend_connected"] is True
+    assert health["lingering"] == 1
+    samples = {
+        line.split("{")[0].split(" ")[0]: line
+        for line in page.splitlines()
+        if line.startswith("resumable_stream")
+    }
+    for name in (
+        "resumable_stream_streams_active",
+        "resumable_stream_streams_ended_total",
+        "resumable_stream_resumes_total",
+        "resumable_stream_resume_duration_seconds_count",
+        "resumable_stream_replay_size_count",
+        "resumable_stream_backend_commands_total",
+    ):
+        assert name in samples, name
+    assert 'outcome="done"' in samples["resumable_stream_streams_ended_total"]
+    # The reconnect resumed where it stopped: live, or replayed if a word came meanwhile.
+    assert re.search(r'result="(live|replayed)"} 1\.0$', samples["resumable_stream_resumes_total"])
