@@ -518,3 +518,34 @@ async def test_the_prometheus_example_lists_our_instruments(
     assert 'outcome="done"' in samples["resumable_stream_streams_ended_total"]
     # The reconnect resumed where it stopped: live, or replayed if a word came meanwhile.
     assert re.search(r'result="(live|replayed)"} 1\.0$', samples["resumable_stream_resumes_total"])
+
+
+async def test_a_durable_resume_reads_the_log_and_asks_no_producer(
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    # A durable stream's follower reads the backend's log: its resume span covers that read,
+    # and no producer serves anything (no serving span) unless the log lost text.
+    tracer, exporter = spans
+    backend = rs.MemoryBackend()
+    follower = Process()
+    async with (
+        rs.ResumableStreamContext(backend=backend, durable=True, tracer_provider=tracer) as P,
+        rs.ResumableStreamContext(
+            backend=backend, durable=True, tracer_provider=tracer, meter_provider=follower.meters
+        ) as C,
+    ):
+        source = TestingSource()
+        own = await P.resumable_stream("d", source.make)
+        source.write("hello")
+        source.close()
+        with anyio.fail_after(5):
+            assert await read(own) == "hello"
+            assert await read(await C.resume_existing_stream("d", resume_at=2)) == "llo"
+    assert follower.of("resumable_stream.resumes") == {attrs(result="replayed"): 1}
+    assert follower.of("resumable_stream.replay.size") == {attrs(result="replayed"): (1, 3)}
+    assert follower.of("resumable_stream.streams.ended") == {
+        attrs(role="follower", outcome="done"): 1
+    }
+    [resume] = named(exporter, "resumable_stream.resume")
+    assert (resume.attributes or {})["resumable_stream.result"] == "replayed"
+    assert named(exporter, "resumable_stream.resume.serve") == []
