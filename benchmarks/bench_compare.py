@@ -1,7 +1,7 @@
 """Side by side with the Node reference: the shared workload against this library and npm's.
 
 Usage: python benchmarks/bench_compare.py [--processes 3] [--runs 5] [--chunks 10000] [--width 64]
-       [--baseline REF]
+       [--baseline REF | --otel]
 
 Starts its own redis-server on a free loopback port, installs the reference into
 `benchmarks/node/` if it is missing (`npm ci`, versions pinned in its package.json), then runs the
@@ -17,6 +17,12 @@ package is extracted into a temporary directory and a third set of worker proces
 (PYTHONPATH), alternating with the others; the table gains a column for it and after / before.
 The code under test ("after") is this checkout's `resumable_stream/`, pinned the same way. Each
 worker reports the file it imported, and the run stops if it is not the intended copy.
+
+With `--otel`, the telemetry's overhead instead: this checkout twice, alternately, in processes
+without an OpenTelemetry SDK (the API's no-op instruments) and in processes that install the
+SDK's meter provider (with an in-memory reader, so every measurement is aggregated, and no
+exporter) and tracer provider (no span processor) as the global ones; no Node. Writes
+`benchmarks/results/otel-overhead.json`.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ ADMIN_COMMANDS = {
     "client|setinfo",
     "select",
 }
+# Set (to "1") in the environment of the worker processes that install the OpenTelemetry SDK.
+OTEL_ENV = "RESUMABLE_STREAM_BENCH_OTEL_SDK"
 Source = Callable[[], AsyncIterator[str]]
 Gate = tuple[int, anyio.Event]
 
@@ -324,8 +332,23 @@ async def replay_big(
     return result
 
 
+def install_otel_sdk() -> None:
+    """The OpenTelemetry SDK's providers as the global ones: measurements aggregated by an
+    in-memory reader (never exported), spans made and dropped."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+
+    metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    trace.set_tracer_provider(TracerProvider())
+
+
 async def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One Python process's share of the workload, as the JSON of WORKLOAD.md."""
+    otel = os.environ.get(OTEL_ENV) == "1"
+    if otel:
+        install_otel_sdk()
     width = args.width
     admin = redis.asyncio.Redis.from_url(args.url)
     info = await admin.info("server")
@@ -333,6 +356,7 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
         "impl": f"python:resumable-streams@{rs.__version__}",
         # Which copy of the library this process runs: the orchestrator checks it.
         "module_file": rs.__file__,
+        "otel_sdk": otel,
         "python": platform.python_version(),
         "redis_client": f"redis-py@{redis.__version__}",
         "redis_version": info["redis_version"],
@@ -662,6 +686,14 @@ def markdown(header: list[str], rows: Iterable[list[str]]) -> str:
 
 def orchestrate(args: argparse.Namespace) -> None:
     started = time.monotonic()
+    if args.otel:
+        version = code_version()
+        pythons = {
+            "python": ("no SDK", REPO, version),
+            "otel": ("OTel SDK installed", REPO, version),
+        }
+        compare(args, pythons, started)
+        return
     ensure_node_reference()
     with contextlib.ExitStack() as stack:
         # Each Python implementation: (label, where its `resumable_stream/` is, git version).
@@ -676,10 +708,14 @@ def orchestrate(args: argparse.Namespace) -> None:
 def compare(
     args: argparse.Namespace, pythons: dict[str, tuple[str, Path, str]], started: float
 ) -> None:
-    names = [*pythons, "node"]
+    names = [*pythons] if args.otel else [*pythons, "node"]
     labels = {name: f"{label} ({version})" for name, (label, _, version) in pythons.items()}
     labels["node"] = "Node reference"
     envs = {name: env_importing(root) for name, (_, root, _) in pythons.items()}
+    for name, env in envs.items():
+        env.pop(OTEL_ENV, None)
+        if name == "otel":
+            env[OTEL_ENV] = "1"
 
     def run(name: str, url: str, mode: str, timeout: float) -> dict[str, Any]:
         if name == "node":
@@ -720,10 +756,15 @@ def compare(
         report["params"].setdefault("replay_timeout", args.replay_timeout)
         if name in pythons:
             report["code"] = pythons[name][2]
-    ratios = (
-        [("python", "before"), ("python", "node")] if "before" in names else [("python", "node")]
-    )
+    if args.otel:
+        ratios = [("otel", "python")]
+    elif "before" in names:
+        ratios = [("python", "before"), ("python", "node")]
+    else:
+        ratios = [("python", "node")]
     short = {"python": "after" if "before" in names else "ours", "before": "before", "node": "Node"}
+    if args.otel:
+        short.update(python="no SDK", otel="SDK")
     header = [
         "figure (medians)",
         *(labels[name] for name in names),
@@ -750,10 +791,13 @@ def compare(
         # The per-implementation files hold every run; this one the medians and counts.
         **{name: summary(report) for name, report in merged.items()},
     }
-    files = {f"compare-{name}.json": merged[name] for name in ("python", "node")}
-    if "before" in merged:
-        files["compare-python-before.json"] = merged["before"]
-    files["compare.json"] = combined
+    if args.otel:
+        files = {"otel-overhead.json": combined}
+    else:
+        files = {f"compare-{name}.json": merged[name] for name in ("python", "node")}
+        if "before" in merged:
+            files["compare-python-before.json"] = merged["before"]
+        files["compare.json"] = combined
     for file, data in files.items():
         (RESULTS_DIR / file).write_text(dump(data))
     print(f"wrote {', '.join(f'{RESULTS_DIR.relative_to(HERE.parent)}/{f}' for f in files)}")
@@ -773,6 +817,11 @@ def main() -> None:
         "--baseline",
         metavar="REF",
         help="also measure the library as of this git ref (e.g. 5c46410), in the same run",
+    )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="measure the telemetry's overhead: without and with the OpenTelemetry SDK installed",
     )
     parser.add_argument("--worker", choices=["main", "replay"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
