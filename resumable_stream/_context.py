@@ -160,6 +160,8 @@ class ResumableStreamContext:
                 connection = CountedConnection(connection, self._telemetry.command)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._hub.open(connection, self._tg)
+            if self._telemetry.enabled:
+                self._tg.start_soon(self._telemetry.run, name="resumable_stream telemetry")
             self._stack = stack.pop_all()
         return self
 
@@ -190,6 +192,7 @@ class ResumableStreamContext:
                 self._hub.close()
                 self._tg = None
                 self._connection = None
+                self._telemetry.flush()  # what the last tasks measured
         return None
 
     def _reconnected(self) -> None:

@@ -2,6 +2,13 @@
 
 The instruments and spans here are the contract the README's table documents: change a name or
 an attribute there and here together.
+
+Measurements are not handed to the instruments where they happen: an SDK instrument takes
+microseconds per call (more than a resume's own work on the process that answers it), so each
+event only adds to a plain dict here, and `flush` hands what accumulated to the instruments:
+every `FLUSH_INTERVAL` seconds from the context's task group, when much has accumulated, and
+when the context closes. A scrape sees counts at most that old. Spans are made where they
+happen (they must be current while the work runs).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from contextvars import Token
 from types import TracebackType
 from typing import Any
 
+import anyio
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
@@ -20,16 +28,23 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from ._telemetry import Resume, Telemetry, resume_result_of
 
-__all__ = ["OtelTelemetry"]
+__all__ = ["FLUSH_INTERVAL", "OtelTelemetry"]
 
 NAME = "resumable_stream"
 STREAM_ID = "resumable_stream.stream_id"
+FLUSH_INTERVAL = 1.0  # seconds
+_FLUSH_AT = 1024  # pending measurements that make an early flush
 
-_PRODUCER = {"role": "producer"}
-_FOLLOWER = {"role": "follower"}
 _SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-_CHARACTERS = [0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000]
+_CHARACTERS: list[float] = [0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000]
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+# Instruments, by index in `OtelTelemetry._instruments`.
+_ACTIVE, _ENDED, _RESUMES, _DURATION, _REPLAY, _COMMANDS, _RECONNECTS, _BACKLOG = range(8)
+_PRODUCER = (("role", "producer"),)
+_FOLLOWER = (("role", "follower"),)
+
+Attributes = tuple[tuple[str, str], ...]
 
 
 def _version() -> str:
@@ -38,20 +53,21 @@ def _version() -> str:
     return __version__
 
 
+def _histogram(
+    meter: metrics.Meter, name: str, unit: str, description: str, buckets: list[float]
+) -> metrics.Histogram:
+    """A histogram with advised bucket boundaries (seconds and characters fit the default ones
+    badly); without them on an API older than 1.23, which has no such advice."""
+    try:
+        return meter.create_histogram(
+            name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+        )
+    except TypeError:
+        return meter.create_histogram(name, unit=unit, description=description)
+
+
 class OtelTelemetry(Telemetry):
-    __slots__ = (
-        "_active",
-        "_attributes",
-        "_backlog",
-        "_commands",
-        "_duration",
-        "_ended",
-        "_reconnects",
-        "_replay_size",
-        "_resumes",
-        "_stream_ids",
-        "_tracer",
-    )
+    __slots__ = ("_instruments", "_pending", "_records", "_stream_ids", "_tracer")
 
     enabled = True
 
@@ -62,51 +78,87 @@ class OtelTelemetry(Telemetry):
         meter = metrics.get_meter(NAME, version, meter_provider=meter_provider)
         self._tracer = trace.get_tracer(NAME, version, tracer_provider=tracer_provider)
         self._stream_ids = stream_ids
-        self._active = meter.create_up_down_counter(
-            "resumable_stream.streams.active",
-            unit="{stream}",
-            description="Streams running in this process, by role (producer or follower)",
+        self._instruments: tuple[Any, ...] = (
+            meter.create_up_down_counter(
+                "resumable_stream.streams.active",
+                unit="{stream}",
+                description="Streams running in this process, by role (producer or follower)",
+            ),
+            meter.create_counter(
+                "resumable_stream.streams.ended",
+                unit="{stream}",
+                description="Streams that ended, by role and outcome",
+            ),
+            meter.create_counter(
+                "resumable_stream.resumes",
+                unit="{resume}",
+                description="Resumes of existing streams, by result",
+            ),
+            _histogram(
+                meter,
+                "resumable_stream.resume.duration",
+                "s",
+                "From a resume call to its answer (a reader with its first text, or the "
+                "stream's state)",
+                _SECONDS,
+            ),
+            _histogram(
+                meter,
+                "resumable_stream.replay.size",
+                "{character}",
+                "Characters of existing text a resume's answer carried",
+                _CHARACTERS,
+            ),
+            meter.create_counter(
+                "resumable_stream.backend.commands",
+                unit="{command}",
+                description="Commands sent to the backend, by command",
+            ),
+            meter.create_counter(
+                "resumable_stream.backend.reconnects",
+                unit="{reconnect}",
+                description="Times the backend connection came back after an outage",
+            ),
+            _histogram(
+                meter,
+                "resumable_stream.follower.backlog",
+                "{character}",
+                "Unread characters a follower held when it ended, by outcome",
+                _CHARACTERS,
+            ),
         )
-        self._ended = meter.create_counter(
-            "resumable_stream.streams.ended",
-            unit="{stream}",
-            description="Streams that ended, by role and outcome",
-        )
-        self._resumes = meter.create_counter(
-            "resumable_stream.resumes",
-            unit="{resume}",
-            description="Resumes of existing streams, by result",
-        )
-        self._duration = meter.create_histogram(
-            "resumable_stream.resume.duration",
-            unit="s",
-            description="From a resume call to its answer (a reader with its first text, or "
-            "the stream's state)",
-            explicit_bucket_boundaries_advisory=_SECONDS,
-        )
-        self._replay_size = meter.create_histogram(
-            "resumable_stream.replay.size",
-            unit="{character}",
-            description="Characters of existing text a resume's answer carried",
-            explicit_bucket_boundaries_advisory=_CHARACTERS,
-        )
-        self._commands = meter.create_counter(
-            "resumable_stream.backend.commands",
-            unit="{command}",
-            description="Commands sent to the backend, by command",
-        )
-        self._reconnects = meter.create_counter(
-            "resumable_stream.backend.reconnects",
-            unit="{reconnect}",
-            description="Times the backend connection came back after an outage",
-        )
-        self._backlog = meter.create_histogram(
-            "resumable_stream.follower.backlog",
-            unit="{character}",
-            description="Unread characters a follower held when it ended, by outcome",
-            explicit_bucket_boundaries_advisory=_CHARACTERS,
-        )
-        self._attributes: dict[str, dict[str, str]] = {}
+        # Sums to add, by (instrument, attributes); histogram values to record, in order.
+        self._pending: dict[tuple[int, Attributes], int] = {}
+        self._records: list[tuple[int, float, Attributes]] = []
+
+    def _add(self, instrument: int, value: int, attributes: Attributes = ()) -> None:
+        key = (instrument, attributes)
+        pending = self._pending
+        pending[key] = pending.get(key, 0) + value
+
+    def _record(self, instrument: int, value: float, attributes: Attributes) -> None:
+        records = self._records
+        records.append((instrument, value, attributes))
+        if len(records) >= _FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        instruments = self._instruments
+        pending, self._pending = self._pending, {}
+        records, self._records = self._records, []
+        for (instrument, attributes), value in pending.items():
+            if value or instrument == _ACTIVE:
+                instruments[instrument].add(value, dict(attributes))
+        for instrument, number, attributes in records:
+            instruments[instrument].record(number, dict(attributes))
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await anyio.sleep(FLUSH_INTERVAL)
+                self.flush()
+        finally:
+            self.flush()
 
     def _id(self, stream_id: str) -> dict[str, Any]:
         return {STREAM_ID: stream_id} if self._stream_ids else {}
@@ -114,15 +166,15 @@ class OtelTelemetry(Telemetry):
     # Producers
 
     def producer_started(self, stream_id: str) -> object:
-        self._active.add(1, _PRODUCER)
+        self._add(_ACTIVE, 1, _PRODUCER)
         span = self._tracer.start_span("resumable_stream.produce", attributes=self._id(stream_id))
         token = otel_context.attach(trace.set_span_in_context(span))
         return span, token
 
     def producer_ended(self, token: object, outcome: str | None, length: int) -> None:
         outcome = outcome or "cancelled"
-        self._active.add(-1, _PRODUCER)
-        self._ended.add(1, {"role": "producer", "outcome": outcome})
+        self._add(_ACTIVE, -1, _PRODUCER)
+        self._add(_ENDED, 1, (("role", "producer"), ("outcome", outcome)))
         assert isinstance(token, tuple)
         span: trace.Span = token[0]
         context_token: Token[Context] = token[1]
@@ -152,13 +204,12 @@ class OtelTelemetry(Telemetry):
     # Followers and resumes
 
     def follower_started(self) -> None:
-        self._active.add(1, _FOLLOWER)
+        self._add(_ACTIVE, 1, _FOLLOWER)
 
     def follower_ended(self, outcome: str, backlog: int) -> None:
-        self._active.add(-1, _FOLLOWER)
-        attributes = {"role": "follower", "outcome": outcome}
-        self._ended.add(1, attributes)
-        self._backlog.record(backlog, {"outcome": outcome})
+        self._add(_ACTIVE, -1, _FOLLOWER)
+        self._add(_ENDED, 1, (("role", "follower"), ("outcome", outcome)))
+        self._record(_BACKLOG, backlog, (("outcome", outcome),))
 
     def resume(self, stream_id: str, resume_at: int, started: int | None = None) -> Resume:
         return _OtelResume(self, stream_id, resume_at, started or time.time_ns())
@@ -173,13 +224,12 @@ class OtelTelemetry(Telemetry):
     # The backend
 
     def command(self, name: str) -> None:
-        attributes = self._attributes.get(name)
-        if attributes is None:
-            attributes = self._attributes[name] = {"command": name}
-        self._commands.add(1, attributes)
+        key = (_COMMANDS, (("command", name),))
+        pending = self._pending
+        pending[key] = pending.get(key, 0) + 1
 
     def reconnect(self) -> None:
-        self._reconnects.add(1)
+        self._add(_RECONNECTS, 1)
 
 
 class _OtelResume(Resume):
@@ -220,12 +270,12 @@ class _OtelResume(Resume):
             if result != "finished":
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
         if result is not None:
-            attributes = {"result": result}
-            telemetry._resumes.add(1, attributes)
-            telemetry._duration.record((time.time_ns() - self._start) / 1e9, attributes)
+            attributes = (("result", result),)
+            telemetry._add(_RESUMES, 1, attributes)
+            telemetry._record(_DURATION, (time.time_ns() - self._start) / 1e9, attributes)
             span.set_attribute("resumable_stream.result", result)
             if result in ("replayed", "live"):
-                telemetry._replay_size.record(self._replayed, attributes)
+                telemetry._record(_REPLAY, self._replayed, attributes)
                 span.set_attribute("resumable_stream.replay.size", self._replayed)
         span.end()
         if self._token is not None:

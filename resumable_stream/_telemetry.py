@@ -103,6 +103,12 @@ class Telemetry:
     def reconnect(self) -> None:
         """The backend reconnected."""
 
+    def flush(self) -> None:
+        """Hand what was measured since the last flush to the instruments."""
+
+    async def run(self) -> None:
+        """Flush now and then while the context is open (a task of its task group)."""
+
 
 NOOP = Telemetry()
 

@@ -245,7 +245,9 @@ class EventStream:
         except ProducerUnavailableError:
             return plain(503, "the stream's producer did not answer; try again")
         except BackendError as exc:
-            logger.warning("could not open stream %r: %s", stream_id, exc)
+            logger.warning(
+                "could not open stream %r: %s", stream_id, exc, extra={"stream_id": stream_id}
+            )
             return plain(503, "the stream store is unavailable; try again")
         if stream is None:
             return no_content()
@@ -515,6 +517,8 @@ async def prepare_stop(
     try:
         await context.cancel_stream(stream_id)
     except BackendError as exc:
-        logger.warning("could not stop stream %r: %s", stream_id, exc)
+        logger.warning(
+            "could not stop stream %r: %s", stream_id, exc, extra={"stream_id": stream_id}
+        )
         return plain(503, "the stream store is unavailable; try again")
     return no_content()

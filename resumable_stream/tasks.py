@@ -173,7 +173,10 @@ class _Tasks:
             return
         except Exception:
             # Details stay here: the client learns only that something went wrong.
-            logger.exception("task %r failed", request.task_id)
+            # The task's id is its stream's.
+            logger.exception(
+                "task %r failed", request.task_id, extra={"stream_id": request.task_id}
+            )
             failure = {"message": "internal error", "code": "INTERNAL_ERROR"}
             yield Event(json.dumps(failure), "internal-error")
             return

@@ -157,6 +157,8 @@ async def test_metrics_spans_and_stats_of_two_processes(
             assert await own.__anext__() == "hello "
             resumed = await C.resume_existing_stream("s1", resume_at=3)
             assert (P.stats().producers, C.stats().followers) == (1, 1)
+            P._telemetry.flush()  # else done once a second, and when the context closes
+            C._telemetry.flush()
             assert producer.of("resumable_stream.streams.active") == {attrs(role="producer"): 1}
             assert follower.of("resumable_stream.streams.active") == {attrs(role="follower"): 1}
             s1.write("world")
@@ -494,6 +496,7 @@ async def test_the_prometheus_example_lists_our_instruments(
         async with client.request("/chat/p1", headers={"Last-Event-ID": head[-1].id}) as again:
             rest = await again.events()
         assert "".join(e.data for e in head + rest).startswith("You asked 'hi'.")
+        client.state["streams"]._telemetry.flush()  # else done once a second
         async with client.request("/metrics") as response:
             assert response.status == 200
             page = (await response.read()).decode()
