@@ -192,14 +192,21 @@ class OtelTelemetry(Telemetry):
         serve: Callable[[Any], Awaitable[None]],
         request: object,
     ) -> None:
-        parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
-        with self._tracer.start_as_current_span(
-            "resumable_stream.resume.serve",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes=self._id(stream_id),
-        ):
+        # The span is made once the answer is out, with the times it had: its cost is then not
+        # in the follower's wait (it makes no span of its own inside, so none is current).
+        started = time.time_ns()
+        try:
             await serve(request)
+        finally:
+            parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
+            span = self._tracer.start_span(
+                "resumable_stream.resume.serve",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=self._id(stream_id),
+                start_time=started,
+            )
+            span.end()
 
     # Followers and resumes
 
