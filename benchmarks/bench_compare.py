@@ -18,10 +18,11 @@ package is extracted into a temporary directory and a third set of worker proces
 The code under test ("after") is this checkout's `resumable_stream/`, pinned the same way. Each
 worker reports the file it imported, and the run stops if it is not the intended copy.
 
-With `--otel`, the telemetry's overhead instead: this checkout twice, alternately, in processes
-without an OpenTelemetry SDK (the API's no-op instruments) and in processes that install the
-SDK's meter provider (with an in-memory reader, so every measurement is aggregated, and no
-exporter) and tracer provider (no span processor) as the global ones; no Node. Writes
+With `--otel`, the telemetry's overhead instead: this checkout three times, alternately, in
+processes without an OpenTelemetry SDK (the API's no-op instruments), in processes that install
+the SDK's meter provider as the global one (with an in-memory reader, so every measurement is
+aggregated, and no exporter), and in processes that also install the SDK's tracer provider (no
+span processor: spans are made, then dropped); no Node. Writes
 `benchmarks/results/otel-overhead.json`.
 """
 
@@ -77,7 +78,8 @@ ADMIN_COMMANDS = {
     "client|setinfo",
     "select",
 }
-# Set (to "1") in the environment of the worker processes that install the OpenTelemetry SDK.
+# Set in the environment of the worker processes that install the OpenTelemetry SDK: to
+# "metrics" (its meter provider) or "traces" (its tracer provider too).
 OTEL_ENV = "RESUMABLE_STREAM_BENCH_OTEL_SDK"
 Source = Callable[[], AsyncIterator[str]]
 Gate = tuple[int, anyio.Event]
@@ -332,23 +334,25 @@ async def replay_big(
     return result
 
 
-def install_otel_sdk() -> None:
-    """The OpenTelemetry SDK's providers as the global ones: measurements aggregated by an
-    in-memory reader (never exported), spans made and dropped."""
+def install_otel_sdk(traces: bool) -> None:
+    """The OpenTelemetry SDK's meter provider as the global one, measurements aggregated by an
+    in-memory reader (never exported); with `traces`, its tracer provider too (spans made and
+    dropped)."""
     from opentelemetry import metrics, trace
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
 
     metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
-    trace.set_tracer_provider(TracerProvider())
+    if traces:
+        trace.set_tracer_provider(TracerProvider())
 
 
 async def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One Python process's share of the workload, as the JSON of WORKLOAD.md."""
-    otel = os.environ.get(OTEL_ENV) == "1"
+    otel = os.environ.get(OTEL_ENV, "")
     if otel:
-        install_otel_sdk()
+        install_otel_sdk(traces=otel == "traces")
     width = args.width
     admin = redis.asyncio.Redis.from_url(args.url)
     info = await admin.info("server")
@@ -690,7 +694,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         version = code_version()
         pythons = {
             "python": ("no SDK", REPO, version),
-            "otel": ("OTel SDK installed", REPO, version),
+            "otel": ("SDK meter provider", REPO, version),
+            "traces": ("SDK meter + tracer providers", REPO, version),
         }
         compare(args, pythons, started)
         return
@@ -715,7 +720,9 @@ def compare(
     for name, env in envs.items():
         env.pop(OTEL_ENV, None)
         if name == "otel":
-            env[OTEL_ENV] = "1"
+            env[OTEL_ENV] = "metrics"
+        elif name == "traces":
+            env[OTEL_ENV] = "traces"
 
     def run(name: str, url: str, mode: str, timeout: float) -> dict[str, Any]:
         if name == "node":
@@ -757,14 +764,14 @@ def compare(
         if name in pythons:
             report["code"] = pythons[name][2]
     if args.otel:
-        ratios = [("otel", "python")]
+        ratios = [("otel", "python"), ("traces", "python")]
     elif "before" in names:
         ratios = [("python", "before"), ("python", "node")]
     else:
         ratios = [("python", "node")]
     short = {"python": "after" if "before" in names else "ours", "before": "before", "node": "Node"}
     if args.otel:
-        short.update(python="no SDK", otel="SDK")
+        short.update(python="no SDK", otel="metrics", traces="traces")
     header = [
         "figure (medians)",
         *(labels[name] for name in names),

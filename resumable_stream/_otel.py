@@ -222,11 +222,11 @@ class OtelTelemetry(Telemetry):
         return _OtelResume(self, stream_id, resume_at, started or time.time_ns())
 
     def traceparent(self) -> str | None:
-        if not trace.get_current_span().get_span_context().is_valid:
+        # What TraceContextTextMapPropagator.inject writes, without its detours.
+        span = trace.get_current_span().get_span_context()
+        if not span.is_valid:
             return None
-        carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier)
-        return carrier.get("traceparent")
+        return f"00-{span.trace_id:032x}-{span.span_id:016x}-{span.trace_flags:02x}"
 
     # The backend
 
