@@ -22,8 +22,9 @@ With `--otel`, the telemetry's overhead instead: this checkout three times, alte
 processes without an OpenTelemetry SDK (the API's no-op instruments), in processes that install
 the SDK's meter provider as the global one (with an in-memory reader, so every measurement is
 aggregated, and no exporter), and in processes that also install the SDK's tracer provider (no
-span processor: spans are made, then dropped); no Node. Writes
-`benchmarks/results/otel-overhead.json`.
+span processor: spans are made, then dropped); and a control: processes without the SDK again,
+whose ratio to the first shows how far two identical arms differ in the same run (the noise
+floor). No Node. Writes `benchmarks/results/otel-overhead.json`.
 """
 
 from __future__ import annotations
@@ -696,6 +697,7 @@ def orchestrate(args: argparse.Namespace) -> None:
             "python": ("no SDK", REPO, version),
             "otel": ("SDK meter provider", REPO, version),
             "traces": ("SDK meter + tracer providers", REPO, version),
+            "control": ("no SDK again (control)", REPO, version),
         }
         compare(args, pythons, started)
         return
@@ -764,14 +766,14 @@ def compare(
         if name in pythons:
             report["code"] = pythons[name][2]
     if args.otel:
-        ratios = [("otel", "python"), ("traces", "python")]
+        ratios = [("otel", "python"), ("traces", "python"), ("control", "python")]
     elif "before" in names:
         ratios = [("python", "before"), ("python", "node")]
     else:
         ratios = [("python", "node")]
     short = {"python": "after" if "before" in names else "ours", "before": "before", "node": "Node"}
     if args.otel:
-        short.update(python="no SDK", otel="metrics", traces="traces")
+        short.update(python="no SDK", otel="metrics", traces="traces", control="control")
     header = [
         "figure (medians)",
         *(labels[name] for name in names),
