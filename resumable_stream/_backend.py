@@ -6,9 +6,9 @@ import bisect
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio.lowlevel
 
@@ -285,7 +285,8 @@ class CountedConnection:
     """A connection that reports every command it is asked for to `count`, by the name of the
     Redis command it amounts to (those `MemoryBackend.commands` counts, too): one place, at the
     backend boundary, whatever the backend. A context wraps its connection in one only when
-    telemetry is on."""
+    telemetry is on. Each method counts and returns the wrapped connection's own awaitable (no
+    coroutine of its own: this is on every command's path)."""
 
     __slots__ = ("_connection", "_count")
 
@@ -293,40 +294,40 @@ class CountedConnection:
         self._connection = connection
         self._count = count
 
-    async def incr(self, key: str, ttl: int) -> int | None:
+    def incr(self, key: str, ttl: int) -> Coroutine[Any, Any, int | None]:
         self._count("incr")
         self._count("expire")
-        return await self._connection.incr(key, ttl)
+        return self._connection.incr(key, ttl)
 
-    async def get(self, key: str) -> str | None:
+    def get(self, key: str) -> Coroutine[Any, Any, str | None]:
         self._count("get")
-        return await self._connection.get(key)
+        return self._connection.get(key)
 
-    async def set(self, key: str, value: str, ttl: int) -> None:
+    def set(self, key: str, value: str, ttl: int) -> Coroutine[Any, Any, None]:
         self._count("set")
-        await self._connection.set(key, value, ttl)
+        return self._connection.set(key, value, ttl)
 
-    async def swap(self, key: str, value: str, ttl: int) -> str | None:
+    def swap(self, key: str, value: str, ttl: int) -> Coroutine[Any, Any, str | None]:
         self._count("set")
-        return await self._connection.swap(key, value, ttl)
+        return self._connection.swap(key, value, ttl)
 
-    async def create(self, key: str, value: str, ttl: int) -> bool:
+    def create(self, key: str, value: str, ttl: int) -> Coroutine[Any, Any, bool]:
         self._count("set")
-        return await self._connection.create(key, value, ttl)
+        return self._connection.create(key, value, ttl)
 
-    async def publish(self, channel: str, message: bytes) -> int:
+    def publish(self, channel: str, message: bytes) -> Coroutine[Any, Any, int]:
         self._count("publish")
-        return await self._connection.publish(channel, message)
+        return self._connection.publish(channel, message)
 
-    async def subscribe(self, *channels: str, wait: bool = True) -> None:
+    def subscribe(self, *channels: str, wait: bool = True) -> Coroutine[Any, Any, None]:
         self._count("subscribe")
-        await self._connection.subscribe(*channels, wait=wait)
+        return self._connection.subscribe(*channels, wait=wait)
 
-    async def unsubscribe(self, *channels: str) -> None:
+    def unsubscribe(self, *channels: str) -> Coroutine[Any, Any, None]:
         self._count("unsubscribe")
-        await self._connection.unsubscribe(*channels)
+        return self._connection.unsubscribe(*channels)
 
-    async def append(
+    def append(
         self,
         key: str,
         entry: LogId,
@@ -337,17 +338,17 @@ class CountedConnection:
         message: bytes,
         sentinel: str,
         state: str | None = None,
-    ) -> LogId | None:
+    ) -> Coroutine[Any, Any, LogId | None]:
         self._count("eval")
-        return await self._connection.append(
+        return self._connection.append(
             key, entry, field, value, ttl, channel, message, sentinel, state
         )
 
-    async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
+    def read(self, key: str, offset: int, count: int) -> Coroutine[Any, Any, list[LogEntry]]:
         self._count("xrevrange")
         self._count("xrange")
-        return await self._connection.read(key, offset, count)
+        return self._connection.read(key, offset, count)
 
-    async def delete(self, key: str) -> None:
+    def delete(self, key: str) -> Coroutine[Any, Any, None]:
         self._count("del")
-        await self._connection.delete(key)
+        return self._connection.delete(key)

@@ -14,7 +14,6 @@ happen (they must be current while the work runs).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from contextvars import Token
 from types import TracebackType
 from typing import Any
@@ -26,7 +25,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ._telemetry import Resume, Telemetry, resume_result_of
+from ._telemetry import Resume, Serve, Telemetry, resume_result_of
 
 __all__ = ["FLUSH_INTERVAL", "OtelTelemetry"]
 
@@ -38,6 +37,7 @@ _FLUSH_AT = 1024  # pending measurements that make an early flush
 _SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 _CHARACTERS: list[float] = [0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000]
 _PROPAGATOR = TraceContextTextMapPropagator()
+_NO_TRACING = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 
 # Instruments, by index in `OtelTelemetry._instruments`.
 _ACTIVE, _ENDED, _RESUMES, _DURATION, _REPLAY, _COMMANDS, _RECONNECTS, _BACKLOG = range(8)
@@ -67,7 +67,14 @@ def _histogram(
 
 
 class OtelTelemetry(Telemetry):
-    __slots__ = ("_instruments", "_pending", "_records", "_stream_ids", "_tracer")
+    __slots__ = (
+        "_instruments",
+        "_pending",
+        "_records",
+        "_stream_ids",
+        "_tracer",
+        "_tracer_provider",
+    )
 
     enabled = True
 
@@ -77,6 +84,7 @@ class OtelTelemetry(Telemetry):
         version = _version()
         meter = metrics.get_meter(NAME, version, meter_provider=meter_provider)
         self._tracer = trace.get_tracer(NAME, version, tracer_provider=tracer_provider)
+        self._tracer_provider = tracer_provider
         self._stream_ids = stream_ids
         self._instruments: tuple[Any, ...] = (
             meter.create_up_down_counter(
@@ -160,6 +168,14 @@ class OtelTelemetry(Telemetry):
         finally:
             self.flush()
 
+    def _tracing(self) -> bool:
+        """Spans are recorded: a tracer provider was given, or a real one is the global one
+        (set before or after this context was made). Else every span would be a no-op, and
+        making them is skipped (their cost adds up on a resume's path)."""
+        if self._tracer_provider is not None:
+            return True
+        return not isinstance(trace.get_tracer_provider(), _NO_TRACING)  # it may be set later
+
     def _id(self, stream_id: str) -> dict[str, Any]:
         return {STREAM_ID: stream_id} if self._stream_ids else {}
 
@@ -167,6 +183,8 @@ class OtelTelemetry(Telemetry):
 
     def producer_started(self, stream_id: str) -> object:
         self._add(_ACTIVE, 1, _PRODUCER)
+        if not self._tracing():
+            return None
         span = self._tracer.start_span("resumable_stream.produce", attributes=self._id(stream_id))
         token = otel_context.attach(trace.set_span_in_context(span))
         return span, token
@@ -175,6 +193,8 @@ class OtelTelemetry(Telemetry):
         outcome = outcome or "cancelled"
         self._add(_ACTIVE, -1, _PRODUCER)
         self._add(_ENDED, 1, (("role", "producer"), ("outcome", outcome)))
+        if token is None:
+            return
         assert isinstance(token, tuple)
         span: trace.Span = token[0]
         context_token: Token[Context] = token[1]
@@ -185,28 +205,28 @@ class OtelTelemetry(Telemetry):
         span.end()
         otel_context.detach(context_token)
 
-    async def serve(
-        self,
-        stream_id: str,
-        traceparent: str | None,
-        serve: Callable[[Any], Awaitable[None]],
-        request: object,
-    ) -> None:
-        # The span is made once the answer is out, with the times it had: its cost is then not
-        # in the follower's wait (it makes no span of its own inside, so none is current).
-        started = time.time_ns()
-        try:
-            await serve(request)
-        finally:
-            parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
-            span = self._tracer.start_span(
-                "resumable_stream.resume.serve",
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes=self._id(stream_id),
-                start_time=started,
-            )
-            span.end()
+    def serving(self, stream_id: str, traceparent: str | None, serve: Serve) -> Serve:
+        if not self._tracing():
+            return serve
+
+        async def traced(request: object) -> None:
+            # The span is made once the answer is out, with the times it had: its cost is then
+            # not in the follower's wait (nothing inside makes spans, so none is current).
+            started = time.time_ns()
+            try:
+                await serve(request)
+            finally:
+                parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
+                span = self._tracer.start_span(
+                    "resumable_stream.resume.serve",
+                    context=parent,
+                    kind=SpanKind.SERVER,
+                    attributes=self._id(stream_id),
+                    start_time=started,
+                )
+                span.end()
+
+        return traced
 
     # Followers and resumes
 
@@ -246,18 +266,21 @@ class _OtelResume(Resume):
         self, telemetry: OtelTelemetry, stream_id: str, resume_at: int, started: int
     ) -> None:
         self._telemetry = telemetry
-        attributes = telemetry._id(stream_id)
-        attributes["resumable_stream.resume_at"] = resume_at
-        self._span = telemetry._tracer.start_span(
-            "resumable_stream.resume", attributes=attributes, start_time=started
-        )
+        self._span: trace.Span | None = None
+        if telemetry._tracing():
+            attributes = telemetry._id(stream_id)
+            attributes["resumable_stream.resume_at"] = resume_at
+            self._span = telemetry._tracer.start_span(
+                "resumable_stream.resume", attributes=attributes, start_time=started
+            )
         self._result: str | None = None
         self._replayed = 0
         self._start = started
         self._token: Token[Context] | None = None
 
     def __enter__(self) -> Resume:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        if self._span is not None:
+            self._token = otel_context.attach(trace.set_span_in_context(self._span))
         return self
 
     def answered(self, result: str, replayed: int = 0) -> None:
@@ -270,19 +293,22 @@ class _OtelResume(Resume):
         tb: TracebackType | None,
     ) -> None:
         telemetry, span = self._telemetry, self._span
-        result = self._result
-        if exc is not None:
-            result = resume_result_of(exc)
-            span.set_attribute("error.type", type(exc).__name__)
-            if result != "finished":
-                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        result = self._result if exc is None else resume_result_of(exc)
         if result is not None:
             attributes = (("result", result),)
             telemetry._add(_RESUMES, 1, attributes)
             telemetry._record(_DURATION, (time.time_ns() - self._start) / 1e9, attributes)
-            span.set_attribute("resumable_stream.result", result)
             if result in ("replayed", "live"):
                 telemetry._record(_REPLAY, self._replayed, attributes)
+        if span is None:
+            return
+        if exc is not None:
+            span.set_attribute("error.type", type(exc).__name__)
+            if result != "finished":
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        if result is not None:
+            span.set_attribute("resumable_stream.result", result)
+            if result in ("replayed", "live"):
                 span.set_attribute("resumable_stream.replay.size", self._replayed)
         span.end()
         if self._token is not None:

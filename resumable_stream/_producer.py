@@ -317,15 +317,8 @@ class Producer:
     def on_request(self, request: p.Request) -> None:
         if request.after_end and self.state is None:
             return  # for an earlier, finished stream of this id, lingering somewhere
-        hub = self._hub
-        hub.spawn(
-            self.stream_id,
-            hub.telemetry.serve,
-            self.stream_id,
-            request.traceparent,
-            self._serve,
-            request,
-        )
+        serve = self._hub.telemetry.serving(self.stream_id, request.traceparent, self._serve)
+        self._hub.spawn(self.stream_id, serve, request)
 
     async def _serve(self, request: p.Request) -> None:
         buffer = self.buffer

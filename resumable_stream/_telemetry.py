@@ -29,6 +29,7 @@ from ._exceptions import (
 __all__ = ["NOOP", "Resume", "Telemetry", "make_telemetry", "outcome_of", "resume_result_of"]
 
 Role = Literal["producer", "follower"]
+Serve = Callable[[Any], Awaitable[None]]
 
 
 class Resume:
@@ -87,15 +88,10 @@ class Telemetry:
         """The W3C `traceparent` of the current span, for a resume request; None if none."""
         return None
 
-    async def serve(
-        self,
-        stream_id: str,
-        traceparent: str | None,
-        serve: Callable[[Any], Awaitable[None]],
-        request: object,
-    ) -> None:
-        """A producer serves a resume request: `await serve(request)` (in the follower's trace)."""
-        await serve(request)
+    def serving(self, stream_id: str, traceparent: str | None, serve: Serve) -> Serve:
+        """How a producer serves a resume request: `serve` itself, or `serve` inside a span of
+        the follower's trace (`traceparent`)."""
+        return serve
 
     def command(self, name: str) -> None:
         """The engine sent the backend command `name`."""
