@@ -552,3 +552,42 @@ async def test_a_durable_resume_reads_the_log_and_asks_no_producer(
     [resume] = named(exporter, "resumable_stream.resume")
     assert (resume.attributes or {})["resumable_stream.result"] == "replayed"
     assert named(exporter, "resumable_stream.resume.serve") == []
+
+
+async def test_measurements_reach_the_instruments_once_a_second_and_no_span_without_tracing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No explicit flush: the context's task hands measurements over every FLUSH_INTERVAL. No
+    # tracer provider: no span is made, and a follower's request carries no trace context.
+    from resumable_stream import _otel
+
+    monkeypatch.setattr(_otel, "FLUSH_INTERVAL", 0.01)
+    backend = rs.MemoryBackend()
+    producer, follower = Process(), Process()
+    requests: list[p.Message] = []
+    keys = p.Keys("resumable-stream")
+    async with (
+        backend.connect(lambda channel, data: requests.append(p.parse(data))) as spy,
+        rs.ResumableStreamContext(backend=backend, meter_provider=producer.meters) as P,
+        rs.ResumableStreamContext(backend=backend, meter_provider=follower.meters) as C,
+    ):
+        await spy.subscribe(keys.request("s"))
+        source = TestingSource()
+        own = await P.resumable_stream("s", source.make)
+        assert own is not None
+        source.write("abc")
+        assert await own.__anext__() == "abc"  # the producer listens for requests by now
+        resumed = await C.resume_existing_stream("s", resume_at=1)
+        source.close()
+        with anyio.fail_after(5):
+            assert await read(resumed) == "bc"
+            assert await read(own) == ""
+
+            async def ended() -> object:
+                return producer.of("resumable_stream.streams.ended")
+
+            await poll_until(ended, {attrs(role="producer", outcome="done"): 1})
+    [request] = requests
+    assert isinstance(request, p.Request)
+    assert request.traceparent is None
+    assert follower.of("resumable_stream.resumes") == {attrs(result="replayed"): 1}
