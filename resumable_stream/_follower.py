@@ -38,7 +38,9 @@ from ._store import parse as parse_entry
 
 __all__ = ["Follower"]
 
-_FIRST_PAGE = 16
+# The entry that holds the reader's offset and the next: the first chunk comes soon, and the
+# page grows to about a replay window from the sizes seen.
+_FIRST_PAGE = 2
 _MAX_PAGE = 1024
 _FIRST_RETRY = 0.002
 _MAX_RETRY = 0.1

@@ -9,14 +9,14 @@ messages stay in its shard.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import redis.exceptions
 from redis.asyncio import Redis, RedisCluster
 
-from .._backend import LogEntry, LogId
+from .._backend import LogAppend, LogEntry, LogId
 from .._buffer import Signal
 from .._exceptions import BackendError
 from ._errors import deadline, text
@@ -254,19 +254,17 @@ class Commands:
     async def append(
         self,
         key: str,
-        entry: LogId,
+        entries: Sequence[LogAppend],
         field: str,
-        value: bytes,
         ttl: int,
         channel: str,
-        message: bytes,
         sentinel: str,
         state: str | None = None,
     ) -> LogId | None:
         keys = [key, channel, sentinel]
-        args: list[Any] = [f"{entry[0]}-{entry[1]}", field, value, ttl, self._publish, message]
-        if state is not None:
-            args.append(state)
+        args: list[Any] = [field, ttl, self._publish, state or ""]
+        for (at, seq), value, message in entries:
+            args += (f"{at}-{seq}", value, message)
         last = text(
             await self._call(
                 lambda pipe: pipe.execute_command("EVAL", _APPEND, len(keys), *keys, *args)
@@ -274,8 +272,8 @@ class Commands:
         )
         if not last:
             return None
-        offset, _, seq = last.partition("-")
-        return int(offset), int(seq)
+        last_offset, _, last_seq = last.partition("-")
+        return int(last_offset), int(last_seq)
 
     async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
         # The entry that holds `offset` (the last one at or before it), then those after it:
@@ -296,32 +294,38 @@ class Commands:
         await self._call(lambda pipe: pipe.delete(key))
 
 
-# Appends an entry to a durable stream's log unless an entry at or after its id is there (so a
-# retried append adds nothing), refreshes the TTL, sets the stream's state if one is given (else
-# sets it running if a restart lost it), and publishes the message: atomic, one round trip.
-# Returns the id of the log's last entry before (empty if none). KEYS: log, channel, state key.
-# ARGV: id, field, value, ttl, publish command, message[, state]. The channel is a KEY so that a
-# cluster checks that it lives in the log's slot, as SPUBLISH in a script requires.
+# Appends entries to a durable stream's log, each unless an entry at or after its id is there
+# (so a retried append adds nothing), refreshes the TTL, sets the stream's state if one is given
+# (else sets it running if a restart lost it), and publishes each entry's message: atomic, one
+# round trip. Returns the id of the log's last entry before (empty if none). KEYS: log, channel,
+# state key. ARGV: field, ttl, publish command, state or "", then id, value, message per entry.
+# The channel is a KEY so that a cluster checks that it lives in the log's slot, as SPUBLISH in
+# a script requires. Offsets stay below 2^53, exact in Lua's numbers.
 _APPEND = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local fresh = true
 local previous = ''
+local lo, ls = -1, -1
 if #last > 0 then
   previous = last[1][1]
-  local lo, ls = string.match(previous, '(%d+)-(%d+)')
-  local no, ns = string.match(ARGV[1], '(%d+)-(%d+)')
-  lo, ls, no, ns = tonumber(lo), tonumber(ls), tonumber(no), tonumber(ns)
-  fresh = no > lo or (no == lo and ns > ls)
+  local o, s = string.match(previous, '(%d+)-(%d+)')
+  lo, ls = tonumber(o), tonumber(s)
 end
-if fresh then
-  redis.call('XADD', KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+for i = 5, #ARGV, 3 do
+  local o, s = string.match(ARGV[i], '(%d+)-(%d+)')
+  local no, ns = tonumber(o), tonumber(s)
+  if no > lo or (no == lo and ns > ls) then
+    redis.call('XADD', KEYS[1], ARGV[i], ARGV[1], ARGV[i + 1])
+    lo, ls = no, ns
+  end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-if ARGV[7] then
-  redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[2])
 else
-  redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[4])
+  redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[2])
 end
-redis.call(ARGV[5], KEYS[2], ARGV[6])
+for i = 7, #ARGV, 3 do
+  redis.call(ARGV[3], KEYS[2], ARGV[i])
+end
 return previous
 """
