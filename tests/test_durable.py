@@ -419,8 +419,9 @@ async def test_a_burst_is_stored_in_bounded_entries_by_one_command(
             assert await read(own, len(chunks)) == text
             await poll_until(lambda: admin.xlen(key), 4)
             assert await _calls(admin, "eval") == evals + 1
-            entries = await admin.xrange(key)
-            sizes = [sum(map(len, json.loads(next(iter(f.values()))))) for _, f in entries]
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = await admin.xrange(key)
+            batches = [json.loads(value) for _, fields in entries for value in fields.values()]
+            sizes = [sum(len(chunk) for chunk in batch) for batch in batches]
             assert sizes == [30_000, 30_000, 30_000, 10_000]
             followers = {
                 offset: await C.resume_existing_stream("burst", offset)
