@@ -20,6 +20,7 @@ from fastapi.responses import Response
 
 from resumable_stream import ResumableStreamContext, create_resumable_stream_context
 from resumable_stream.ai_sdk import ChatStreams, ModelOutput
+from resumable_stream.http import Authorize
 from resumable_stream.starlette import PreparedStreamResponse
 
 Respond = Callable[[list[dict[str, Any]]], ModelOutput]
@@ -43,15 +44,22 @@ async def simulated_model(messages: list[dict[str, Any]]) -> AsyncIterator[str]:
         yield word + " "
 
 
-def create_app(respond: Respond, *, context: ResumableStreamContext | None = None) -> FastAPI:
-    """The chat app around `respond`, on `context` (default: `REDIS_URL`, else in memory)."""
+def create_app(
+    respond: Respond,
+    *,
+    context: ResumableStreamContext | None = None,
+    authorize: Authorize | None = None,
+) -> FastAPI:
+    """The chat app around `respond`, on `context` (default: `REDIS_URL`, else in memory).
+    `authorize(request, chat_id)` (e.g. does this chat belong to the user?) guards every
+    route: 403 unless it returns True."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, object]]:
         streams = context if context is not None else create_resumable_stream_context()
         keepalive = float(os.environ.get("RS_EXAMPLE_KEEPALIVE", "15"))
         async with streams:
-            yield {"chats": ChatStreams(streams, keepalive=keepalive)}
+            yield {"chats": ChatStreams(streams, keepalive=keepalive, authorize=authorize)}
 
     app = FastAPI(lifespan=lifespan)
 
