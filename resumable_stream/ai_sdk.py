@@ -69,19 +69,20 @@ from ._http import (
 from .http import Authorize, EventStreamBody, Frames, PreparedResponse, no_content, plain
 
 __all__ = [
-    "HEADERS",
     "ChatStreams",
-    "Chunk",
+    "ChunkFrames",
     "ModelOutput",
+    "UIMessageChunk",
+    "new_message_id",
     "ui_message_chunks",
 ]
 
 logger = logging.getLogger("resumable_stream")
 
-Chunk = Mapping[str, Any]
+UIMessageChunk = Mapping[str, Any]
 """A UI message chunk: a JSON object with a `type` (`text-delta`, `tool-input-start`...)."""
 
-ModelOutput = AsyncIterable[str | Chunk]
+ModelOutput = AsyncIterable[str | UIMessageChunk]
 """What a model gives: text deltas, UI message chunks, or both mixed."""
 
 HEADERS: Final = (
