@@ -4,13 +4,16 @@ uvicorn servers: one worker on the in-memory backend, and two worker processes s
 Redis, the first behind a TCP proxy that cuts connections mid-message.
 
 Node runs `DefaultChatTransport` and `readUIMessageStream` (tests/ai_sdk_client/scenarios.mjs);
-`npm ci` installs it once per session. Without Node.js these tests are skipped, and under
-`RESUMABLE_STREAM_REQUIRE_ALL=1` (CI) they fail instead.
+`npm ci` installs it once per session. Headless Chromium runs the same scenarios from the
+package's ESM build, bundled with esbuild (from the same package-lock). Without Node.js (or
+Chromium) these tests are skipped, and under `RESUMABLE_STREAM_REQUIRE_ALL=1` (CI) they fail
+instead.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -26,6 +29,7 @@ import httpx
 import pytest
 
 from .ai_sdk_app import SECRET, tokens
+from .browser import chromium
 from .servers import uvicorn_server
 from .tcp_proxy import TcpProxy
 
@@ -280,6 +284,66 @@ async def test_every_route_asks_authorize_about_the_chat(deployment: Deployment)
         body["id"] = chat = new_chat()
         assert (await client.post(f"{worker}/api/chat", json=body)).status_code == 200
         assert (await client.get(f"{worker}/api/chat/{chat}/stream")).status_code == 204
+
+
+PAGE = b"""<!doctype html>
+<meta charset="utf-8">
+<title>the AI SDK client under test</title>
+<script type="module" src="/__test__/bundle.js"></script>
+"""
+
+
+async def test_in_a_browser_a_cut_message_resumes_exactly_once(
+    ai_sdk_client: Path, deployment: Deployment, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle.js"
+    esbuild = ai_sdk_client / "node_modules" / ".bin" / "esbuild"
+    command = [str(esbuild), "browser.mjs", "--bundle", "--format=esm", "--platform=browser"]
+    command += [f"--outfile={bundle}", "--log-level=warning"]
+    subprocess.run(command, cwd=ai_sdk_client, check=True, timeout=60)
+    # The page comes from the proxied worker's origin, so the transport's requests are
+    # same-origin, as an app's are.
+    origin = deployment.proxied
+    prompt = "browser"
+    async with chromium() as browser:
+        page = await browser.new_page()
+
+        async def serve_page(route: Any) -> None:
+            await route.fulfill(body=PAGE, content_type="text/html")
+
+        async def serve_bundle(route: Any) -> None:
+            await route.fulfill(body=bundle.read_bytes(), content_type="text/javascript")
+
+        async def cut() -> None:
+            await anyio.to_thread.run_sync(deployment.proxy.cut)
+
+        await page.route(f"{origin}/__test__/page", serve_page)
+        await page.route(f"{origin}/__test__/bundle.js", serve_bundle)
+        await page.expose_function("cutConnection", cut)
+        with anyio.fail_after(STEP):
+            await page.goto(f"{origin}/__test__/page")
+            await page.wait_for_function("window.runScenario !== undefined")
+            result = await page.evaluate(
+                "(options) => window.runScenario(options)",
+                {
+                    "scenario": "resume",
+                    "api": f"{origin}/api/chat",
+                    "resumeApi": f"{origin}/api/chat",
+                    "chatId": new_chat(),
+                    "prompt": prompt,
+                    "cutAfter": 3,
+                },
+            )
+    first = result["first"]
+    assert first["cut"] is True
+    assert first["error"] is not None  # Chromium saw the network drop mid-message
+    assert text_of(first["chunks"]) != "".join(tokens(prompt))
+    resumed = result["resumed"]
+    assert resumed["text"] == "".join(tokens(prompt))
+    assert resumed["id"] == first["chunks"][0]["messageId"]
+    assert resumed["errors"] == []
+    assert [c["type"] for c in result["resumedChunks"]].count("start") == 1
+    assert result["secondIsNull"] is True
 
 
 def _user(text: str) -> dict[str, Any]:
