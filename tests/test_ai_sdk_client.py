@@ -13,7 +13,6 @@ instead.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -300,7 +299,8 @@ async def test_in_a_browser_a_cut_message_resumes_exactly_once(
     esbuild = ai_sdk_client / "node_modules" / ".bin" / "esbuild"
     command = [str(esbuild), "browser.mjs", "--bundle", "--format=esm", "--platform=browser"]
     command += [f"--outfile={bundle}", "--log-level=warning"]
-    subprocess.run(command, cwd=ai_sdk_client, check=True, timeout=60)
+    with anyio.fail_after(60):
+        await anyio.run_process(command, cwd=ai_sdk_client)
     # The page comes from the proxied worker's origin, so the transport's requests are
     # same-origin, as an app's are.
     origin = deployment.proxied
