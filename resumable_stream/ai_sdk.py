@@ -25,7 +25,8 @@ the streams' TTL, so a resume on any worker finds it). The model is any async it
 deltas (`str`), or of UI message chunks (`dict`s: tool calls, reasoning, data parts) mixed with
 text; `ui_message_chunks` frames it as one message: `start` with a stable `messageId`, its
 parts, then `finish`, or an `error` chunk with a generic `errorText` if it raised (the
-exception goes to the log only).
+exception goes to the log only). An output that starts with its own `start` chunk is a whole
+message already (pydantic-ai's `VercelAIAdapter.run_stream()`), passed on as it is.
 
 Beyond the AI SDK's own recipe:
 
@@ -98,7 +99,7 @@ ERROR_TEXT: Final = "An error occurred."  # what the AI SDK's own server sends b
 RECEIVED_PARAM: Final = "received"
 RECEIVED_HEADER: Final = "x-received-chunks"
 
-# What ui_message_chunks writes itself: a chunk of these types from the model is refused.
+# What ui_message_chunks writes itself, unless the output is a whole message.
 _FRAME_TYPES = frozenset({"start", "finish"})
 _MAX_COUNT_DIGITS = 12
 
@@ -118,16 +119,35 @@ async def ui_message_chunks(
     `start` (with `message_id`, a fresh one if None), `start-step`, then each text delta in a
     text part (`text-start`, `text-delta`..., `text-end`) and each chunk (a mapping with a
     `type`, passed on as it is, after the end of an open text part), then `finish-step` and
-    `finish`. If `output` raises, the message ends with an `error` chunk whose `errorText` is
-    generic; the exception is logged. `start` and `finish` are this function's to write.
+    `finish`.
+
+    An output whose first item is a `start` chunk is a whole message already (pydantic-ai's
+    `VercelAIAdapter.run_stream()`, say): its chunks are passed on as they are, and
+    `message_id` goes into its `start` if that has none, as the AI SDK's own server does.
+
+    If `output` raises, the message ends with an `error` chunk whose `errorText` is generic;
+    the exception is logged.
     """
     message_id = new_message_id() if message_id is None else message_id
-    yield {"type": "start", "messageId": message_id}
-    yield {"type": "start-step"}
+    started = whole = False
     text_id: str | None = None
     parts = 0
     try:
         async for item in output:
+            if not started:
+                started = True
+                if isinstance(item, Mapping) and item.get("type") == "start":
+                    whole = True
+                    first = _check_chunk(item)
+                    if first.get("messageId") is None:
+                        first["messageId"] = message_id
+                    yield first
+                    continue
+                yield {"type": "start", "messageId": message_id}
+                yield {"type": "start-step"}
+            if whole:
+                yield _check_chunk(item)
+                continue
             if isinstance(item, str):
                 if not item:
                     continue
@@ -138,6 +158,8 @@ async def ui_message_chunks(
                 yield {"type": "text-delta", "id": text_id, "delta": item}
                 continue
             chunk = _check_chunk(item)
+            if chunk["type"] in _FRAME_TYPES:
+                raise ValueError(f"a {chunk['type']!r} chunk in the middle of a message")
             if text_id is not None:
                 yield {"type": "text-end", "id": text_id}
                 text_id = None
@@ -145,8 +167,15 @@ async def ui_message_chunks(
     except Exception:
         # The details may hold secrets (a provider's key, a prompt): the log only.
         logger.exception("the model of message %r raised", message_id)
+        if not started:
+            yield {"type": "start", "messageId": message_id}
         yield {"type": "error", "errorText": ERROR_TEXT}
         return
+    if whole:
+        return
+    if not started:
+        yield {"type": "start", "messageId": message_id}
+        yield {"type": "start-step"}
     if text_id is not None:
         yield {"type": "text-end", "id": text_id}
     yield {"type": "finish-step"}
@@ -156,11 +185,8 @@ async def ui_message_chunks(
 def _check_chunk(item: object) -> dict[str, Any]:
     if not isinstance(item, Mapping):
         raise TypeError(f"a model yields str or UI message chunks (dicts), not {type(item)!r}")
-    kind = item.get("type")
-    if not isinstance(kind, str):
+    if not isinstance(item.get("type"), str):
         raise TypeError(f"a UI message chunk needs a str 'type', got {item!r}")
-    if kind in _FRAME_TYPES:
-        raise ValueError(f"ui_message_chunks writes the {kind!r} chunk itself")
     return dict(item)
 
 

@@ -202,6 +202,40 @@ async def test_a_model_that_raises_or_yields_nonsense_ends_with_a_generic_error(
         assert "sk-123" in caplog.text
 
 
+@pytest.mark.parametrize("flavor", ["memory"])
+async def test_an_output_that_starts_itself_is_a_whole_message_passed_on() -> None:
+    whole = [
+        {"type": "start"},
+        {"type": "tool-input-available", "toolCallId": "t", "toolName": "f", "input": {}},
+        {"type": "start", "messageId": "merged"},  # merged streams may start again
+        {"type": "finish", "finishReason": "tool-calls"},
+    ]
+    chunks = await collect(ui_message_chunks(_items(*whole), message_id="m"))
+    # Its start gets the message id, as the AI SDK's own server injects it; nothing is added.
+    assert chunks == [{"type": "start", "messageId": "m"}, *whole[1:]]
+    own = await collect(ui_message_chunks(_items({"type": "start", "messageId": "x"})))
+    assert own == [{"type": "start", "messageId": "x"}]
+
+
+@pytest.mark.parametrize("flavor", ["memory"])
+async def test_an_empty_output_or_one_that_fails_at_once_is_still_a_message() -> None:
+    assert [c["type"] for c in await collect(ui_message_chunks(_items(), message_id="m"))] == [
+        "start",
+        "start-step",
+        "finish-step",
+        "finish",
+    ]
+
+    async def fails() -> AsyncIterator[str]:
+        raise ConnectionError("the provider is down")
+        yield ""  # a generator
+
+    assert await collect(ui_message_chunks(fails(), message_id="m")) == [
+        {"type": "start", "messageId": "m"},
+        {"type": "error", "errorText": "An error occurred."},
+    ]
+
+
 # ChatStreams' answers, worker to worker
 
 
