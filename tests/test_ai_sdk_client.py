@@ -170,6 +170,10 @@ async def test_a_client_that_counts_chunks_continues_instead_of_replaying(
         cutAfter=4,
     )
     assert result["first"]["error"] is not None
+    # The transport counted what it received, and went on counting what the resume sent.
+    assert result["received"] == len(result["first"]["chunks"])
+    assert result["counted"] == result["received"] + len(result["tail"]["chunks"])
+    assert result["replayFlag"] is False
     tail = result["tail"]
     assert tail["error"] is None
     # Only what the client had not received: no second start, and the text adds up.

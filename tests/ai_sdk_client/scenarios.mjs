@@ -81,6 +81,38 @@ async function readAndCut(io, stream, count) {
   }
 }
 
+// The README's client for a resume that continues instead of replaying, as a function of the
+// `DefaultChatTransport` class (the README imports it from "ai").
+export const continuingTransport = (DefaultChatTransport) =>
+  class ContinuingTransport extends DefaultChatTransport {
+    received = 0; // chunks of the current message received so far
+
+    constructor(options) {
+      super({
+        ...options,
+        resumeStreamIsReplay: false,
+        prepareReconnectToStreamRequest: ({ api, id }) => ({
+          api: `${api}/${encodeURIComponent(id)}/stream?received=${this.received}`,
+        }),
+      });
+    }
+
+    async sendMessages(options) {
+      this.received = 0;
+      return super.sendMessages(options);
+    }
+
+    processResponseStream(stream) {
+      const count = new TransformStream({
+        transform: (chunk, controller) => {
+          this.received += 1;
+          controller.enqueue(chunk);
+        },
+      });
+      return super.processResponseStream(stream).pipeThrough(count);
+    }
+  };
+
 export const scenarios = {
   // The message is cut off mid-stream, then resumed (replayed from its start) and read to
   // its end; a second reconnect after the end finds nothing.
@@ -101,18 +133,23 @@ export const scenarios = {
     };
   },
 
-  // A transport that counts the chunks it received and continues from there
-  // (`resumeStreamIsReplay: false`): the assembled message has every chunk once.
+  // The README's `ContinuingTransport` counts the chunks it received and, cut off, continues
+  // from there (`resumeStreamIsReplay: false`): the assembled message has every chunk once.
   async continue(io, { api, resumeApi, chatId, prompt, cutAfter }) {
-    const first = await readAndCut(io, await send(io, api, chatId, prompt), cutAfter);
-    const received = first.chunks.length;
-    const transport = new io.DefaultChatTransport({
-      api: resumeApi,
-      resumeStreamIsReplay: false,
-      prepareReconnectToStreamRequest: ({ api: base, id }) => ({
-        api: `${base}/${encodeURIComponent(id)}/stream?received=${received}`,
+    const transport = new (continuingTransport(io.DefaultChatTransport))({ api });
+    const first = await readAndCut(
+      io,
+      await transport.sendMessages({
+        chatId,
+        messages: [userMessage(prompt)],
+        trigger: "submit-message",
+        messageId: undefined,
+        abortSignal: undefined,
       }),
-    });
+      cutAfter,
+    );
+    const received = transport.received;
+    transport.api = resumeApi; // the reconnect lands on the other worker
     const rest = await transport.reconnectToStream({ chatId });
     const tail = rest == null ? { chunks: [], error: null } : await drain(rest);
     const all = [...first.chunks, ...tail.chunks];
@@ -123,7 +160,16 @@ export const scenarios = {
       },
     });
     const { message, errors } = await assemble(io, whole);
-    return { first, tail, received, text: textOf(message), id: message?.id, errors };
+    return {
+      first,
+      tail,
+      received,
+      counted: transport.received,
+      replayFlag: transport.resumeStreamIsReplay,
+      text: textOf(message),
+      id: message?.id,
+      errors,
+    };
   },
 
   // Several viewers reconnect to one running message at once.
