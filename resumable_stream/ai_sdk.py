@@ -67,7 +67,15 @@ from ._http import (
     header_value,
     query_pairs,
 )
-from .http import Authorize, EventStreamBody, Frames, PreparedResponse, no_content, plain
+from .http import (
+    Authorize,
+    Disconnected,
+    EventStreamBody,
+    Frames,
+    PreparedResponse,
+    no_content,
+    plain,
+)
 
 __all__ = [
     "ChatStreams",
@@ -220,11 +228,14 @@ class ChatStreams:
         *,
         request: Any = None,
         message_id: str | None = None,
+        disconnected: Disconnected | None = None,
     ) -> PreparedResponse:
         """The answer to the POST: run `model()` as a resumable stream (its producer outlives
         this request), make it the chat's active stream, and send it from its `start`.
 
-        400 for a malformed chat id, 403 if `authorize` says no.
+        400 for a malformed chat id, 403 if `authorize` says no. `disconnected`, for a
+        framework that does not cancel a response whose client went away (Falcon), ends the
+        body once it returns, as in `EventStream.prepare`.
         """
         checked = await self._check(chat_id, request)
         if isinstance(checked, PreparedResponse):
@@ -247,7 +258,7 @@ class ChatStreams:
             logger.warning("could not start the stream of chat %r: %s", checked, exc)
             return plain(503, "the stream store is unavailable; try again")
         assert stream is not None  # a fresh id: this request produces it
-        return self._streaming(stream, 0)
+        return self._streaming(stream, 0, disconnected)
 
     async def resume(
         self,
@@ -256,6 +267,7 @@ class ChatStreams:
         headers: RequestHeaders = (),
         query: str | bytes | Mapping[str, str] = "",
         request: Any = None,
+        disconnected: Disconnected | None = None,
     ) -> PreparedResponse:
         """The answer to `GET {api}/{chatId}/stream`: 204 if the chat has no active stream (or it
         ended), else its message from the `start` chunk, then live.
@@ -296,7 +308,7 @@ class ChatStreams:
             return PreparedResponse(200, list(HEADERS), _error_frames(exc))
         if stream is None:
             return no_content()
-        return self._streaming(stream, received or 0)
+        return self._streaming(stream, received or 0, disconnected)
 
     async def stop(self, chat_id: object, *, request: Any = None) -> PreparedResponse:
         """The answer to a stop: stop the chat's active stream from any worker; its readers'
@@ -323,14 +335,12 @@ class ChatStreams:
             return plain(403, "not allowed")
         return checked
 
-    def _streaming(self, stream: ResumableStream, skip: int) -> PreparedResponse:
-        return PreparedResponse(
-            200,
-            list(HEADERS),
-            body=EventStreamBody(
-                ChunkFrames(stream, skip), self.keepalive, self.keepalive_frame, None
-            ),
-        )
+    def _streaming(
+        self, stream: ResumableStream, skip: int, disconnected: Disconnected | None
+    ) -> PreparedResponse:
+        frames = ChunkFrames(stream, skip)
+        body = EventStreamBody(frames, self.keepalive, self.keepalive_frame, disconnected)
+        return PreparedResponse(200, list(HEADERS), body=body)
 
 
 async def _encoded(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
