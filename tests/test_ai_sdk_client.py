@@ -285,8 +285,10 @@ async def test_every_route_asks_authorize_about_the_chat(deployment: Deployment)
         assert (await client.post(f"{worker}/api/chat/denied-1/stop")).status_code == 403
         # The same chat id, allowed, works: the refusal was about the id.
         body["id"] = chat = new_chat()
-        assert (await client.post(f"{worker}/api/chat", json=body)).status_code == 200
-        assert (await client.get(f"{worker}/api/chat/{chat}/stream")).status_code == 204
+        async with client.stream("POST", f"{worker}/api/chat", json=body) as response:
+            assert response.status_code == 200
+        stop = await client.post(f"{worker}/api/chat/{chat}/stop")
+        assert stop.status_code == 204
 
 
 PAGE = b"""<!doctype html>
