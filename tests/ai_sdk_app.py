@@ -1,7 +1,8 @@
 """The example's `create_app` around a test model, for the AI SDK client tests under uvicorn.
 
 The model answers `tokens(prompt)`, one every `RS_TEST_TOKEN_DELAY` seconds; a prompt starting
-with `fail` raises after two tokens, with `SECRET` in its message. Chat ids starting with
+with `fail` raises after two tokens, with `SECRET` in its message; one starting with `pause`
+waits `PAUSE` seconds first. Chat ids starting with
 `denied` are refused (`authorize`). The library's log goes to
 the file `RS_TEST_LOG` (not stderr, where a traceback would fail the test), so a test can check
 that the exception's details reached the log and nothing else.
@@ -22,6 +23,7 @@ import anyio
 example = importlib.import_module("examples.ai_sdk_chat")
 
 DELAY = float(os.environ.get("RS_TEST_TOKEN_DELAY", "0.02"))
+PAUSE = 0.3
 SECRET = "sk-secret-4f2a"  # what a provider's error may carry: it must never reach a client
 
 TEXT = (
@@ -36,6 +38,8 @@ def tokens(prompt: str) -> list[str]:
 
 async def model(messages: list[dict[str, Any]]) -> AsyncIterator[str]:
     prompt = example.last_user_text(messages)
+    if prompt.startswith("pause"):
+        await anyio.sleep(PAUSE)  # thinking: the response is idle, keep-alives go out
     for index, token in enumerate(tokens(prompt)):
         if prompt.startswith("fail") and index == 2:
             raise RuntimeError(f"the provider refused the key {SECRET}")

@@ -36,6 +36,7 @@ pytestmark = pytest.mark.anyio
 
 STEP = 20.0  # seconds: the bound of one scenario, Node's start included
 DELAY = "0.02"  # seconds between tokens: a message streams for about a second
+KEEPALIVE = 0.1  # the servers' keep-alive interval, seconds (the model pauses for 0.3)
 
 
 @pytest.fixture
@@ -68,6 +69,7 @@ def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     with tempfile.TemporaryDirectory(prefix="rs-ai-sdk-") as tmp:
         log = Path(tmp) / "server.log"
         env = {"RS_TEST_TOKEN_DELAY": DELAY, "RS_TEST_LOG": str(log)}
+        env["RS_EXAMPLE_KEEPALIVE"] = str(KEEPALIVE)
         count, loop = 1, "asyncio"
         if backend == "redis":
             env["REDIS_URL"] = request.getfixturevalue("redis_server").url
@@ -229,6 +231,35 @@ async def test_a_failing_model_ends_with_an_error_chunk_and_no_details(
     assert "RuntimeError" not in json.dumps(result)
     # The details went to the server's log.
     assert SECRET in deployment.log.read_text()
+
+
+async def test_keepalive_comments_while_the_model_thinks_do_not_disturb_the_client(
+    ai_sdk_client: Path, deployment: Deployment
+) -> None:
+    prompt = "pause first"
+    body = {"id": new_chat(), "messages": [_user(prompt)], "trigger": "submit-message"}
+    head = ""
+    async with httpx.AsyncClient(timeout=STEP) as client:
+        url = f"{deployment.workers[0]}/api/chat"
+        with anyio.fail_after(STEP):
+            async with client.stream("POST", url, json=body) as response:
+                async for piece in response.aiter_text():
+                    head += piece
+                    if '"type":"text-start"' in head:
+                        break  # the model spoke: its silence is over
+    assert head.count(": keep-alive\n\n") >= 2  # sent while the model was silent
+    # The real client reads through them.
+    result = await run(
+        ai_sdk_client,
+        deployment,
+        scenario="error",  # send, and assemble what comes
+        api=f"{deployment.workers[0]}/api/chat",
+        chatId=new_chat(),
+        prompt=prompt,
+    )
+    assert result["errors"] == []
+    assert result["text"] == "".join(tokens(prompt))
+    assert result["chunks"][-1]["type"] == "finish"
 
 
 async def test_a_stop_from_any_worker_ends_the_message_with_abort(
