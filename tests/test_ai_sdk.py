@@ -7,6 +7,7 @@ The real AI SDK client drives the same code under uvicorn in `test_ai_sdk_client
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -422,3 +423,54 @@ def test_its_all_is_sorted_and_exists() -> None:
     assert ai_sdk.__all__ == sorted(ai_sdk.__all__)
     for attribute in ai_sdk.__all__:
         assert hasattr(ai_sdk, attribute)
+
+
+class FlakyBackend:
+    """The in-memory backend, whose every command fails with `BackendError` while `down`."""
+
+    def __init__(self) -> None:
+        self.inner = rs.MemoryBackend()
+        self.down = False
+
+    def connect(self, on_message: Any, on_reconnect: Any = None) -> Any:
+        return self._connect(on_message, on_reconnect)
+
+    @contextlib.asynccontextmanager
+    async def _connect(self, on_message: Any, on_reconnect: Any) -> AsyncIterator[Any]:
+        async with self.inner.connect(on_message, on_reconnect) as connection:
+            yield _FlakyConnection(connection, self)
+
+
+class _FlakyConnection:
+    def __init__(self, inner: rs.Connection, backend: FlakyBackend) -> None:
+        self._inner = inner
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        command = getattr(self._inner, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self._backend.down:
+                raise rs.BackendError(f"{name}: the store is down")
+            return await command(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("flavor", ["memory"])
+async def test_a_store_that_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    backend = FlakyBackend()
+    async with rs.ResumableStreamContext(backend=backend, drain_timeout=1) as context:
+        chats = ChatStreams(context)
+        backend.down = True
+        # The message still streams to its sender, not resumable, with a warning.
+        with caplog.at_level(logging.WARNING, logger="resumable_stream"):
+            answer = await chats.start("chat", lambda: _items("still ", "works"))
+            assert answer.status == 200
+            assert text_of(chunks_of(await frames(answer))) == "still works"
+        assert "will not be resumable" in caplog.text
+        # A resume or a stop cannot know: 503, try again.
+        assert (await chats.resume("chat")).status == 503
+        assert (await chats.stop("chat")).status == 503
+        backend.down = False
+        assert (await chats.resume("chat")).status == 204  # nothing was recorded
