@@ -46,22 +46,28 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import Any, Final
+
+import anyio.lowlevel
 
 from . import _protocol as p
 from ._context import ResumableStream, ResumableStreamContext
 from ._exceptions import (
     BackendError,
+    ProducerLostError,
     ProducerUnavailableError,
     ResumableStreamError,
     StreamCancelledError,
 )
 from ._http import (
     DEFAULT_KEEPALIVE_FRAME,
+    Headers,
     RequestHeaders,
     allowed,
     check_callables,
+    check_frame,
+    check_headers,
     check_options,
     error_info,
     header_value,
@@ -110,6 +116,8 @@ RECEIVED_HEADER: Final = "x-received-chunks"
 # What ui_message_chunks writes itself, unless the output is a whole message.
 _FRAME_TYPES = frozenset({"start", "finish"})
 _MAX_COUNT_DIGITS = 12
+_SMALL_BATCH = 16
+_COALESCE_TURNS = 4
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -121,7 +129,7 @@ def new_message_id() -> str:
 
 async def ui_message_chunks(
     output: ModelOutput, *, message_id: str | None = None
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """The UI message chunks of one assistant message made of `output`.
 
     `start` (with `message_id`, a fresh one if None), `start-step`, then each text delta in a
@@ -134,60 +142,65 @@ async def ui_message_chunks(
     `message_id` goes into its `start` if that has none, as the AI SDK's own server does.
 
     If `output` raises, the message ends with an `error` chunk whose `errorText` is generic;
-    the exception is logged.
+    the exception is logged. `output` is closed (`aclose()`) however the message ends.
     """
     message_id = new_message_id() if message_id is None else message_id
     started = whole = False
     text_id: str | None = None
     parts = 0
+    # One generator, no inner one: an inner generator left unfinished (a message that failed
+    # or was stopped midway) is finalized late by asyncio, and trio warns about it.
     try:
-        async for item in output:
+        try:
+            async for item in output:
+                if not started:
+                    started = True
+                    if isinstance(item, Mapping) and item.get("type") == "start":
+                        whole = True
+                        first = _check_chunk(item)
+                        if first.get("messageId") is None:
+                            first["messageId"] = message_id
+                        yield first
+                        continue
+                    yield {"type": "start", "messageId": message_id}
+                    yield {"type": "start-step"}
+                if whole:
+                    yield _check_chunk(item)
+                    continue
+                if isinstance(item, str):
+                    if not item:
+                        continue
+                    if text_id is None:
+                        parts += 1
+                        text_id = f"{message_id}-{parts}"
+                        yield {"type": "text-start", "id": text_id}
+                    yield {"type": "text-delta", "id": text_id, "delta": item}
+                    continue
+                chunk = _check_chunk(item)
+                if chunk["type"] in _FRAME_TYPES:
+                    raise ValueError(f"a {chunk['type']!r} chunk in the middle of a message")
+                if text_id is not None:
+                    yield {"type": "text-end", "id": text_id}
+                    text_id = None
+                yield chunk
+        except Exception:
+            # The details may hold secrets (a provider's key, a prompt): the log only.
+            logger.exception("the model of message %r raised", message_id)
             if not started:
-                started = True
-                if isinstance(item, Mapping) and item.get("type") == "start":
-                    whole = True
-                    first = _check_chunk(item)
-                    if first.get("messageId") is None:
-                        first["messageId"] = message_id
-                    yield first
-                    continue
                 yield {"type": "start", "messageId": message_id}
-                yield {"type": "start-step"}
-            if whole:
-                yield _check_chunk(item)
-                continue
-            if isinstance(item, str):
-                if not item:
-                    continue
-                if text_id is None:
-                    parts += 1
-                    text_id = f"{message_id}-{parts}"
-                    yield {"type": "text-start", "id": text_id}
-                yield {"type": "text-delta", "id": text_id, "delta": item}
-                continue
-            chunk = _check_chunk(item)
-            if chunk["type"] in _FRAME_TYPES:
-                raise ValueError(f"a {chunk['type']!r} chunk in the middle of a message")
-            if text_id is not None:
-                yield {"type": "text-end", "id": text_id}
-                text_id = None
-            yield chunk
-    except Exception:
-        # The details may hold secrets (a provider's key, a prompt): the log only.
-        logger.exception("the model of message %r raised", message_id)
+            yield {"type": "error", "errorText": ERROR_TEXT}
+            return
+        if whole:
+            return
         if not started:
             yield {"type": "start", "messageId": message_id}
-        yield {"type": "error", "errorText": ERROR_TEXT}
-        return
-    if whole:
-        return
-    if not started:
-        yield {"type": "start", "messageId": message_id}
-        yield {"type": "start-step"}
-    if text_id is not None:
-        yield {"type": "text-end", "id": text_id}
-    yield {"type": "finish-step"}
-    yield {"type": "finish", "finishReason": "stop"}
+            yield {"type": "start-step"}
+        if text_id is not None:
+            yield {"type": "text-end", "id": text_id}
+        yield {"type": "finish-step"}
+        yield {"type": "finish", "finishReason": "stop"}
+    finally:
+        await _aclose(output)
 
 
 def _check_chunk(item: object) -> dict[str, Any]:
@@ -202,8 +215,9 @@ class ChatStreams:
     """The AI SDK chat endpoints' answers on `context`, for any framework.
 
     `authorize(request, chat_id)` (sync or async; only `True` allows) is asked before a stream is
-    started, resumed or stopped. `keepalive` (seconds) is the idle time after which a comment
-    is sent; `headers` go on every streamed answer.
+    started, resumed or stopped. `keepalive` (seconds) is the idle time after which
+    `keepalive_frame` (a comment) is sent; `headers` (a mapping or pairs) go on every streamed
+    answer. Every argument is checked here, never once a request is answered.
     """
 
     def __init__(
@@ -213,13 +227,15 @@ class ChatStreams:
         authorize: Authorize | None = None,
         keepalive: float | None = 15.0,
         keepalive_frame: bytes = DEFAULT_KEEPALIVE_FRAME,
+        headers: Headers | None = None,
     ) -> None:
         check_options(keepalive, None)
         check_callables(authorize=authorize)
         self.context = context
         self.authorize = authorize
         self.keepalive = keepalive
-        self.keepalive_frame = keepalive_frame
+        self.keepalive_frame = check_frame(keepalive_frame)
+        self.headers = [*HEADERS, *check_headers(headers)]
 
     async def start(
         self,
@@ -250,7 +266,7 @@ class ChatStreams:
             logger.warning("chat %r will not be resumable: the backend failed (%s)", checked, exc)
 
         def make_stream() -> AsyncIterator[str]:
-            return _encoded(ui_message_chunks(model(), message_id=message_id))
+            return _message_text(model, message_id)
 
         try:
             stream = await context.resumable_stream(stream_id, make_stream)
@@ -298,6 +314,8 @@ class ChatStreams:
             )
         except StreamCancelledError:
             return no_content()  # stopped: nothing more for anybody
+        except ProducerLostError as exc:  # a ProducerUnavailableError, but it will not answer
+            return PreparedResponse(200, list(self.headers), _error_frames(exc))
         except ProducerUnavailableError:
             return plain(503, "the stream's producer did not answer; try again")
         except BackendError as exc:
@@ -305,7 +323,7 @@ class ChatStreams:
             return plain(503, "the stream store is unavailable; try again")
         except ResumableStreamError as exc:
             # It failed or its producer died: the client learns it, as a live reader would.
-            return PreparedResponse(200, list(HEADERS), _error_frames(exc))
+            return PreparedResponse(200, list(self.headers), _error_frames(exc))
         if stream is None:
             return no_content()
         return self._streaming(stream, received or 0, disconnected)
@@ -340,13 +358,41 @@ class ChatStreams:
     ) -> PreparedResponse:
         frames = ChunkFrames(stream, skip)
         body = EventStreamBody(frames, self.keepalive, self.keepalive_frame, disconnected)
-        return PreparedResponse(200, list(HEADERS), body=body)
+        return PreparedResponse(200, list(self.headers), body=body)
 
 
-async def _encoded(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
-    # One stream chunk per UI message chunk: readers count and frame them one by one.
-    async for chunk in chunks:
-        yield _dumps(chunk)
+async def _message_text(model: Callable[[], ModelOutput], message_id: str) -> AsyncIterator[str]:
+    """The message's chunks as JSON, one stream chunk each (readers count and frame them one by
+    one). Whatever goes wrong, a model that raises at once or a chunk that is not JSON, ends
+    the message with an error chunk: the stream itself ends well, so a reload resumes nothing."""
+
+    async def output() -> AsyncIterator[str | UIMessageChunk]:
+        source = model()  # called here, inside ui_message_chunks' error handling
+        try:
+            async for item in source:
+                yield item
+        finally:
+            await _aclose(source)
+
+    chunks = ui_message_chunks(output(), message_id=message_id)
+    try:
+        async for chunk in chunks:
+            try:
+                text = _dumps(chunk)
+            except (TypeError, ValueError):
+                logger.exception("a chunk of message %r is not JSON", message_id)
+                yield _dumps({"type": "error", "errorText": ERROR_TEXT})
+                return
+            yield text
+    finally:
+        await chunks.aclose()
+
+
+async def _aclose(iterable: object) -> None:
+    """Close an async generator (or anything with `aclose`) that is left unfinished."""
+    aclose = getattr(iterable, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _received(headers: RequestHeaders, query: str | bytes | Mapping[str, str]) -> int | None:
@@ -398,6 +444,16 @@ class ChunkFrames(Frames):
         except ResumableStreamError as exc:
             self._done = True
             return _error_frames(exc)
+        # A model handing over one chunk per loop turn would cost one send per chunk; a few
+        # more turns let the next chunks join this send (as the SSE layer's frames do).
+        for _ in range(_COALESCE_TURNS):
+            if len(entries) >= _SMALL_BATCH:
+                break
+            await anyio.lowlevel.checkpoint()
+            more = self.reader.take_ready()
+            if not more:
+                break
+            entries += more
         return self._encode_chunks(entries)
 
     def _encode_chunks(self, entries: list[tuple[Any, int]]) -> bytes:

@@ -347,6 +347,41 @@ async def test_a_failing_model_ends_with_an_error_chunk_for_every_reader(
         assert text_of(chunks_of(got)) == "so far"
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(lambda: 1 / 0, id="raises-at-once"),
+        pytest.param(lambda: _items("a", {"type": "data-x", "data": {1, 2}}), id="not-json"),
+    ],
+)
+async def test_whatever_goes_wrong_the_message_ends_with_an_error_chunk(
+    workers: Workers, model: Any
+) -> None:
+    answer = await ChatStreams(workers.P).start("chat", model, message_id="m")
+    got = chunks_of(await frames(answer))
+    assert got[0] == {"type": "start", "messageId": "m"}
+    assert got[-1] == {"type": "error", "errorText": "An error occurred."}
+    # The stream itself ended well: nothing more to resume, and no error on a reload.
+    assert (await ChatStreams(workers.C).resume("chat")).status == 204
+
+
+@pytest.mark.parametrize(("state", "status"), [("FAILED", 200), ("LOST", 200), ("CANCELLED", 204)])
+async def test_a_stream_that_ended_badly_before_the_resume(
+    workers: Workers, state: str, status: int
+) -> None:
+    # The chat's stream ended before this resume: it failed, its producer died, or it was
+    # stopped (written behind the contexts' backs, as another worker would have).
+    await workers.P.set_alias("chat", "gone")
+    await workers.write(workers.keys.sentinel("gone"), state)
+    answer = await ChatStreams(workers.C).resume("chat")
+    assert answer.status == status
+    if status == 200:
+        assert answer.headers == HEADERS
+        assert answer.content == (
+            b'data: {"type":"error","errorText":"An error occurred."}\n\ndata: [DONE]\n\n'
+        )
+
+
 async def test_keepalive_comments_while_the_model_is_silent(workers: Workers) -> None:
     model = Model()
     chats = ChatStreams(workers.P, keepalive=0.05)
@@ -403,6 +438,21 @@ def test_bad_arguments_fail_when_built() -> None:
         ChatStreams(context, keepalive=0)
     with pytest.raises(TypeError, match="authorize"):
         ChatStreams(context, authorize="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="blank line"):
+        ChatStreams(context, keepalive_frame=b": ping")
+    with pytest.raises(ValueError, match="header"):
+        ChatStreams(context, headers={"x-bad": "line\nbreak"})
+
+
+@pytest.mark.parametrize("flavor", ["memory"])
+async def test_extra_headers_go_on_every_streamed_answer(workers: Workers) -> None:
+    chats = ChatStreams(workers.P, headers={"x-chat-server": "py"})
+    model = Model()
+    started = await chats.start("chat", model.output)
+    resumed = await chats.resume("chat")
+    assert started.headers == resumed.headers == [*HEADERS, ("x-chat-server", "py")]
+    model.end()
+    assert (await frames(started))[-1] == (await frames(resumed))[-1] == "[DONE]"
 
 
 def test_importing_it_needs_no_framework() -> None:
