@@ -8,6 +8,7 @@ The real AI SDK client drives the same code under uvicorn in `test_ai_sdk_client
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -524,3 +525,36 @@ async def test_a_store_that_is_down(caplog: pytest.LogCaptureFixture) -> None:
         assert (await chats.stop("chat")).status == 503
         backend.down = False
         assert (await chats.resume("chat")).status == 204  # nothing was recorded
+
+
+@pytest.mark.parametrize("flavor", ["memory", "memory-trio", "redis"])
+async def test_the_example_app_on_a_given_context_ends_a_response_its_client_left(
+    workers: Workers,
+) -> None:
+    """`create_app(respond, context=...)` in-process: a client that goes away mid-message ends
+    its response (`send_prepared`), the model runs on, and a resume gets the whole message."""
+    from .asgi_driver import serve
+
+    example = importlib.import_module("examples.ai_sdk_chat")
+    model = Model()
+    app = example.create_app(lambda messages: model.output(), context=workers.context())
+    body = {"id": "chat", "messages": [], "trigger": "submit-message"}
+    async with serve(app) as client:
+        async with client.request(
+            "/api/chat", method="POST", body=json.dumps(body).encode()
+        ) as response:
+            assert response.status == 200
+            assert response.header("x-vercel-ai-ui-message-stream") == "v1"
+            model.say("before ")
+            head = await response.events(4)
+        # The request ended when its client left (the driver waits for it, bounded).
+        assert text_of([json.loads(e.data) for e in head]) == "before "
+        model.say("after")
+        model.end()
+        async with client.request("/api/chat/chat/stream") as resumed:
+            assert resumed.status == 200
+            data = [e.data for e in await resumed.events()]
+        assert data[-1] == "[DONE]"
+        assert text_of(chunks_of(data)) == "before after"
+        async with client.request("/api/chat/chat/stop", method="POST") as stopped:
+            assert stopped.status == 204
