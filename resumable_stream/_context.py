@@ -250,6 +250,19 @@ class ResumableStreamContext:
             return None
         return True if state == p.RUNNING else "DONE"
 
+    async def set_alias(self, name: str, stream_id: str) -> None:
+        """Make `name` point to `stream_id`, from any process, for as long as a stream's keys
+        live (`ttl`): how an endpoint that knows a chat, not its current stream, finds it
+        again (`resumable_stream.ai_sdk`). A later call replaces the pointer."""
+        name = p.validate_stream_id(name)
+        stream_id = p.validate_stream_id(stream_id)
+        await self._hub.connection.set(self._hub.keys.alias(name), stream_id, self._settings.ttl)
+
+    async def resolve_alias(self, name: str) -> str | None:
+        """The stream id `name` points to (`set_alias`), or None if it points nowhere."""
+        name = p.validate_stream_id(name)
+        return await self._hub.connection.get(self._hub.keys.alias(name))
+
     # Producers
 
     def _start_producer(

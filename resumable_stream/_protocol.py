@@ -96,6 +96,11 @@ class Keys:
         """A durable stream's log: its text, in entries of whole chunks."""
         return f"{self._tag(stream_id)}:text"
 
+    def alias(self, name: str) -> str:
+        """A name that points to a stream (a chat's active stream, say): tagged by the name, so
+        on a cluster it lives in the name's slot, whatever the stream's."""
+        return f"{self._tag(name)}:alias"
+
     def reply(self, stream_id: str, context_id: str) -> str:
         """Where a producer answers the requests of one context's followers of the stream."""
         return f"{self._tag(stream_id)}:reply:{context_id}"
