@@ -139,7 +139,12 @@ async def run_task(
             try:
                 async for event in events:
                     if event.event == "settle":
-                        return _json.loads(event.data)
+                        try:
+                            return _json.loads(event.data)
+                        except (ValueError, RecursionError):
+                            raise TaskClientError(
+                                "the task's result is not JSON", "MALFORMED_RESULT"
+                            ) from None
                     if event.event == "server-error":
                         raise TaskClientError(*_error_info(event.data, "SERVER_ERROR"))
                     if event.event == "internal-error":
@@ -343,7 +348,7 @@ def _error_info(data: str, default_code: str) -> tuple[str, str]:
     """(message, code) of an error payload: JSON `{"message", "code"}`, else the text itself."""
     try:
         payload = _json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         payload = None
     if isinstance(payload, dict):
         message, code = payload.get("message"), payload.get("code")

@@ -134,7 +134,7 @@ def _message(data: str) -> str:
     """The message of an error payload: OpenAI's `{"error": {"message"}}`, `{"message"}`..."""
     try:
         payload = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         payload = None
     if isinstance(payload, dict):
         error = payload.get("error", payload)
