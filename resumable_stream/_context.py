@@ -224,8 +224,7 @@ class ResumableStreamContext:
         cancel = p.Cancel().pack()
         cancelled = p.sentinel_value(p.CANCELLED)
         with anyio.move_on_after(self._settings.resume_timeout):
-            delay = 0.002
-            while True:
+            for delay in p.retry_delays():
                 value = await connection.get(key)
                 if value is None:
                     if await connection.create(
@@ -239,7 +238,6 @@ class ResumableStreamContext:
                     return
                 # Running, but its producer is not listening yet (about to start) or gone.
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 0.1)
         await connection.set(key, cancelled, self._settings.ttl)
 
     async def has_existing_stream(self, stream_id: str) -> Literal[True, "DONE"] | None:

@@ -42,8 +42,6 @@ __all__ = ["Follower"]
 # page grows to about a replay window from the sizes seen.
 _FIRST_PAGE = 2
 _MAX_PAGE = 1024
-_FIRST_RETRY = 0.002
-_MAX_RETRY = 0.1
 # Requests in a row that the producer got (somebody was subscribed) but never answered.
 _MAX_UNANSWERED = 3
 
@@ -212,8 +210,7 @@ class Follower:
             request = self._new_request(after_end)
             reached = False
             with anyio.move_on_after(hub.settings.resume_timeout):
-                delay = _FIRST_RETRY
-                while True:
+                for delay in p.retry_delays():
                     if await self._send(request):
                         reached = True
                         await self.acked.wait()
@@ -234,7 +231,6 @@ class Follower:
                         await self.aclose()
                         return None if after_end and state == p.RUNNING else state
                     await anyio.sleep(delay)
-                    delay = min(delay * 2, _MAX_RETRY)
             state = await hub.state(self.stream_id)
             if reached:
                 raise ProducerUnavailableError(
@@ -301,10 +297,8 @@ class Follower:
         if await self._send(request):
             return True
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            delay = _FIRST_RETRY
-            while True:
+            for delay in p.retry_delays():
                 await anyio.sleep(delay)
-                delay = min(delay * 2, _MAX_RETRY)
                 if await self._send(request):
                     return True
         state = await hub.state(self.stream_id)

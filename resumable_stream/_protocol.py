@@ -185,6 +185,15 @@ def split_pieces(
         yield start, piece, False
 
 
+def retry_delays() -> Iterator[float]:
+    """The waits between tries of a message that reached nobody (a producer not subscribed
+    yet, or resubscribing after an outage): 2 ms, doubling, at most 100 ms."""
+    delay = 0.002
+    while True:
+        yield delay
+        delay = min(delay * 2, 0.1)
+
+
 def new_producer_token() -> str:
     return secrets.token_hex(8)
 

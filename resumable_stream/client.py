@@ -20,6 +20,7 @@ import anyio
 import httpx
 
 from ._exceptions import ResumableStreamError
+from ._upstream import detail, is_event_stream, media_type
 from .sse import ServerSentEvent, SSEDecoder
 
 __all__ = [
@@ -41,7 +42,6 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 # What a dropped connection looks like; anything else (a bad URL, say) would fail again.
 _DROPS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _RETRY_STATUSES = frozenset({502, 503, 504})  # a proxy or a busy producer: worth another try
-_MAX_DETAIL = 2000
 _sleep = anyio.sleep  # the tests replace it to record the delays the client chooses
 
 
@@ -327,17 +327,12 @@ class _TaskSession(_Session):
 
 
 async def _check(response: httpx.Response) -> None:
-    media = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if response.status_code == 200 and media == "text/event-stream":
+    if response.status_code == 200 and is_event_stream(response):
         return
-    detail = bytearray()
-    async for piece in response.aiter_bytes():
-        detail += piece
-        if len(detail) >= _MAX_DETAIL:
-            break
-    text = detail[:_MAX_DETAIL].decode("utf-8", "replace").strip()
+    text = (await detail(response)).strip()
     where = f"{response.request.method} {response.request.url}"
     if response.status_code == 200:
+        media = media_type(response)
         message = f"{where} is not an event stream (Content-Type {media or 'missing'!r})"
     else:
         message = f"{where} answered {response.status_code} {response.reason_phrase}: {text}"
