@@ -170,7 +170,7 @@ class Store:
             self._broken = True  # what this producer wrote last is not there any more
         self._last = entries[-1][0]
 
-    async def write_end(self, state: str, detail: str | None) -> bool:
+    async def write_end(self, state: str, detail: str | None, *, retry: bool = False) -> bool:
         """Store what is left, then the end with the stream's state, and announce it: one
         command for the end. False if the backend failed (the caller retries)."""
         try:
@@ -183,7 +183,8 @@ class Store:
             if self._broken:
                 await self._rewrite((state, detail))
         except BackendError as exc:
-            logger.warning("could not store the end of stream %r (%s)", self._stream_id, exc)
+            level = logging.DEBUG if retry else logging.WARNING  # warned once is enough
+            logger.log(level, "could not store the end of stream %r (%s)", self._stream_id, exc)
             return False
         return True
 
