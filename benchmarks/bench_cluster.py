@@ -49,7 +49,12 @@ async def workload(
         rs.ResumableStreamContext(backend=RedisBackend(url), key_prefix=prefix) as P,
         rs.ResumableStreamContext(backend=RedisBackend(url), key_prefix=prefix) as C,
     ):
-        await produce_consume(P, chunks[:3])  # warm-up: connections, slot map
+        # Warm-up, as a server's contexts are: connections, slot maps (a cluster client reads
+        # the command table, ~160 KB, on its first command), one subscriber per master. The
+        # contexts are new on every run; without this, every resume would pay C's start-up.
+        for i in range(12):
+            await produce_consume(P, chunks[:3])
+            await resume_gated(P, C, chunks[: 4 + i % 2], width)
         for _ in range(runs):
             record(f"produce_consume_{name}", await produce_consume(P, chunks))
             record(f"resume_{name}", await resume_gated(P, C, chunks, width))

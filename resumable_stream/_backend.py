@@ -6,7 +6,7 @@ import bisect
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
@@ -32,6 +32,8 @@ LogId = tuple[int, int]
 """An entry's id in a durable stream's log: (offset, seq); the order is the tuple's."""
 LogEntry = tuple[int, int, str, bytes]
 """(offset, seq, field, value): an entry of a durable stream's log."""
+LogAppend = tuple[LogId, bytes, bytes]
+"""(id, value, message): an entry to append, and the message that announces it."""
 
 ReconnectHandler = Callable[[], None]
 """Called once a connection's subscriptions are back after an outage: whatever was published
@@ -72,22 +74,20 @@ class Connection(Protocol):
     async def append(
         self,
         key: str,
-        entry: LogId,
+        entries: Sequence[LogAppend],
         field: str,
-        value: bytes,
         ttl: int,
         channel: str,
-        message: bytes,
         sentinel: str,
         state: str | None = None,
     ) -> LogId | None:
-        """Add `value` (under `field`) to the log `key` as `entry`, make `key` expire after
-        `ttl` s, set the key `sentinel` to `state` if given (else to "1" if it is absent, so
-        that a backend that lost it still knows the stream), with that TTL, then publish
-        `message` on `channel`: atomically, in one round trip. An entry at or after `entry`
-        being there already, it adds nothing (so appending twice is appending once). Returns
-        the id of the log's last entry before this call (None if it had none), so that the
-        writer can tell that the log lost entries."""
+        """Add each entry's value (under `field`) to the log `key` at its id, make `key` expire
+        after `ttl` s, set the key `sentinel` to `state` if given (else to "1" if it is absent,
+        so that a backend that lost it still knows the stream), with that TTL, then publish
+        each entry's message on `channel`: atomically, in one round trip. An entry at or after
+        an entry's id being there already, that one is not added (so appending twice is
+        appending once). Returns the id of the log's last entry before this call (None if it
+        had none), so that the writer can tell that the log lost entries."""
 
     async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
         """At most `count` entries of the log `key`, from the last one at or before
@@ -244,12 +244,10 @@ class _MemoryConnection:
     async def append(
         self,
         key: str,
-        entry: LogId,
+        entries: Sequence[LogAppend],
         field: str,
-        value: bytes,
         ttl: int,
         channel: str,
-        message: bytes,
         sentinel: str,
         state: str | None = None,
     ) -> LogId | None:
@@ -258,13 +256,15 @@ class _MemoryConnection:
         backend.commands["eval"] += 1
         log = backend._log(key) or []
         last = (log[-1][0], log[-1][1]) if log else None
-        if last is None or entry > last:
-            log.append((*entry, field, value))
+        for entry, value, _ in entries:
+            if not log or entry > (log[-1][0], log[-1][1]):
+                log.append((*entry, field, value))
         expiry = time.monotonic() + ttl
         backend._logs[key] = (log, expiry)
         if state is not None or backend._lookup(sentinel) is None:
             backend._values[sentinel] = (state or "1", expiry)
-        self._deliver(channel, message)
+        for _, _, message in entries:
+            self._deliver(channel, message)
         return last
 
     async def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
@@ -330,19 +330,15 @@ class CountedConnection:
     def append(
         self,
         key: str,
-        entry: LogId,
+        entries: Sequence[LogAppend],
         field: str,
-        value: bytes,
         ttl: int,
         channel: str,
-        message: bytes,
         sentinel: str,
         state: str | None = None,
     ) -> Coroutine[Any, Any, LogId | None]:
         self._count("eval")
-        return self._connection.append(
-            key, entry, field, value, ttl, channel, message, sentinel, state
-        )
+        return self._connection.append(key, entries, field, ttl, channel, sentinel, state)
 
     def read(self, key: str, offset: int, count: int) -> Coroutine[Any, Any, list[LogEntry]]:
         self._count("xrevrange")

@@ -302,8 +302,7 @@ class ResumableStreamContext:
         cancel = p.Cancel().pack()
         cancelled = p.sentinel_value(p.CANCELLED)
         with anyio.move_on_after(self._settings.resume_timeout):
-            delay = 0.002
-            while True:
+            for delay in p.retry_delays():
                 value = await connection.get(key)
                 if value is None:
                     if await connection.create(
@@ -317,7 +316,6 @@ class ResumableStreamContext:
                     return
                 # Running, but its producer is not listening yet (about to start) or gone.
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 0.1)
         await connection.set(key, cancelled, self._settings.ttl)
 
     async def has_existing_stream(self, stream_id: str) -> Literal[True, "DONE"] | None:
@@ -327,6 +325,19 @@ class ResumableStreamContext:
         if state is None:
             return None
         return True if state == p.RUNNING else "DONE"
+
+    async def set_alias(self, name: str, stream_id: str) -> None:
+        """Make `name` point to `stream_id`, from any process, for as long as a stream's keys
+        live (`ttl`): how an endpoint that knows a chat, not its current stream, finds it
+        again (`resumable_stream.ai_sdk`). A later call replaces the pointer."""
+        name = p.validate_stream_id(name)
+        stream_id = p.validate_stream_id(stream_id)
+        await self._hub.connection.set(self._hub.keys.alias(name), stream_id, self._settings.ttl)
+
+    async def resolve_alias(self, name: str) -> str | None:
+        """The stream id `name` points to (`set_alias`), or None if it points nowhere."""
+        name = p.validate_stream_id(name)
+        return await self._hub.connection.get(self._hub.keys.alias(name))
 
     # Producers
 

@@ -39,10 +39,10 @@ from ._telemetry import outcome_of
 
 __all__ = ["Follower"]
 
-_FIRST_PAGE = 16
+# The entry that holds the reader's offset and the next: the first chunk comes soon, and the
+# page grows to about a replay window from the sizes seen.
+_FIRST_PAGE = 2
 _MAX_PAGE = 1024
-_FIRST_RETRY = 0.002
-_MAX_RETRY = 0.1
 # Requests in a row that the producer got (somebody was subscribed) but never answered.
 _MAX_UNANSWERED = 3
 
@@ -81,6 +81,7 @@ class Follower:
         self._store_useless = False  # it did not hold what was missing: ask the producer
         self._after_store: ResumableStreamError | None = None  # raised once the log is read
         self._page = _FIRST_PAGE  # entries per read
+        self._short_reads = 0  # reads in a row that ended before what a message claims
 
     # Asking the producer
 
@@ -183,12 +184,35 @@ class Follower:
                 self._end = message
         # As many entries as make about a replay window next time.
         window = hub.settings.replay_window
+        read_to_end = len(entries) < self._page
         self._page = max(1, min(_MAX_PAGE, self._page * window // max(size, 1)))
-        if len(entries) < self._page or self._end is not None or self._error is not None:
+        if read_to_end and self._end is None and self._error is None and self._log_short():
+            # The log ends before text that a message held aside says exists (an end announced
+            # although its write failed): read once more, since that write may have landed
+            # after this read went out, then ask the producer.
+            self._short_reads += 1
+            if self._short_reads > 1:
+                self._short_reads = 0
+                self._store_failed()
+                self._recover_soon()
+            self._signal.notify()
+            return
+        self._short_reads = 0
+        if read_to_end or self._end is not None or self._error is not None:
             self._store_done()
         if self._error is not None or self._end is not None:
             self.ended.set()
         self._signal.notify()
+
+    def _log_short(self) -> bool:
+        """Whether a message held aside claims text past the reader's position."""
+        position = self._position
+        for message in self._early:
+            if isinstance(message, p.Live) and message.start > position:
+                return True
+            if isinstance(message, p.End | p.Heartbeat) and message.length > position:
+                return True
+        return False
 
     def _store_done(self) -> None:
         """The log is read to its end: the live batches held aside follow."""
@@ -212,8 +236,7 @@ class Follower:
             request = self._new_request(after_end)
             reached = False
             with anyio.move_on_after(hub.settings.resume_timeout):
-                delay = _FIRST_RETRY
-                while True:
+                for delay in p.retry_delays():
                     if await self._send(request):
                         reached = True
                         await self.acked.wait()
@@ -234,7 +257,6 @@ class Follower:
                         await self.aclose()
                         return None if after_end and state == p.RUNNING else state
                     await anyio.sleep(delay)
-                    delay = min(delay * 2, _MAX_RETRY)
             state = await hub.state(self.stream_id)
             if reached:
                 raise ProducerUnavailableError(
@@ -302,10 +324,8 @@ class Follower:
         if await self._send(request):
             return True
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            delay = _FIRST_RETRY
-            while True:
+            for delay in p.retry_delays():
                 await anyio.sleep(delay)
-                delay = min(delay * 2, _MAX_RETRY)
                 if await self._send(request):
                     return True
         state = await hub.state(self.stream_id)

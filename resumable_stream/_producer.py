@@ -210,15 +210,15 @@ class Producer:
             await self._published.wait()
         if self.offline:
             return
-        if self._store is not None:
-            # Stored and announced with the state, in one command.
-            self._recorded = await self._record(state)
-            if not self._recorded:
-                self._hub.spawn(self.stream_id, self._record_later, state)
-            return
         self._recorded = await self._record(state)
-        if self._following:
-            # Announced whether or not the state could be written: followers end now either way.
+        # A durable stream's end is stored and announced in one command; if that failed (its
+        # followers read the log, so this producer may not know of them), or for a followed
+        # memory-only stream, it is announced whether or not the state could be written:
+        # followers end now either way (one that misses text asks this producer, which stays
+        # until the state is written).
+        if (self._following and self._store is None) or (
+            self._store is not None and not self._recorded
+        ):
             end = p.End(None, self.token, self.buffer.length, state, self.error_type)
             try:
                 await self._hub.connection.publish(self._live_channel, end.pack())
@@ -234,7 +234,7 @@ class Producer:
 
     async def _record(self, state: str, *, retry: bool = False) -> bool:
         if self._store is not None:
-            recorded = await self._store.write_end(state, self.error_type)
+            recorded = await self._store.write_end(state, self.error_type, retry=retry)
             if recorded and retry:
                 logger.warning(
                     "recorded the end of stream %r at last", self.stream_id, extra=self._log

@@ -96,6 +96,11 @@ class Keys:
         """A durable stream's log: its text, in entries of whole chunks."""
         return f"{self._tag(stream_id)}:text"
 
+    def alias(self, name: str) -> str:
+        """A name that points to a stream (a chat's active stream, say): tagged by the name, so
+        on a cluster it lives in the name's slot, whatever the stream's."""
+        return f"{self._tag(name)}:alias"
+
     def reply(self, stream_id: str, context_id: str) -> str:
         """Where a producer answers the requests of one context's followers of the stream."""
         return f"{self._tag(stream_id)}:reply:{context_id}"
@@ -178,6 +183,15 @@ def split_pieces(
         piece, size = [text if label is None else [text, *label]], len(text)
     if piece:
         yield start, piece, False
+
+
+def retry_delays() -> Iterator[float]:
+    """The waits between tries of a message that reached nobody (a producer not subscribed
+    yet, or resubscribing after an outage): 2 ms, doubling, at most 100 ms."""
+    delay = 0.002
+    while True:
+        yield delay
+        delay = min(delay * 2, 0.1)
 
 
 def new_producer_token() -> str:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import anyio
 
 from . import _protocol as p
-from ._backend import LogEntry, LogId
+from ._backend import LogAppend, LogEntry, LogId
 from ._buffer import ChunkBuffer, Signal
 from ._exceptions import BackendError
 from ._hub import Hub
@@ -31,6 +31,11 @@ logger = logging.getLogger("resumable_stream")
 _RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 BATCH, END = 1, 2  # the seq part of an entry's id
 _LAST = 1 << 62  # past any offset: reading from it gives the log's last entry
+# Characters per entry at most. A reader resuming mid-entry fetches and decodes the whole entry
+# before its first chunk, so entries stay small; and Redis allocates each large entry in a size
+# class of its allocator (jemalloc: 32 KiB, 40 KiB, ...), so a batch of 64-character chunks this
+# long (about 31 KiB as JSON) fills the 32 KiB class instead of spilling into the next one.
+ENTRY_CHARS = 30_000
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -125,10 +130,24 @@ class Store:
                 self.stored_changed.notify()
 
     async def _write(self, index: int, stop: int) -> int:
-        """Append chunks `index` on (whole ones, about `max_message_size` characters, at least
-        one) as one entry; return the index after the last one written."""
+        """Append chunks `index` to `stop` (about `max_message_size` characters of them at
+        most, at least one chunk) in one command; return the index after the last one written.
+        """
+        budget = self._hub.settings.max_message_size
+        first = self._buffer.start_of(index)
+        entries: list[LogAppend] = []
+        while index < stop and (not entries or self._buffer.start_of(index) - first < budget):
+            entry, index = self._entry(index, stop)
+            entries.append(entry)
+        await self._append(entries)
+        return index
+
+    def _entry(self, index: int, stop: int) -> tuple[LogAppend, int]:
+        """The entry of chunks `index` on (whole ones, about `ENTRY_CHARS` characters or
+        `max_message_size` if less, at least one), and the index after its last chunk."""
         buffer = self._buffer
-        limit = self._hub.settings.max_message_size
+        largest = self._hub.settings.max_message_size
+        limit = min(largest, ENTRY_CHARS)
         start = buffer.start_of(index)
         # The chunk holding the limit's last character goes in only if it ends by the limit.
         last = buffer.index_at(start + limit - 1)
@@ -136,35 +155,32 @@ class Store:
         end_index = min(stop, max(index + 1, last + 1 if fits else last))
         chunks = buffer.wire(start, end_index)
         end = buffer.start_of(end_index)
-        if end - start <= limit:
+        if end - start <= largest:
             message = p.Live(self._token, start, chunks, False).pack()
         else:
             # A chunk too large for one message: followers learn its length, and read it from
             # the log.
             message = p.Heartbeat(self._token, end).pack()
-        await self._append((start, BATCH), _dumps(chunks).encode("utf-8", "surrogatepass"), message)
-        return end_index
+        value = _dumps(chunks).encode("utf-8", "surrogatepass")
+        return ((start, BATCH), value, message), end_index
 
-    async def _append(
-        self, entry: LogId, value: bytes, message: bytes, state: str | None = None
-    ) -> None:
+    async def _append(self, entries: list[LogAppend], state: str | None = None) -> None:
         hub = self._hub
         previous = await hub.connection.append(
             self._key,
-            entry,
+            entries,
             self._token,
-            value,
             hub.settings.ttl,
             self._channel,
-            message,
             self._sentinel,
             state,
         )
-        if previous != self._last and not (previous is not None and previous >= entry):
+        first = entries[0][0]
+        if previous != self._last and not (previous is not None and previous >= first):
             self._broken = True  # what this producer wrote last is not there any more
-        self._last = entry
+        self._last = entries[-1][0]
 
-    async def write_end(self, state: str, detail: str | None) -> bool:
+    async def write_end(self, state: str, detail: str | None, *, retry: bool = False) -> bool:
         """Store what is left, then the end with the stream's state, and announce it: one
         command for the end. False if the backend failed (the caller retries)."""
         try:
@@ -172,13 +188,14 @@ class Store:
             length = self._buffer.length
             end = p.End(None, self._token, length, state, detail).pack()
             async with self._lock:
-                await self._append(
-                    (length, END), pack_end(state, detail), end, p.sentinel_value(state)
-                )
+                entry = ((length, END), pack_end(state, detail), end)
+                await self._append([entry], p.sentinel_value(state))
             if self._broken:
                 await self._rewrite((state, detail))
         except BackendError as exc:
-            logger.warning(
+            level = logging.DEBUG if retry else logging.WARNING  # warned once is enough
+            logger.log(
+                level,
                 "could not store the end of stream %r (%s)",
                 self._stream_id,
                 exc,
@@ -219,7 +236,7 @@ class Store:
                 length = self._buffer.length
                 end = p.End(None, self._token, length, *ended).pack()
                 state = p.sentinel_value(ended[0])
-                await self._append((length, END), pack_end(*ended), end, state)
+                await self._append([((length, END), pack_end(*ended), end)], state)
             self._broken = False
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "Send",
     "StopStreamApp",
     "resume_cursor",
+    "send_prepared",
     "with_context",
 ]
 
@@ -281,6 +282,40 @@ class ClientScriptApp:
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
+
+
+async def send_prepared(response: PreparedResponse, receive: Receive, send: Send) -> None:
+    """Send a `PreparedResponse` (from `resumable_stream.http` or `.ai_sdk`) to an ASGI client.
+
+    A streamed body ends when the client disconnects (the stream carries on for its other
+    readers); a body that is never sent is let go.
+    """
+    body_iter = response.body
+    if body_iter is None:
+        await send_whole(response, send)
+        return
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
+    try:
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()  # cancels the body's wait, which lets its reader go
+
+            tg.start_soon(watch_disconnect)
+            # OSError is how ASGI 2.4 servers say the client went away; caught in the task
+            # group's own body, as anyio would wrap it in an ExceptionGroup otherwise.
+            with contextlib.suppress(OSError):
+                async for piece in body_iter:
+                    await body(send, piece)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            tg.cancel_scope.cancel()
+    except OSError:
+        pass
+    finally:
+        await response.aclose()
 
 
 def with_context(app: ASGIApp, context: ResumableStreamContext) -> ASGIApp:

@@ -20,6 +20,7 @@ import anyio
 import httpx
 
 from ._exceptions import ResumableStreamError
+from ._upstream import detail, is_event_stream, media_type
 from .sse import ServerSentEvent, SSEDecoder
 
 __all__ = [
@@ -41,7 +42,6 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 # What a dropped connection looks like; anything else (a bad URL, say) would fail again.
 _DROPS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _RETRY_STATUSES = frozenset({502, 503, 504})  # a proxy or a busy producer: worth another try
-_MAX_DETAIL = 2000
 _sleep = anyio.sleep  # the tests replace it to record the delays the client chooses
 
 
@@ -139,7 +139,12 @@ async def run_task(
             try:
                 async for event in events:
                     if event.event == "settle":
-                        return _json.loads(event.data)
+                        try:
+                            return _json.loads(event.data)
+                        except (ValueError, RecursionError):
+                            raise TaskClientError(
+                                "the task's result is not JSON", "MALFORMED_RESULT"
+                            ) from None
                     if event.event == "server-error":
                         raise TaskClientError(*_error_info(event.data, "SERVER_ERROR"))
                     if event.event == "internal-error":
@@ -322,17 +327,12 @@ class _TaskSession(_Session):
 
 
 async def _check(response: httpx.Response) -> None:
-    media = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if response.status_code == 200 and media == "text/event-stream":
+    if response.status_code == 200 and is_event_stream(response):
         return
-    detail = bytearray()
-    async for piece in response.aiter_bytes():
-        detail += piece
-        if len(detail) >= _MAX_DETAIL:
-            break
-    text = detail[:_MAX_DETAIL].decode("utf-8", "replace").strip()
+    text = (await detail(response)).strip()
     where = f"{response.request.method} {response.request.url}"
     if response.status_code == 200:
+        media = media_type(response)
         message = f"{where} is not an event stream (Content-Type {media or 'missing'!r})"
     else:
         message = f"{where} answered {response.status_code} {response.reason_phrase}: {text}"
@@ -343,7 +343,7 @@ def _error_info(data: str, default_code: str) -> tuple[str, str]:
     """(message, code) of an error payload: JSON `{"message", "code"}`, else the text itself."""
     try:
         payload = _json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         payload = None
     if isinstance(payload, dict):
         message, code = payload.get("message"), payload.get("code")

@@ -25,6 +25,7 @@ import httpx
 
 from ._event import Event
 from ._exceptions import ResumableStreamError
+from ._upstream import detail, is_event_stream, media_type
 from .sse import SSEDecoder
 
 __all__ = ["UpstreamError", "UpstreamTruncatedError", "relay", "upstream"]
@@ -34,7 +35,6 @@ OpenResponse = Callable[[], AbstractAsyncContextManager[httpx.Response] | Awaita
 opened with `stream=True` (which is then closed when the relay ends)."""
 
 _DROPS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-_MAX_DETAIL = 2000
 
 
 class UpstreamError(ResumableStreamError):
@@ -114,18 +114,13 @@ def upstream(
 
 
 async def _check(response: httpx.Response) -> None:
-    media = response.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if response.is_success and media == "text/event-stream":
+    if response.is_success and is_event_stream(response):
         return
-    detail = bytearray()
-    async for piece in response.aiter_bytes():
-        detail += piece
-        if len(detail) >= _MAX_DETAIL:
-            break
-    text = detail[:_MAX_DETAIL].decode("utf-8", "replace")
+    text = await detail(response)
     if not response.is_success:
         message = f"the upstream answered {response.status_code}: {_message(text)}"
     else:
+        media = media_type(response)
         message = f"the upstream sent {media or 'no content type'!r}, not an event stream"
     raise UpstreamError(message, status_code=response.status_code, data=text)
 
@@ -134,7 +129,7 @@ def _message(data: str) -> str:
     """The message of an error payload: OpenAI's `{"error": {"message"}}`, `{"message"}`..."""
     try:
         payload = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         payload = None
     if isinstance(payload, dict):
         error = payload.get("error", payload)

@@ -137,6 +137,8 @@ def response_of(prepared: PreparedResponse) -> Response:
         response = Response(prepared.content, status=prepared.status)
         if not any(name == "content-type" for name, _ in prepared.headers):
             del response.headers["content-type"]  # Quart's default; a 204 has none
+        if prepared.status == 204 and "content-length" in response.headers:
+            del response.headers["content-length"]  # RFC 9110: a 204 sends none (Quart does)
     else:
         response = Response(prepared.body, status=prepared.status)
         response.timeout = None  # a stream takes as long as it takes, not RESPONSE_TIMEOUT

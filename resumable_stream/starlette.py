@@ -24,8 +24,9 @@ from . import asgi
 from ._context import ResumableStreamContext
 from ._http import DEFAULT_KEEPALIVE_FRAME, Authorize, Headers
 from ._producer import MakeStream
+from .http import PreparedResponse
 
-__all__ = ["EventStreamResponse"]
+__all__ = ["EventStreamResponse", "PreparedStreamResponse"]
 
 
 class EventStreamResponse(Response):
@@ -74,5 +75,26 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._response(scope, receive, send)
+        if self.background is not None:
+            await self.background()
+
+
+class PreparedStreamResponse(Response):
+    """A `PreparedResponse` (`resumable_stream.http`, `resumable_stream.ai_sdk`) as a Starlette
+    `Response`: its status, headers and body, streamed until the client disconnects."""
+
+    def __init__(
+        self, prepared: PreparedResponse, *, background: BackgroundTask | None = None
+    ) -> None:
+        self._prepared = prepared
+        self.status_code = prepared.status
+        self.background = background
+        self.body = prepared.content
+        self.raw_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in prepared.headers
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await asgi.send_prepared(self._prepared, receive, send)
         if self.background is not None:
             await self.background()

@@ -14,6 +14,7 @@ module is bound to asyncio): many servers run it, and its clock and timers diffe
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -21,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -120,6 +122,26 @@ def pytest_report_header() -> str:
         return f"server for the real-server tests: {server_binary().version}"
     except FileNotFoundError as exc:
         return f"server for the real-server tests: none ({exc})"
+
+
+AI_SDK_CLIENT = Path(__file__).parent / "ai_sdk_client"
+
+
+@pytest.fixture(scope="session")
+def ai_sdk_client() -> Path:
+    """The folder of the AI SDK client tests' npm package (the real `ai`, pinned by its
+    package-lock.json), installed once per session with `npm ci`."""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        missing("the AI SDK client tests need Node.js and npm (apt-get install nodejs npm)")
+    subprocess.run(
+        [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=AI_SDK_CLIENT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+    )
+    return AI_SDK_CLIENT
 
 
 @pytest.fixture(params=FLAVORS)

@@ -614,3 +614,21 @@ async def test_tail_fails_with_a_message(
         assert await anyio.to_thread.run_sync(main, ["tail", f"{url}/plain"]) == 1
     assert "not an event stream" in capsys.readouterr().err
     assert main(["tail", "--header", "no colon", url]) == 2
+
+
+async def test_a_task_outcome_nested_too_deep_is_a_task_client_error() -> None:
+    """A `settle` or an error payload json cannot decode for its depth (RecursionError, not
+    ValueError) is a TaskClientError, never another exception out of run_task."""
+    nested = "[" * 100_000
+    for event, code in (("settle", "MALFORMED_RESULT"), ("server-error", "SERVER_ERROR")):
+        body = f"id: 0\nevent: {event}\ndata: {nested}\n\n".encode()
+        transport = httpx.MockTransport(
+            lambda request, body=body: httpx.Response(
+                200, headers={"content-type": "text/event-stream"}, content=body
+            )
+        )
+        with anyio.fail_after(10):
+            async with httpx.AsyncClient(transport=transport) as http:
+                with pytest.raises(TaskClientError) as caught:
+                    await run_task("http://tasks/run", {"x": 1}, client=http, max_retries=0)
+        assert caught.value.code == code

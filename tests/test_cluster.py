@@ -18,6 +18,7 @@ import anyio.to_thread
 import pytest
 import redis.asyncio
 from redis.asyncio import RedisCluster
+from redis.crc import key_slot
 
 import resumable_stream as rs
 from resumable_stream._protocol import Keys
@@ -345,3 +346,78 @@ async def test_a_cluster_client_can_be_passed_in(cluster: LocalCluster) -> None:
             assert await ctx.has_existing_stream("s") == "DONE"
     finally:
         await client.aclose()
+
+
+async def test_the_cluster_query_flag_makes_a_cluster_context(cluster: LocalCluster) -> None:
+    """`redis://seed/0?cluster=true`: streams whose slots are on every master work (a plain
+    client would get MOVED for two thirds of them), followed from a second context."""
+    url = f"{cluster.seed_url}?cluster=true"
+    prefix = f"flag-{uuid.uuid4().hex[:8]}"
+    ids = [f"s{i}" for i in range(12)]
+    masters = {
+        cluster.master_of_slot(key_slot(Keys(prefix).sentinel(i).encode())).port for i in ids
+    }
+    assert len(masters) == 3  # the ids cover every master
+    async with (
+        rs.create_resumable_stream_context(url, key_prefix=prefix) as P,
+        rs.create_resumable_stream_context(url, key_prefix=prefix) as C,
+    ):
+        for stream_id in ids:
+            source = TestingSource()
+            own = await P.resumable_stream(stream_id, source.make)
+            source.write("a ")
+            assert await read(own, 1) == "a "
+            follower = await C.resume_existing_stream(stream_id)
+            source.write(stream_id)
+            source.close()
+            assert await read(own) == stream_id
+            assert await read(follower) == f"a {stream_id}"
+
+
+async def test_a_sentinel_master_client_can_be_passed_in(
+    clean_redis_sentinel: LocalSentinel,
+) -> None:
+    sentinel = redis.asyncio.Sentinel(clean_redis_sentinel.sentinels, socket_timeout=5)
+    client = sentinel.master_for(clean_redis_sentinel.service_name)
+    prefix = f"master-for-{uuid.uuid4().hex[:8]}"
+    try:
+        async with (
+            rs.create_resumable_stream_context(client, key_prefix=prefix) as P,
+            rs.create_resumable_stream_context(client, key_prefix=prefix) as C,
+        ):
+            source = TestingSource()
+            own = await P.resumable_stream("s", source.make)
+            source.write("through ")
+            assert await read(own, 1) == "through "
+            follower = await C.resume_existing_stream("s")
+            source.write("master_for")
+            source.close()
+            assert await read(own) == "master_for"
+            assert await read(follower) == "through master_for"
+        master = redis.asyncio.Redis(port=clean_redis_sentinel.master_port())
+        try:
+            assert await master.get(Keys(prefix).sentinel("s")) == b"DONE"
+        finally:
+            await master.aclose()
+    finally:
+        await client.aclose()
+        for sentinel_client in sentinel.sentinels:
+            await sentinel_client.aclose()
+
+
+def test_braces_in_a_key_prefix_are_refused() -> None:
+    for prefix in ("app{1}", "app}", "{app"):
+        with pytest.raises(ValueError, match="braces"):
+            rs.ResumableStreamContext(backend=rs.MemoryBackend(), key_prefix=prefix)
+
+
+def test_an_id_with_braces_is_tagged_by_a_digest_of_itself() -> None:
+    keys = Keys("app")
+    names = [keys.sentinel("{a}b"), keys.request("{a}b"), keys.live("{a}b"), keys.text("{a}b")]
+    tags = {name[name.index("{") + 1 : name.index("}")] for name in names}
+    assert len(tags) == 1  # one slot for all of the stream's names
+    [tag] = tags
+    assert len(tag) == 24
+    assert tag != "a"
+    assert all("{a}b" in name for name in names)  # the names still hold the id
+    assert Keys("app").sentinel("{c}b") != names[0]

@@ -389,3 +389,52 @@ async def test_evicted_stored_text_is_an_error_never_a_shorter_text(
                 assert await read(reader) == "kept in memory; and after"
     finally:
         await admin.aclose()
+
+
+async def test_a_burst_is_stored_in_bounded_entries_by_one_command(
+    redis_server: RedisServer,
+) -> None:
+    """What a flush window gathered goes in one command, as entries of at most ENTRY_CHARS
+    characters (so a reader resuming mid-entry fetches one small entry), and a reader resuming
+    from any of them, mid-entry or at a boundary, gets the exact text."""
+    prefix = f"burst-{uuid.uuid4().hex[:8]}"
+    chunks = [f"{i:05d}" + "x" * 995 for i in range(100)]  # 100,000 characters
+    text = "".join(chunks)
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    key = Keys(prefix).text("burst")
+    try:
+        async with (
+            rs.ResumableStreamContext(
+                backend=RedisBackend(redis_server.url), key_prefix=prefix, durable=True
+            ) as P,
+            rs.ResumableStreamContext(
+                backend=RedisBackend(redis_server.url), key_prefix=prefix, durable=True
+            ) as C,
+        ):
+            source = TestingSource()
+            for chunk in chunks:
+                source.write(chunk)
+            evals = await _calls(admin, "eval")
+            own = await P.resumable_stream("burst", source.make)
+            assert await read(own, len(chunks)) == text
+            await poll_until(lambda: admin.xlen(key), 4)
+            assert await _calls(admin, "eval") == evals + 1
+            entries = await admin.xrange(key) or []
+            batches = [json.loads(v) for _, fields in entries for v in (fields or {}).values()]
+            sizes = [sum(len(chunk) for chunk in batch) for batch in batches]
+            assert sizes == [30_000, 30_000, 30_000, 10_000]
+            followers = {
+                offset: await C.resume_existing_stream("burst", offset)
+                for offset in (0, 29_999, 30_000, 45_678, 99_999)
+            }
+            source.close()
+            for offset, follower in followers.items():
+                assert await read(follower) == text[offset:]
+            assert await read(own) == ""
+    finally:
+        await admin.aclose()
+
+
+async def _calls(admin: redis.asyncio.Redis, command: str) -> int:
+    stats = await admin.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))

@@ -214,6 +214,9 @@ async def test_a_finished_stream_answers_204(
         for headers in ({"Last-Event-ID": whole[-1].id}, {}):
             response = await client.get(f"{worker}{path}?prompt=done", headers=headers)
             assert (response.status_code, response.content) == (204, b"")
+            # RFC 9110: a 204 carries no Content-Length (nor a Content-Type).
+            assert "content-length" not in response.headers
+            assert "content-type" not in response.headers
         head = await client.head(f"{worker}{path}")
         assert head.status_code == 200  # it exists; a HEAD reads nothing
         assert head.headers["content-type"] == "text/event-stream; charset=utf-8"

@@ -225,3 +225,17 @@ async def test_the_openai_proxy_example(monkeypatch: pytest.MonkeyPatch) -> None
     assert str(upstream_request.url) == "http://fake-upstream/v1/chat/completions"
     assert upstream_request.headers["authorization"] == "Bearer sk-test"
     assert json.loads(upstream_request.content) == {**request, "stream": True}
+
+
+async def test_an_upstream_error_nested_too_deep_is_an_upstream_error() -> None:
+    """An error body that json cannot decode for its depth (RecursionError, not ValueError)
+    still gives UpstreamError with the text, nothing else."""
+    nested = "[" * 100_000
+    transport = httpx.MockTransport(lambda request: httpx.Response(500, text=nested))
+    with anyio.fail_after(10):
+        async with httpx.AsyncClient(transport=transport) as http:
+            make = upstream(lambda: http.stream("POST", "http://upstream/v1/chat/completions"))
+            with pytest.raises(UpstreamError) as caught:
+                async for _ in make():
+                    pass
+    assert caught.value.status_code == 500

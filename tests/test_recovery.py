@@ -364,13 +364,21 @@ async def test_a_sentinel_evicted_by_redis_never_mixes_two_texts(
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("stored", [False, True], ids=["memory-only", "durable"])
 async def test_an_end_that_cannot_be_written_is_announced_and_written_later(
-    server: RedisServer, admin: redis.asyncio.Redis
+    server: RedisServer, admin: redis.asyncio.Redis, stored: bool
 ) -> None:
     await admin.config_set("maxmemory-policy", "noeviction")
-    # No lingering: the end must reach the follower by its announcement, and the producer
-    # stays until its state is written.
-    options: dict[str, Any] = {"key_prefix": "full", "linger": 0, "liveness_timeout": 0.5}
+    # No lingering: the end must reach the follower by its announcement (heartbeats, which
+    # would also tell, come only every 10 s here), and the producer stays until its state is
+    # written. Durable: the text after "all " cannot be stored either, so the follower gets it
+    # from the producer.
+    options: dict[str, Any] = {
+        "key_prefix": f"full-{stored}",
+        "linger": 0,
+        "liveness_timeout": 30,
+        "durable": stored,
+    }
     async with (
         rs.ResumableStreamContext(backend=RedisBackend(server.url), **options) as P,
         rs.ResumableStreamContext(backend=RedisBackend(server.url), **options) as C,

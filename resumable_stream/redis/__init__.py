@@ -159,6 +159,7 @@ class _RedisConnection:
     async def close(self) -> None:
         self.closing()
         await self._subscriber.close()
+        await self._commands.disconnect()
 
     async def subscribe(self, *channels: str, wait: bool = True) -> None:
         await self._subscriber.subscribe(channels, wait)
