@@ -1,12 +1,13 @@
 """Telemetry: what the engine reports, as a tiny interface with a no-op implementation.
 
 The engine calls a context's `Telemetry` at a few points: a stream starts or ends (per role), a
-resume starts and is answered, a producer serves a resume request, a backend command is sent,
-the backend reconnects. The class below does nothing at all; it is what a context uses when
-`opentelemetry-api` is not installed or telemetry is turned off, so that the engine pays one
-no-op call per such event and nothing per chunk. `resumable_stream._otel` (imported only when the
-OpenTelemetry API imports) implements the same interface with OpenTelemetry instruments and
-spans; every name and attribute it emits is listed in the README.
+resume starts and is answered, a producer serves a resume request, a backend command is sent
+(`CountedConnection`, at the backend boundary), the backend reconnects; the context runs its
+`run` task and `flush`es it when it closes. The class below does nothing at all; it is what a
+context uses when `opentelemetry-api` is not installed or telemetry is turned off, so that the
+engine pays one no-op call per such event and nothing per chunk. `resumable_stream._otel`
+(imported only when the OpenTelemetry API imports) implements the same interface with
+OpenTelemetry instruments and spans; every name and attribute it emits is listed in the README.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import sys
 import textwrap
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -452,7 +453,7 @@ def test_without_the_opentelemetry_api_nothing_of_it_is_imported_or_run() -> Non
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok ['follower_started', 'producer_started', 'resume'")
