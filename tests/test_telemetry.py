@@ -220,10 +220,10 @@ async def test_metrics_spans_and_stats_of_two_processes(
                 async with redis.asyncio.Redis.from_url(server.url) as admin:
                     await admin.client_kill_filter(_type="pubsub")
 
-                async def reconnected() -> tuple[int, int]:
-                    return P.stats().reconnects, C.stats().reconnects
+                async def reconnected() -> int:
+                    return P.stats().reconnects
 
-                await poll_until(reconnected, (1, 0))
+                await poll_until(reconnected, 1)
                 assert P.stats().backend_connected
                 assert P.stats().last_reconnect is not None
 
@@ -285,7 +285,12 @@ async def test_metrics_spans_and_stats_of_two_processes(
         assert {k: sent_p.get(k, 0) + sent_c.get(k, 0) for k in served} == served
     reconnects: dict[frozenset[tuple[str, Any]], int] = {frozenset(): 1} if on_redis else {}
     assert producer.of("resumable_stream.backend.reconnects") == reconnects
-    assert follower.of("resumable_stream.backend.reconnects") == {}
+    # The follower's subscriber holds no channel any more: it is not a pub/sub client to kill
+    # (or, if its last UNSUBSCRIBE was still on the way, it reconnects too).
+    follower_reconnects = C.stats().reconnects
+    assert follower_reconnects in (0, 1)
+    expected = {frozenset(): follower_reconnects} if follower_reconnects else {}
+    assert follower.of("resumable_stream.backend.reconnects") == expected
 
     # Spans: one per stream on the producer, with its final length and outcome.
     produced = {
