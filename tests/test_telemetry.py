@@ -289,7 +289,9 @@ async def test_metrics_spans_and_stats_of_two_processes(
     # (or, if its last UNSUBSCRIBE was still on the way, it reconnects too).
     follower_reconnects = C.stats().reconnects
     assert follower_reconnects in (0, 1)
-    expected = {frozenset(): follower_reconnects} if follower_reconnects else {}
+    expected: dict[frozenset[tuple[str, Any]], int] = {}
+    if follower_reconnects:
+        expected[frozenset()] = follower_reconnects
     assert follower.of("resumable_stream.backend.reconnects") == expected
 
     # Spans: one per stream on the producer, with its final length and outcome.
