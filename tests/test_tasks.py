@@ -189,9 +189,25 @@ async def test_deeply_nested_input_is_a_400(
     assert gate.calls == []
 
 
-def test_task_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="wait_interval"):
-        TaskApp(rs.ResumableStreamContext(backend=rs.MemoryBackend()), Gate(), wait_interval=0)
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"wait_interval": 0}, ValueError, "wait_interval"),
+        ({"wait_interval": float("nan")}, ValueError, "wait_interval"),
+        ({"retry": -1}, ValueError, "retry"),
+        ({"max_input_size": "10"}, TypeError, "max_input_size"),
+        ({"max_input_size": -1}, ValueError, "max_input_size"),
+        ({"fn": "not callable"}, TypeError, "fn"),
+        ({"authorize": 42}, (TypeError, ValueError), "authorize"),
+    ],
+)
+def test_task_options_are_checked_when_the_app_is_built(
+    options: dict[str, Any], error: type[Exception] | tuple[type[Exception], ...], match: str
+) -> None:
+    ctx = rs.ResumableStreamContext(backend=rs.MemoryBackend())
+    fn = options.pop("fn", Gate())
+    with pytest.raises(error, match=match):
+        TaskApp(ctx, fn, **options)
 
 
 @pytest.mark.parametrize("flavor", ["memory-uvloop", "redis-uvloop"], indirect=True)
