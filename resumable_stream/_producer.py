@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 
 from . import _protocol as p
-from ._buffer import ChunkBuffer, Entry, Signal
+from ._buffer import BatchSignal, ChunkBuffer, Entry, Signal
 from ._event import Event
 from ._exceptions import BackendError
 from ._hub import Hub
@@ -75,7 +75,7 @@ class Producer:
         self.token = p.new_producer_token()
         self._make_stream = make_stream
         self.buffer = ChunkBuffer()
-        self.changed = Signal()
+        self.changed = BatchSignal()
         self.state: str | None = None
         # Readers end only once the end was announced and its recording tried, so whoever saw
         # the end and asks the backend next finds the stream finished.
@@ -167,7 +167,8 @@ class Producer:
 
     async def _pump(self) -> None:
         buffer = self.buffer
-        notify = self.changed.notify
+        # Readers and the live publisher wake once per batch of chunks, not per chunk.
+        notify = self.changed.notify_soon
         count = 0
         source = self._make_stream()
         if not hasattr(source, "__aiter__"):
