@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import inspect
 import json
 import math
@@ -440,7 +441,7 @@ def run_json(
     return result
 
 
-def python_command(args: argparse.Namespace, url: str, mode: str) -> list[str]:
+def python_command(args: argparse.Namespace, url: str, mode: str, loop: str) -> list[str]:
     return [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -448,6 +449,8 @@ def python_command(args: argparse.Namespace, url: str, mode: str) -> list[str]:
         mode,
         "--url",
         url,
+        "--loop",
+        loop,
         *common_options(args),
     ]
 
@@ -664,27 +667,34 @@ def orchestrate(args: argparse.Namespace) -> None:
     started = time.monotonic()
     ensure_node_reference()
     with contextlib.ExitStack() as stack:
-        # Each Python implementation: (label, where its `resumable_stream/` is, git version).
-        pythons = {"python": ("ours (Python)", REPO, code_version())}
+        # Each Python implementation: (label, where its `resumable_stream/` is, git version,
+        # event loop).
+        pythons = {"python": ("ours (Python)", REPO, code_version(), "asyncio")}
         if args.baseline:
             root = stack.enter_context(library_at(args.baseline))
-            before = ("before", root, code_version(args.baseline))
-            pythons = {"before": before, "python": ("after", REPO, code_version())}
+            before = ("before", root, code_version(args.baseline), "asyncio")
+            pythons = {"before": before, "python": ("after", REPO, code_version(), "asyncio")}
+        if args.uvloop:
+            if importlib.util.find_spec("uvloop") is None:
+                sys.exit("--uvloop: uvloop is not installed (pip install uvloop)")
+            label = "after" if args.baseline else "ours (Python)"
+            pythons["uvloop"] = (f"{label}, uvloop", REPO, code_version(), "uvloop")
         compare(args, pythons, started)
 
 
 def compare(
-    args: argparse.Namespace, pythons: dict[str, tuple[str, Path, str]], started: float
+    args: argparse.Namespace, pythons: dict[str, tuple[str, Path, str, str]], started: float
 ) -> None:
     names = [*pythons, "node"]
-    labels = {name: f"{label} ({version})" for name, (label, _, version) in pythons.items()}
+    labels = {name: f"{label} ({version})" for name, (label, _, version, _) in pythons.items()}
     labels["node"] = "Node reference"
-    envs = {name: env_importing(root) for name, (_, root, _) in pythons.items()}
+    envs = {name: env_importing(root) for name, (_, root, _, _) in pythons.items()}
 
     def run(name: str, url: str, mode: str, timeout: float) -> dict[str, Any]:
         if name == "node":
             return run_json(node_command(args, url, mode), timeout)
-        report = run_json(python_command(args, url, mode), timeout, envs[name])
+        command = python_command(args, url, mode, pythons[name][3])
+        report = run_json(command, timeout, envs[name])
         check_imported(report["module_file"], pythons[name][1], labels[name])
         return report
 
@@ -723,7 +733,14 @@ def compare(
     ratios = (
         [("python", "before"), ("python", "node")] if "before" in names else [("python", "node")]
     )
-    short = {"python": "after" if "before" in names else "ours", "before": "before", "node": "Node"}
+    if "uvloop" in names:
+        ratios.append(("uvloop", "node"))
+    short = {
+        "python": "after" if "before" in names else "ours",
+        "before": "before",
+        "uvloop": "uvloop",
+        "node": "Node",
+    }
     header = [
         "figure (medians)",
         *(labels[name] for name in names),
@@ -751,6 +768,8 @@ def compare(
         **{name: summary(report) for name, report in merged.items()},
     }
     files = {f"compare-{name}.json": merged[name] for name in ("python", "node")}
+    if "uvloop" in merged:
+        files["compare-python-uvloop.json"] = merged["uvloop"]
     if "before" in merged:
         files["compare-python-before.json"] = merged["before"]
     files["compare.json"] = combined
@@ -774,11 +793,18 @@ def main() -> None:
         metavar="REF",
         help="also measure the library as of this git ref (e.g. 5c46410), in the same run",
     )
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="also run ours on uvloop (what uvicorn[standard] runs), in the same run",
+    )
     parser.add_argument("--worker", choices=["main", "replay"], help=argparse.SUPPRESS)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        report = anyio.run(worker, args)
+        report = anyio.run(worker, args, backend_options={"use_uvloop": args.loop == "uvloop"})
+        report["loop"] = args.loop
         sys.stdout.write(json.dumps(report) + "\n")
     else:
         orchestrate(args)
