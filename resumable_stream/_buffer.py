@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from bisect import bisect_right
 
 import anyio
@@ -54,45 +56,61 @@ class Signal:
         self._waiters.append(waiter)
         try:
             await waiter
-        finally:
-            if waiter.cancelled() or not waiter.done():  # the waiting task was cancelled
-                waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+        except BaseException:  # the waiting task was cancelled
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            raise
 
 
 # A batch of chunks wakes its readers at most this many loop turns after its first chunk, so
 # a source that yields a chunk on every loop turn wakes them once per this many chunks.
 _MAX_DEFERRED_TURNS = 16
+# Chunks closer together than this (seconds) come from a source that does not really wait
+# between them (a loop turn or a network read that was ready): they are worth batching.
+_BURST_GAP = 0.0005
 
 
 class BatchSignal(Signal):
-    """A `Signal` whose `notify_soon()` wakes the waiters once a batch is complete.
+    """A `Signal` whose `notify_soon()` wakes the waiters once per batch of a burst.
 
-    The producer appends a chunk per loop turn when its source yields to the loop per chunk (any
-    source fed by the network), and waking its reader for each one was half the CPU per chunk:
-    a task switch, a future and two loop callbacks. `notify_soon()` instead wakes the waiters at
-    the first loop turn in which nothing more was notified, or after `_MAX_DEFERRED_TURNS` turns:
-    a source that pauses (a model between tokens) wakes its readers one loop turn later than
-    `notify()` would, and one that produces a chunk per turn wakes them once per batch. Only a
-    loop callback per turn is paid meanwhile, and nothing at all while nobody waits. On trio it
-    is `notify()`.
+    The producer appends a chunk per loop turn when its source yields to the loop per chunk
+    (any source fed by the network), and waking its reader for each one was half the CPU per
+    chunk: a task switch, a future and two loop callbacks. When chunks come in a burst (less
+    than `_BURST_GAP` after the previous one), `notify_soon()` wakes the waiters only at the
+    first loop turn in which nothing more was notified, or after `_MAX_DEFERRED_TURNS` turns,
+    paying one loop callback per turn meanwhile; so a source that produces a chunk per turn
+    wakes its reader once per batch. A chunk after a pause (a model's next token) wakes them at
+    once, as `notify()` does: deferring it would only add loop callbacks, since no other chunk
+    is coming to share the wake-up. Nothing at all is done while nobody waits. On trio it is
+    `notify()`.
     """
 
-    __slots__ = ("_handle", "_notified", "_seen", "_turns")
+    __slots__ = ("_handle", "_last", "_notified", "_seen", "_turns")
 
     def __init__(self) -> None:
         super().__init__()
         self._handle: asyncio.Handle | None = None
+        self._last = -math.inf  # when notify_soon() was last called
         self._notified = 0  # counts notify_soon() calls; compared between loop turns
         self._seen = 0
         self._turns = 0
 
     def notify_soon(self) -> None:
         self._notified += 1
+        now = time.monotonic()
+        burst = now - self._last < _BURST_GAP
+        self._last = now
         if self._handle is not None or not self._waiters:
             if self._event is not None:
                 self.notify()  # trio: nothing deferred
+            return
+        if not burst:
+            # notify(), inlined (once per chunk of a model's stream): waiters are asyncio's.
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
             return
         assert self._loop is not None  # waiters are asyncio futures
         self._seen = self._notified - 1  # the flush's first turn sees this call as new
@@ -163,8 +181,10 @@ class ChunkBuffer:
 
     def entries(self, index: int, stop: int) -> list[Entry]:
         """Entries for chunks `index` up to `stop`, each chunk whole."""
-        items: list[str | Event] = list(self.chunks[index:stop])
         events = self.events
+        if stop == index + 1 and not events:  # a model's token: one chunk per batch
+            return [(self.chunks[index], self.ends[index])]
+        items: list[str | Event] = list(self.chunks[index:stop])
         if events:
             for i in range(index, stop):
                 event = events.get(i)

@@ -429,6 +429,13 @@ class ProducerReader:
         """Wait for chunks and take those available (at most `limit`); StopAsyncIteration at end."""
         producer = self._producer
         buffer = producer.buffer
+        # The common case, once per batch of a live stream: wait for the next chunk and take it.
+        index = self._index
+        if index is not None and self._head is None and not self._closed:
+            if index >= len(buffer.chunks) and not producer.settled:
+                await producer.changed.wait()
+            if index < len(buffer.chunks) and not self._closed:
+                return self._take(limit)
         while not self._closed:
             if self._index is None and buffer.length > self._offset:
                 index = buffer.index_at(self._offset)
