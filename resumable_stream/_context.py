@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 from contextlib import AsyncExitStack
@@ -29,6 +31,9 @@ __all__ = ["ResumableStream", "ResumableStreamContext", "create_resumable_stream
 logger = logging.getLogger("resumable_stream")
 
 _DEFAULTS = Settings()
+# How long leaving the context waits for its stopped producers' cleanup (each of its steps is
+# bounded by 15 s).
+_CLOSE_TIMEOUT = 40.0
 
 
 class ResumableStreamContext:
@@ -98,6 +103,10 @@ class ResumableStreamContext:
         self._running: set[Producer] = set()  # producers whose generator has not ended
         self._running_changed = Signal()
         self._local: dict[str, Producer] = {}  # the running producers, by stream id
+        # On asyncio, each producer runs in a task of the event loop's own, held here (the loop
+        # holds its tasks weakly): see `_start_producer`. None on trio.
+        self._tasks: set[asyncio.Task[None]] | None = None
+        self._hosted: set[Producer] = set()  # the producers those tasks run, lingering or not
 
     def __repr__(self) -> str:
         return f"<ResumableStreamContext backend={self._backend!r}>"
@@ -112,6 +121,11 @@ class ResumableStreamContext:
             )
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._hub.open(connection, self._tg)
+            try:
+                asyncio.get_running_loop()
+                self._tasks = set()
+            except RuntimeError:
+                self._tasks = None  # trio
             self._stack = stack.pop_all()
         return self
 
@@ -133,6 +147,9 @@ class ResumableStreamContext:
             for follower in self._hub.followers():
                 follower.fail(ResumableStreamError("the stream context was closed"))
         finally:
+            # What cancelling the task group does to the producers it runs, for those that run
+            # in tasks of their own: stop them, end their linger, wait for their cleanup.
+            await self._close_hosted()
             try:
                 # The task groups (this context's, the backend's) would wrap an exception of
                 # the caller's block in a group: it comes out as itself, unless there are more.
@@ -261,8 +278,42 @@ class ResumableStreamContext:
         self._running.add(producer)
         if not offline:
             self._local[stream_id] = producer
-        self._tg.start_soon(self._run, producer, name=f"resumable_stream producer {stream_id!r}")
+        name = f"resumable_stream producer {stream_id!r}"
+        if self._tasks is None:
+            self._tg.start_soon(self._run, producer, name=name)
+            return producer
+        # A task of the loop's own, not of the task group: an anyio task costs 3.4 KiB more
+        # (its handle, cancel scope and events), which was a third of a live stream's memory.
+        # The context still owns it: leaving the context stops it and waits for it
+        # (`_close_hosted`), and a producer's cancellations go through its own cancel scopes,
+        # so its cleanup stays shielded.
+        task = asyncio.get_running_loop().create_task(self._run(producer), name=name)
+        self._tasks.add(task)
+        self._hosted.add(producer)
+        task.add_done_callback(functools.partial(self._hosted_done, producer))
         return producer
+
+    def _hosted_done(self, producer: Producer, task: asyncio.Task[None]) -> None:
+        assert self._tasks is not None
+        self._tasks.discard(task)
+        self._hosted.discard(producer)
+        self._running_changed.notify()
+        if not task.cancelled() and task.exception() is not None:
+            # `_run` handles the generator's failures; anything else is a bug of ours, which a
+            # task group would have raised out of the context.
+            logger.error("a producer failed", exc_info=task.exception())
+
+    async def _close_hosted(self) -> None:
+        if not self._tasks:
+            return
+        for producer in list(self._hosted):
+            producer.close()
+        # Their cleanup is bounded (`_CLEANUP_TIMEOUT` per step), so this is too.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
+            while self._tasks:
+                await self._running_changed.wait()
+        if self._tasks:
+            logger.warning("%d producers were still cleaning up", len(self._tasks))
 
     async def _run(self, producer: Producer) -> None:
         try:

@@ -41,8 +41,10 @@ class Producer:
     # Slots: thousands of idle streams each hold one of these.
     __slots__ = (
         "_epoch",
+        "_closing",
         "_following",
         "_hub",
+        "_lingering",
         "_listening",
         "_live_channel",
         "_live_index",
@@ -87,6 +89,9 @@ class Producer:
         self._listening = not offline
         # Cancelling this scope is a stop: it interrupts whatever the generator awaits.
         self._stop = anyio.CancelScope()
+        # Leaving the context: no more lingering (`close`); the scope of the linger meanwhile.
+        self._closing = False
+        self._lingering: anyio.CancelScope | None = None
         self._live_channel = hub.keys.live(stream_id)
         # Live publishing: on while somebody follows, from chunk `_live_index` on. `_epoch`
         # counts requests so a publish that reached nobody only turns it off if no follower
@@ -143,13 +148,15 @@ class Producer:
         Leaving the context does not wait for this.
         """
         try:
-            if not self.offline:
-                await anyio.sleep(self._hub.settings.linger)
-                # Until then, a follower asking finds this producer, not a stream that seems
-                # to run with nobody producing it (which it would record as lost).
-                while not self._recorded:
-                    await self.changed.wait()
+            if not self.offline and not self._closing:
+                with anyio.CancelScope() as self._lingering:
+                    await anyio.sleep(self._hub.settings.linger)
+                    # Until then, a follower asking finds this producer, not a stream that
+                    # seems to run with nobody producing it (which it would record as lost).
+                    while not self._recorded:
+                        await self.changed.wait()
         finally:
+            self._lingering = None
             self._hub.remove_producer(self)
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                 await self._stop_listening()
@@ -257,6 +264,14 @@ class Producer:
     def stop(self) -> None:
         """Stop the generator; the stream ends as cancelled (no effect once it ended)."""
         self._stop.cancel()
+
+    def close(self) -> None:
+        """The context is closing: stop the generator, and linger no more (what cancelling the
+        context's task group does to a producer that runs in it)."""
+        self._closing = True
+        self._stop.cancel()
+        if self._lingering is not None:
+            self._lingering.cancel()
 
     def resync(self) -> None:
         """The backend reconnected (after a failover, say): what was written just before may
