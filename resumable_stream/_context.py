@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import os
+from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -315,15 +316,16 @@ class ResumableStreamContext:
         if self._tasks:
             logger.warning("%d producers were still cleaning up", len(self._tasks))
 
-    async def _run(self, producer: Producer) -> None:
-        try:
-            await producer.run()
-        finally:
-            self._running.discard(producer)
-            if self._local.get(producer.stream_id) is producer:
-                del self._local[producer.stream_id]
-            self._running_changed.notify()
-            await producer.linger()
+    def _run(self, producer: Producer) -> Coroutine[Any, Any, None]:
+        # The producer's own coroutine, with no frame of ours around it (an idle stream's
+        # memory): it calls `_ended` once its generator ended, then lingers.
+        return producer.run(self._ended)
+
+    def _ended(self, producer: Producer) -> None:
+        self._running.discard(producer)
+        if self._local.get(producer.stream_id) is producer:
+            del self._local[producer.stream_id]
+        self._running_changed.notify()
 
     def _local_reader(self, stream_id: str, offset: int) -> ResumableStream | None:
         """A reader of `stream_id` straight from its producer, when it runs in this context.

@@ -40,13 +40,12 @@ _RECORD_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 class Producer:
     # Slots: thousands of idle streams each hold one of these.
     __slots__ = (
-        "_epoch",
         "_closing",
+        "_epoch",
         "_following",
         "_hub",
         "_lingering",
         "_listening",
-        "_live_channel",
         "_live_index",
         "_make_stream",
         "_published",
@@ -92,7 +91,6 @@ class Producer:
         # Leaving the context: no more lingering (`close`); the scope of the linger meanwhile.
         self._closing = False
         self._lingering: anyio.CancelScope | None = None
-        self._live_channel = hub.keys.live(stream_id)
         # Live publishing: on while somebody follows, from chunk `_live_index` on. `_epoch`
         # counts requests so a publish that reached nobody only turns it off if no follower
         # joined while that publish was in flight.
@@ -100,7 +98,7 @@ class Producer:
         self._epoch = 0
         self._live_index = 0
         self._publishing = False
-        self._published = Signal()
+        self._published: Signal | None = None  # made when a publishing task starts
         # Durable streams: the text in the backend too, written by a task of the store's.
         self._store = (
             Store(hub, stream_id, self.token, self.buffer, self.changed)
@@ -113,8 +111,10 @@ class Producer:
         """The type name of the generator's exception: all that readers elsewhere learn of it."""
         return type(self.error).__name__ if self.error is not None else None
 
-    async def run(self) -> None:
-        """Run the generator to its end, announce the end and record it."""
+    async def run(self, ended: Callable[[Producer], None] | None = None) -> None:
+        """Run the generator to its end, announce the end and record it; then, with `ended`,
+        call it and linger (see `linger`): one coroutine, so an idle stream holds one frame
+        less."""
         hub = self._hub
         if not self.offline:
             hub.add_producer(self)
@@ -132,14 +132,19 @@ class Producer:
             self.error = exc
             logger.warning("stream %r failed", self.stream_id, exc_info=exc)
         finally:
-            self.state = state
-            self.changed.notify()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
-                await self._finish(state)
-                if not hub.settings.linger and self._recorded:
-                    await self._stop_listening()
-            self.settled = True
-            self.changed.notify()
+            try:
+                self.state = state
+                self.changed.notify()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+                    await self._finish(state)
+                    if not hub.settings.linger and self._recorded:
+                        await self._stop_listening()
+                self.settled = True
+                self.changed.notify()
+            finally:
+                if ended is not None:
+                    ended(self)
+                    await self.linger()
 
     async def linger(self) -> None:
         """Keep answering late resumes for `linger` seconds, and until the end is recorded.
@@ -208,6 +213,7 @@ class Producer:
 
     async def _finish(self, state: str) -> None:
         while self._publishing:
+            assert self._published is not None
             await self._published.wait()
         if self.offline:
             return
@@ -222,7 +228,8 @@ class Producer:
             # Announced whether or not the state could be written: followers end now either way.
             end = p.End(None, self.token, self.buffer.length, state, self.error_type)
             try:
-                await self._hub.connection.publish(self._live_channel, end.pack())
+                live = self._hub.keys.live(self.stream_id)  # not kept: few streams need it
+                await self._hub.connection.publish(live, end.pack())
             except BackendError as exc:
                 logger.warning("could not announce the end of stream %r: %s", self.stream_id, exc)
         if not self._recorded:
@@ -322,6 +329,8 @@ class Producer:
             if not self._publishing:
                 # A durable stream's batches go out with its writes: only its heartbeats here.
                 publish = self._publish_live if self._store is None else self._heartbeats
+                if self._published is None:
+                    self._published = Signal()
                 self._publishing = self._hub.spawn(self.stream_id, publish)
         connection = self._hub.connection
         limit = self._hub.settings.max_message_size
@@ -354,6 +363,7 @@ class Producer:
         assert store is not None
         connection = self._hub.connection
         interval = self._hub.settings.heartbeat
+        channel = self._hub.keys.live(self.stream_id)
         try:
             while self.state is None:
                 with anyio.move_on_after(interval) as idle:
@@ -362,7 +372,7 @@ class Producer:
                     continue  # text came: its write reaches the followers
                 epoch = self._epoch
                 alive = p.Heartbeat(self.token, store.stored_length).pack()
-                receivers = await connection.publish(self._live_channel, alive)
+                receivers = await connection.publish(channel, alive)
                 if not receivers and epoch == self._epoch:
                     self._following = False
                     return
@@ -370,6 +380,7 @@ class Producer:
             logger.warning("could not publish stream %r to followers: %s", self.stream_id, exc)
         finally:
             self._publishing = False
+            assert self._published is not None
             self._published.notify()
 
     async def _publish_live(self) -> None:
@@ -377,6 +388,7 @@ class Producer:
         limit = self._hub.settings.max_message_size
         buffer = self.buffer
         heartbeat = self._hub.settings.heartbeat
+        channel = self._hub.keys.live(self.stream_id)
         try:
             while True:
                 while self._live_index == len(buffer.chunks):
@@ -389,7 +401,7 @@ class Producer:
                         # silence means this producer is gone.
                         epoch = self._epoch
                         alive = p.Heartbeat(self.token, buffer.length).pack()
-                        receivers = await connection.publish(self._live_channel, alive)
+                        receivers = await connection.publish(channel, alive)
                         if not receivers and epoch == self._epoch:
                             self._following = False
                             return
@@ -400,7 +412,7 @@ class Producer:
                 start = buffer.start_of(index)
                 for offset, chunks, cont in p.split_pieces(buffer.wire(start, stop), start, limit):
                     live = p.Live(self.token, offset, chunks, cont).pack()
-                    receivers = await connection.publish(self._live_channel, live)
+                    receivers = await connection.publish(channel, live)
                 if receivers == 0 and epoch == self._epoch:
                     self._following = False
                     return
@@ -408,6 +420,7 @@ class Producer:
             logger.warning("could not publish stream %r to followers: %s", self.stream_id, exc)
         finally:
             self._publishing = False
+            assert self._published is not None
             self._published.notify()
 
     def reader(self, resume_at: int) -> ProducerReader:
@@ -430,13 +443,19 @@ class ProducerReader:
         return self
 
     async def __anext__(self) -> str:
-        chunks = self._producer.buffer.chunks
+        producer = self._producer
+        chunks = producer.buffer.chunks
         index = self._index
-        if index is not None and index < len(chunks) and self._head is None and not self._closed:
-            if index & CHECKPOINT_MASK == CHECKPOINT_MASK:
-                await anyio.lowlevel.checkpoint()  # let other tasks run (the buffer only grows)
-            self._index = index + 1
-            return chunks[index]
+        if index is not None and self._head is None and not self._closed:
+            if index >= len(chunks) and not producer.settled:
+                # Waits here rather than in next_batch: an idle reader holds one frame less.
+                await producer.changed.wait()
+                index = self._index
+            if index is not None and index < len(chunks) and not self._closed:
+                if index & CHECKPOINT_MASK == CHECKPOINT_MASK:
+                    await anyio.lowlevel.checkpoint()  # let others run (the buffer only grows)
+                self._index = index + 1
+                return chunks[index]
         item = (await self.next_batch(1))[0][0]
         return item if isinstance(item, str) else item.data
 
