@@ -451,7 +451,9 @@ def orchestrate(args: argparse.Namespace) -> None:
             try:
                 alive = list(variants)
                 for i, n in enumerate(grid):
-                    order = alive[i % len(alive) :] + alive[: i % len(alive)] if alive else []
+                    if not alive:
+                        break
+                    order = alive[i % len(alive) :] + alive[: i % len(alive)]
                     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in order}
                     for rep in range(args.repeat):
                         # Rotated again at each repetition: no variant always follows another.
