@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -517,7 +518,12 @@ def main() -> None:
     parser.add_argument("--streams", default="100,500,1000,2000", help="the N grid")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of tokens a stream")
     parser.add_argument("--variants", default="plain,memory,redis")
-    parser.add_argument("--servers", default="uvloop,asyncio", help="uvloop+httptools, asyncio+h11")
+    standard = all(importlib.util.find_spec(m) is not None for m in ("uvloop", "httptools"))
+    parser.add_argument(
+        "--servers",
+        default="uvloop,asyncio" if standard else "asyncio",
+        help="uvloop (uvloop+httptools, the default when installed), asyncio (asyncio+h11)",
+    )
     parser.add_argument("--followers", action="store_true", help="also a second viewer per stream")
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="runs per point (median p99)")

@@ -674,6 +674,8 @@ def orchestrate(args: argparse.Namespace) -> None:
             root = stack.enter_context(library_at(args.baseline))
             before = ("before", root, code_version(args.baseline), "asyncio")
             pythons = {"before": before, "python": ("after", REPO, code_version(), "asyncio")}
+        if args.uvloop is None:
+            args.uvloop = importlib.util.find_spec("uvloop") is not None
         if args.uvloop:
             if importlib.util.find_spec("uvloop") is None:
                 sys.exit("--uvloop: uvloop is not installed (pip install uvloop)")
@@ -795,8 +797,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--uvloop",
-        action="store_true",
-        help="also run ours on uvloop (what uvicorn[standard] runs), in the same run",
+        action=argparse.BooleanOptionalAction,
+        help="also run ours on uvloop (what uvicorn[standard] runs), in the same run; "
+        "the default when uvloop is installed",
     )
     parser.add_argument("--worker", choices=["main", "replay"], help=argparse.SUPPRESS)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], help=argparse.SUPPRESS)
