@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 from collections.abc import Coroutine
@@ -104,10 +103,11 @@ class ResumableStreamContext:
         self._running: set[Producer] = set()  # producers whose generator has not ended
         self._running_changed = Signal()
         self._local: dict[str, Producer] = {}  # the running producers, by stream id
-        # On asyncio, each producer runs in a task of the event loop's own, held here (the loop
-        # holds its tasks weakly): see `_start_producer`. None on trio.
-        self._tasks: set[asyncio.Task[None]] | None = None
-        self._hosted: set[Producer] = set()  # the producers those tasks run, lingering or not
+        # On asyncio, each producer runs in a task of the event loop's own (see
+        # `_start_producer`); these are those producers, lingering or not, and through them
+        # their tasks (the loop holds its tasks weakly).
+        self._native = False
+        self._hosted: set[Producer] = set()
 
     def __repr__(self) -> str:
         return f"<ResumableStreamContext backend={self._backend!r}>"
@@ -124,9 +124,9 @@ class ResumableStreamContext:
             self._hub.open(connection, self._tg)
             try:
                 asyncio.get_running_loop()
-                self._tasks = set()
+                self._native = True
             except RuntimeError:
-                self._tasks = None  # trio
+                self._native = False  # trio
             self._stack = stack.pop_all()
         return self
 
@@ -280,7 +280,7 @@ class ResumableStreamContext:
         if not offline:
             self._local[stream_id] = producer
         name = f"resumable_stream producer {stream_id!r}"
-        if self._tasks is None:
+        if not self._native:
             self._tg.start_soon(self._run, producer, name=name)
             return producer
         # A task of the loop's own, not of the task group: an anyio task costs 3.4 KiB more
@@ -288,33 +288,28 @@ class ResumableStreamContext:
         # The context still owns it: leaving the context stops it and waits for it
         # (`_close_hosted`), and a producer's cancellations go through its own cancel scopes,
         # so its cleanup stays shielded.
-        task = asyncio.get_running_loop().create_task(self._run(producer), name=name)
-        self._tasks.add(task)
+        # `_unhost` rather than a done callback on the task: 0.3 KiB less per stream.
+        coroutine = producer.run(self._ended, self._unhost)
+        producer.run_in(asyncio.get_running_loop().create_task(coroutine, name=name))
         self._hosted.add(producer)
-        task.add_done_callback(functools.partial(self._hosted_done, producer))
         return producer
 
-    def _hosted_done(self, producer: Producer, task: asyncio.Task[None]) -> None:
-        assert self._tasks is not None
-        self._tasks.discard(task)
+    def _unhost(self, producer: Producer) -> None:
+        """A producer that runs in a task of the loop's own is over (lingering included)."""
         self._hosted.discard(producer)
         self._running_changed.notify()
-        if not task.cancelled() and task.exception() is not None:
-            # `_run` handles the generator's failures; anything else is a bug of ours, which a
-            # task group would have raised out of the context.
-            logger.error("a producer failed", exc_info=task.exception())
 
     async def _close_hosted(self) -> None:
-        if not self._tasks:
+        if not self._hosted:
             return
         for producer in list(self._hosted):
             producer.close()
         # Their cleanup is bounded (`_CLEANUP_TIMEOUT` per step), so this is too.
         with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
-            while self._tasks:
+            while self._hosted:
                 await self._running_changed.wait()
-        if self._tasks:
-            logger.warning("%d producers were still cleaning up", len(self._tasks))
+        if self._hosted:
+            logger.warning("%d producers were still cleaning up", len(self._hosted))
 
     def _run(self, producer: Producer) -> Coroutine[Any, Any, None]:
         # The producer's own coroutine, with no frame of ours around it (an idle stream's
