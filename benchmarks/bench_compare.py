@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import inspect
 import json
 import math
@@ -469,7 +470,7 @@ def run_json(
     return result
 
 
-def python_command(args: argparse.Namespace, url: str, mode: str) -> list[str]:
+def python_command(args: argparse.Namespace, url: str, mode: str, loop: str) -> list[str]:
     return [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -477,6 +478,8 @@ def python_command(args: argparse.Namespace, url: str, mode: str) -> list[str]:
         mode,
         "--url",
         url,
+        "--loop",
+        loop,
         *common_options(args),
     ]
 
@@ -694,31 +697,39 @@ def orchestrate(args: argparse.Namespace) -> None:
     if args.otel:
         version = code_version()
         pythons = {
-            "python": ("no SDK", REPO, version),
-            "otel": ("SDK meter provider", REPO, version),
-            "traces": ("SDK meter + tracer providers", REPO, version),
-            "control": ("no SDK again (control)", REPO, version),
+            "python": ("no SDK", REPO, version, "asyncio"),
+            "otel": ("SDK meter provider", REPO, version, "asyncio"),
+            "traces": ("SDK meter + tracer providers", REPO, version, "asyncio"),
+            "control": ("no SDK again (control)", REPO, version, "asyncio"),
         }
         compare(args, pythons, started)
         return
     ensure_node_reference()
     with contextlib.ExitStack() as stack:
-        # Each Python implementation: (label, where its `resumable_stream/` is, git version).
-        pythons = {"python": ("ours (Python)", REPO, code_version())}
+        # Each Python implementation: (label, where its `resumable_stream/` is, git version,
+        # event loop).
+        pythons = {"python": ("ours (Python)", REPO, code_version(), "asyncio")}
         if args.baseline:
             root = stack.enter_context(library_at(args.baseline))
-            before = ("before", root, code_version(args.baseline))
-            pythons = {"before": before, "python": ("after", REPO, code_version())}
+            before = ("before", root, code_version(args.baseline), "asyncio")
+            pythons = {"before": before, "python": ("after", REPO, code_version(), "asyncio")}
+        if args.uvloop is None:
+            args.uvloop = importlib.util.find_spec("uvloop") is not None
+        if args.uvloop:
+            if importlib.util.find_spec("uvloop") is None:
+                sys.exit("--uvloop: uvloop is not installed (pip install uvloop)")
+            label = "after" if args.baseline else "ours (Python)"
+            pythons["uvloop"] = (f"{label}, uvloop", REPO, code_version(), "uvloop")
         compare(args, pythons, started)
 
 
 def compare(
-    args: argparse.Namespace, pythons: dict[str, tuple[str, Path, str]], started: float
+    args: argparse.Namespace, pythons: dict[str, tuple[str, Path, str, str]], started: float
 ) -> None:
     names = [*pythons] if args.otel else [*pythons, "node"]
-    labels = {name: f"{label} ({version})" for name, (label, _, version) in pythons.items()}
+    labels = {name: f"{label} ({version})" for name, (label, _, version, _) in pythons.items()}
     labels["node"] = "Node reference"
-    envs = {name: env_importing(root) for name, (_, root, _) in pythons.items()}
+    envs = {name: env_importing(root) for name, (_, root, _, _) in pythons.items()}
     for name, env in envs.items():
         env.pop(OTEL_ENV, None)
         if name == "otel":
@@ -729,7 +740,8 @@ def compare(
     def run(name: str, url: str, mode: str, timeout: float) -> dict[str, Any]:
         if name == "node":
             return run_json(node_command(args, url, mode), timeout)
-        report = run_json(python_command(args, url, mode), timeout, envs[name])
+        command = python_command(args, url, mode, pythons[name][3])
+        report = run_json(command, timeout, envs[name])
         check_imported(report["module_file"], pythons[name][1], labels[name])
         return report
 
@@ -771,7 +783,14 @@ def compare(
         ratios = [("python", "before"), ("python", "node")]
     else:
         ratios = [("python", "node")]
-    short = {"python": "after" if "before" in names else "ours", "before": "before", "node": "Node"}
+    if "uvloop" in names:
+        ratios.append(("uvloop", "node"))
+    short = {
+        "python": "after" if "before" in names else "ours",
+        "before": "before",
+        "uvloop": "uvloop",
+        "node": "Node",
+    }
     if args.otel:
         short.update(python="no SDK", otel="metrics", traces="traces", control="control")
     header = [
@@ -804,6 +823,8 @@ def compare(
         files = {"otel-overhead.json": combined}
     else:
         files = {f"compare-{name}.json": merged[name] for name in ("python", "node")}
+        if "uvloop" in merged:
+            files["compare-python-uvloop.json"] = merged["uvloop"]
         if "before" in merged:
             files["compare-python-before.json"] = merged["before"]
         files["compare.json"] = combined
@@ -832,11 +853,19 @@ def main() -> None:
         action="store_true",
         help="measure the telemetry's overhead: without and with the OpenTelemetry SDK installed",
     )
+    parser.add_argument(
+        "--uvloop",
+        action=argparse.BooleanOptionalAction,
+        help="also run ours on uvloop (what uvicorn[standard] runs), in the same run; "
+        "the default when uvloop is installed",
+    )
     parser.add_argument("--worker", choices=["main", "replay"], help=argparse.SUPPRESS)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        report = anyio.run(worker, args)
+        report = anyio.run(worker, args, backend_options={"use_uvloop": args.loop == "uvloop"})
+        report["loop"] = args.loop
         sys.stdout.write(json.dumps(report) + "\n")
     else:
         orchestrate(args)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import math
+import time
 from bisect import bisect_right
+from collections.abc import Awaitable
 
 import anyio
 
@@ -44,21 +46,104 @@ class Signal:
             self._event.set()
             self._event = None
 
-    async def wait(self) -> None:
+    def wait(self) -> Awaitable[None]:
+        """What to await until the next `notify()`.
+
+        On asyncio, a bare future rather than a coroutine: a waiting reader holds no frame of
+        this method (a quarter of a KiB per idle stream). A waiting task that is cancelled
+        cancels its future, which the next `wait()` or `notify()` drops.
+        """
         if self._loop is None:
             if self._event is None:
                 self._event = anyio.Event()
-            await self._event.wait()
-            return
+            return self._event.wait()
         waiter = self._loop.create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if waiter.cancelled() or not waiter.done():  # the waiting task was cancelled
-                waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+        waiters = self._waiters
+        if waiters and (waiters[0].done() or waiters[-1].done()):
+            # Left by cancelled waits (a timeout around each, say): dropped before they pile
+            # up on a signal that stays quiet.
+            waiters = self._waiters = [w for w in waiters if not w.done()]
+        waiters.append(waiter)
+        return waiter
+
+
+# A batch of chunks wakes its readers at most this many loop turns after its first chunk, so
+# a source that yields a chunk on every loop turn wakes them once per this many chunks.
+_MAX_DEFERRED_TURNS = 16
+# A batch this large wakes them at once: a source that produces this many chunks per loop turn
+# (one that hardly awaits) gains nothing from waiting for more.
+_MAX_DEFERRED_CHUNKS = 64
+# Chunks closer together than this (seconds) come from a source that does not really wait
+# between them (a loop turn or a network read that was ready): they are worth batching.
+_BURST_GAP = 0.0005
+
+
+class BatchSignal(Signal):
+    """A `Signal` whose `notify_soon()` wakes the waiters once per batch of a burst.
+
+    The producer appends a chunk per loop turn when its source yields to the loop per chunk
+    (any source fed by the network), and waking its reader for each one was half the CPU per
+    chunk: a task switch, a future and two loop callbacks. When a batch's first chunk comes
+    in a burst (less than `_BURST_GAP` after the previous batch began), `notify_soon()` wakes
+    the waiters only at the first loop turn in which nothing more was notified, or after
+    `_MAX_DEFERRED_TURNS` turns or `_MAX_DEFERRED_CHUNKS` chunks, paying one loop callback per
+    turn meanwhile; so a source that produces a chunk per turn wakes its reader once per batch.
+    A chunk after a pause (a model's next token) wakes them at once, as `notify()` does:
+    deferring it would only add loop callbacks, since no other chunk is coming to share the
+    wake-up. Nothing at all is done while nobody waits. On trio it is `notify()`.
+    """
+
+    __slots__ = ("_handle", "_last", "_notified", "_seen", "_start", "_turns")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._handle: asyncio.Handle | None = None
+        self._last = -math.inf  # when notify_soon() was last called
+        self._notified = 0  # counts notify_soon() calls; compared between loop turns
+        self._seen = 0
+        self._start = 0  # `_notified` when the pending batch began
+        self._turns = 0
+
+    def notify_soon(self) -> None:
+        self._notified += 1
+        if self._handle is not None or not self._waiters:
+            # A batch is pending, or nobody waits (on trio: nothing is deferred). The path of
+            # most chunks of a fast source: no clock is read here.
+            if self._event is not None:
+                self.notify()
+            return
+        # The first chunk of a batch: a burst if it comes soon after the previous batch began.
+        now = time.monotonic()
+        burst = now - self._last < _BURST_GAP
+        self._last = now
+        if not burst:
+            # notify(), inlined (once per chunk of a model's stream): waiters are asyncio's.
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
+        assert self._loop is not None  # waiters are asyncio futures
+        self._start = self._notified
+        self._seen = self._notified - 1  # the flush's first turn sees this call as new
+        self._turns = 0
+        self._handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        notified = self._notified
+        if (
+            notified != self._seen
+            and self._turns < _MAX_DEFERRED_TURNS
+            and notified - self._start < _MAX_DEFERRED_CHUNKS
+        ):
+            # Notified during the last loop turn: the batch is still growing.
+            self._seen = notified
+            self._turns += 1
+            assert self._loop is not None
+            self._handle = self._loop.call_soon(self._flush)
+            return
+        self._handle = None
+        self.notify()
 
 
 class ChunkBuffer:
@@ -113,8 +198,10 @@ class ChunkBuffer:
 
     def entries(self, index: int, stop: int) -> list[Entry]:
         """Entries for chunks `index` up to `stop`, each chunk whole."""
-        items: list[str | Event] = list(self.chunks[index:stop])
         events = self.events
+        if stop == index + 1 and not events:  # a model's token: one chunk per batch
+            return [(self.chunks[index], self.ends[index])]
+        items: list[str | Event] = list(self.chunks[index:stop])
         if events:
             for i in range(index, stop):
                 event = events.get(i)

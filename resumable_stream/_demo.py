@@ -419,6 +419,10 @@ def run(host: str, port: int, redis_url: str | None, delay: float) -> int:
         host=sock.getsockname()[0],
         port=sock.getsockname()[1],
         lifespan="on",
+        # uvloop and httptools when they are installed (`uvicorn[standard]`): a streamed
+        # response costs about half the CPU per chunk on uvloop (benchmarks/README.md).
+        loop="auto",
+        http="auto",
         timeout_graceful_shutdown=3,
         log_level="info",
     )

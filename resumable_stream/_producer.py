@@ -10,6 +10,8 @@ fails (a full or unreachable Redis) is retried until it lands or the stream's TT
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
 from collections.abc import AsyncIterable, Callable
@@ -18,7 +20,7 @@ import anyio
 import anyio.lowlevel
 
 from . import _protocol as p
-from ._buffer import ChunkBuffer, Entry, Signal
+from ._buffer import BatchSignal, ChunkBuffer, Entry, Signal
 from ._event import Event
 from ._exceptions import BackendError
 from ._hub import Hub
@@ -35,16 +37,20 @@ _CHECKPOINT_EVERY = 64
 # Recording the end takes up to two commands, each bounded by the backend's own deadline.
 _CLEANUP_TIMEOUT = 15.0
 _RECORD_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# The scope of a producer stopped through its task (see `Producer.stop`): it holds no state.
+_NO_SCOPE = contextlib.nullcontext()
 
 
 class Producer:
     # Slots: thousands of idle streams each hold one of these.
     __slots__ = (
+        "_closing",
         "_epoch",
         "_following",
         "_hub",
+        "_in_source",
+        "_lingering",
         "_listening",
-        "_live_channel",
         "_live_index",
         "_make_stream",
         "_published",
@@ -53,7 +59,9 @@ class Producer:
         "_request_channel",
         "_started",
         "_stop",
+        "_stopping",
         "_store",
+        "_task",
         "buffer",
         "changed",
         "error",
@@ -75,7 +83,7 @@ class Producer:
         self.token = p.new_producer_token()
         self._make_stream = make_stream
         self.buffer = ChunkBuffer()
-        self.changed = Signal()
+        self.changed = BatchSignal()
         self.state: str | None = None
         # Readers end only once the end was announced and its recording tried, so whoever saw
         # the end and asks the backend next finds the stream finished.
@@ -85,9 +93,18 @@ class Producer:
         self._started = anyio.current_time()
         self._request_channel = hub.keys.request(stream_id)
         self._listening = not offline
-        # Cancelling this scope is a stop: it interrupts whatever the generator awaits.
-        self._stop = anyio.CancelScope()
-        self._live_channel = hub.keys.live(stream_id)
+        # A stop interrupts whatever the generator awaits. On asyncio, when the context runs
+        # this producer in a task of the loop's own (`_task`), by cancelling that task while
+        # it is in the source (`_in_source`), once; otherwise by cancelling an anyio scope
+        # (`_stop`), made when the run starts. The task's way costs nothing per stream, where
+        # an anyio scope costs 0.8 KiB (with its two sets) for the whole life of the stream.
+        self._task: asyncio.Task[None] | None = None
+        self._stop: anyio.CancelScope | None = None
+        self._stopping = False
+        self._in_source = False
+        # Leaving the context: no more lingering (`close`); the scope of the linger meanwhile.
+        self._closing = False
+        self._lingering: anyio.CancelScope | None = None
         # Live publishing: on while somebody follows, from chunk `_live_index` on. `_epoch`
         # counts requests so a publish that reached nobody only turns it off if no follower
         # joined while that publish was in flight.
@@ -95,7 +112,7 @@ class Producer:
         self._epoch = 0
         self._live_index = 0
         self._publishing = False
-        self._published = Signal()
+        self._published: Signal | None = None  # made when a publishing task starts
         # Durable streams: the text in the backend too, written by a task of the store's.
         self._store = (
             Store(hub, stream_id, self.token, self.buffer, self.changed)
@@ -113,33 +130,106 @@ class Producer:
         """The type name of the generator's exception: all that readers elsewhere learn of it."""
         return type(self.error).__name__ if self.error is not None else None
 
-    async def run(self) -> None:
-        """Run the generator to its end, announce the end and record it."""
+    async def run(
+        self,
+        ended: Callable[[Producer], None] | None = None,
+        finished: Callable[[Producer], None] | None = None,
+    ) -> None:
+        """Run the generator to its end, announce the end and record it; then, with `ended`,
+        call it and linger (see `linger`), then call `finished`: one coroutine, so an idle
+        stream holds one frame less."""
         hub = self._hub
         if not self.offline:
             hub.add_producer(self)
+        # In this task, so that the generator runs inside the stream's span (if traced).
+        span = hub.telemetry.producer_started(self.stream_id)
         state = p.CANCELLED
+        task = self._task
+        if task is None:
+            self._stop = anyio.CancelScope()
+            if self._stopping:
+                self._stop.cancel()
         try:
-            with self._stop:
-                if not self.offline:
-                    await hub.connection.subscribe(self._request_channel, wait=False)
-                if self._store is not None:
-                    hub.spawn(self.stream_id, self._store.run, lambda: self.state is not None)
-                await self._pump()
-                state = p.DONE
+            with self._stop if self._stop is not None else _NO_SCOPE:
+                if not self._stopping:
+                    self._in_source = True
+                    try:
+                        if not self.offline:
+                            await hub.connection.subscribe(self._request_channel, wait=False)
+                        if self._store is not None:
+                            store = self._store
+                            hub.spawn(self.stream_id, store.run, lambda: self.state is not None)
+                        # The source's loop, here rather than in a coroutine of its own: an idle
+                        # stream holds one frame less.
+                        buffer = self.buffer
+                        # Readers and the live publisher wake once per batch of chunks.
+                        notify = self.changed.notify_soon
+                        count = 0
+                        source = self._make_stream()
+                        if not hasattr(source, "__aiter__"):
+                            raise TypeError(
+                                f"make_stream() must return an async iterable, not {source!r}"
+                            )
+                        iterator = source.__aiter__()
+                        try:
+                            async for chunk in iterator:
+                                if type(chunk) is not str:
+                                    if isinstance(chunk, Event):
+                                        buffer.append_event(chunk)
+                                        notify()
+                                    elif isinstance(chunk, str):
+                                        if chunk:
+                                            buffer.append(str(chunk))
+                                            notify()
+                                    else:
+                                        raise TypeError(
+                                            "streams yield str or Event chunks, not "
+                                            f"{type(chunk).__name__}"
+                                        )
+                                elif chunk:
+                                    buffer.append(chunk)
+                                    notify()
+                                count += 1
+                                if count == 1 or count % _CHECKPOINT_EVERY == 0:
+                                    await anyio.lowlevel.checkpoint()
+                        finally:
+                            aclose = getattr(iterator, "aclose", None)
+                            if aclose is not None:
+                                await aclose()
+                    finally:
+                        # Before any other await: a stop from now on cancels nothing.
+                        self._in_source = False
+                    state = p.DONE
         except Exception as exc:
             state = p.FAILED
             self.error = exc
             logger.warning("stream %r failed", self.stream_id, exc_info=exc, extra=self._log)
+        except asyncio.CancelledError:
+            if task is None or not self._stopping:
+                raise  # not a stop: the loop is shutting down, say
+            # The stop's own cancellation, delivered in the source: the stream ends cancelled.
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
         finally:
-            self.state = state
-            self.changed.notify()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
-                await self._finish(state)
-                if not hub.settings.linger and self._recorded:
-                    await self._stop_listening()
-            self.settled = True
-            self.changed.notify()
+            try:
+                self.state = state
+                self.changed.notify()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
+                    await self._finish(state)
+                    if not hub.settings.linger and self._recorded:
+                        await self._stop_listening()
+                self.settled = True
+                self.changed.notify()
+            finally:
+                hub.telemetry.producer_ended(span, self.state, self.buffer.length)
+                try:
+                    if ended is not None:
+                        ended(self)
+                        await self.linger()
+                finally:
+                    if finished is not None:
+                        finished(self)
 
     async def linger(self) -> None:
         """Keep answering late resumes for `linger` seconds, and until the end is recorded.
@@ -148,13 +238,15 @@ class Producer:
         Leaving the context does not wait for this.
         """
         try:
-            if not self.offline:
-                await anyio.sleep(self._hub.settings.linger)
-                # Until then, a follower asking finds this producer, not a stream that seems
-                # to run with nobody producing it (which it would record as lost).
-                while not self._recorded:
-                    await self.changed.wait()
+            if not self.offline and not self._closing:
+                with anyio.CancelScope() as self._lingering:
+                    await anyio.sleep(self._hub.settings.linger)
+                    # Until then, a follower asking finds this producer, not a stream that
+                    # seems to run with nobody producing it (which it would record as lost).
+                    while not self._recorded:
+                        await self.changed.wait()
         finally:
+            self._lingering = None
             self._hub.remove_producer(self)
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                 await self._stop_listening()
@@ -172,41 +264,9 @@ class Producer:
                 # Cleanup of one stream must never take the context (and every stream) down.
                 logger.exception("could not unsubscribe %r", self._request_channel, extra=self._log)
 
-    async def _pump(self) -> None:
-        buffer = self.buffer
-        notify = self.changed.notify
-        count = 0
-        source = self._make_stream()
-        if not hasattr(source, "__aiter__"):
-            raise TypeError(f"make_stream() must return an async iterable, not {source!r}")
-        iterator = source.__aiter__()
-        try:
-            async for chunk in iterator:
-                if type(chunk) is not str:
-                    if isinstance(chunk, Event):
-                        buffer.append_event(chunk)
-                        notify()
-                    elif isinstance(chunk, str):
-                        if chunk:
-                            buffer.append(str(chunk))
-                            notify()
-                    else:
-                        raise TypeError(
-                            f"streams yield str or Event chunks, not {type(chunk).__name__}"
-                        )
-                elif chunk:
-                    buffer.append(chunk)
-                    notify()
-                count += 1
-                if count == 1 or count % _CHECKPOINT_EVERY == 0:
-                    await anyio.lowlevel.checkpoint()
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
     async def _finish(self, state: str) -> None:
         while self._publishing:
+            assert self._published is not None
             await self._published.wait()
         if self.offline:
             return
@@ -221,7 +281,8 @@ class Producer:
         ):
             end = p.End(None, self.token, self.buffer.length, state, self.error_type)
             try:
-                await self._hub.connection.publish(self._live_channel, end.pack())
+                live = self._hub.keys.live(self.stream_id)  # not kept: few streams need it
+                await self._hub.connection.publish(live, end.pack())
             except BackendError as exc:
                 logger.warning(
                     "could not announce the end of stream %r: %s",
@@ -275,7 +336,26 @@ class Producer:
 
     def stop(self) -> None:
         """Stop the generator; the stream ends as cancelled (no effect once it ended)."""
-        self._stop.cancel()
+        if self._stopping:
+            return  # a task cancelled twice would be cancelled again after the first
+        self._stopping = True
+        if self._stop is not None:
+            self._stop.cancel()
+        elif self._task is not None and self._in_source:
+            self._task.cancel()
+
+    def run_in(self, task: asyncio.Task[None]) -> None:
+        """`task`, a task of the loop's own, runs this producer: a stop cancels it (while in
+        the source). Called before the task first runs."""
+        self._task = task
+
+    def close(self) -> None:
+        """The context is closing: stop the generator, and linger no more (what cancelling the
+        context's task group does to a producer that runs in it)."""
+        self._closing = True
+        self.stop()
+        if self._lingering is not None:
+            self._lingering.cancel()
 
     def resync(self) -> None:
         """The backend reconnected (after a failover, say): what was written just before may
@@ -332,6 +412,8 @@ class Producer:
             if not self._publishing:
                 # A durable stream's batches go out with its writes: only its heartbeats here.
                 publish = self._publish_live if self._store is None else self._heartbeats
+                if self._published is None:
+                    self._published = Signal()
                 self._publishing = self._hub.spawn(self.stream_id, publish)
         connection = self._hub.connection
         limit = self._hub.settings.max_message_size
@@ -366,6 +448,7 @@ class Producer:
         assert store is not None
         connection = self._hub.connection
         interval = self._hub.settings.heartbeat
+        channel = self._hub.keys.live(self.stream_id)
         try:
             while self.state is None:
                 with anyio.move_on_after(interval) as idle:
@@ -374,7 +457,7 @@ class Producer:
                     continue  # text came: its write reaches the followers
                 epoch = self._epoch
                 alive = p.Heartbeat(self.token, store.stored_length).pack()
-                receivers = await connection.publish(self._live_channel, alive)
+                receivers = await connection.publish(channel, alive)
                 if not receivers and epoch == self._epoch:
                     self._following = False
                     return
@@ -384,6 +467,7 @@ class Producer:
             )
         finally:
             self._publishing = False
+            assert self._published is not None
             self._published.notify()
 
     async def _publish_live(self) -> None:
@@ -391,6 +475,7 @@ class Producer:
         limit = self._hub.settings.max_message_size
         buffer = self.buffer
         heartbeat = self._hub.settings.heartbeat
+        channel = self._hub.keys.live(self.stream_id)
         try:
             while True:
                 while self._live_index == len(buffer.chunks):
@@ -403,7 +488,7 @@ class Producer:
                         # silence means this producer is gone.
                         epoch = self._epoch
                         alive = p.Heartbeat(self.token, buffer.length).pack()
-                        receivers = await connection.publish(self._live_channel, alive)
+                        receivers = await connection.publish(channel, alive)
                         if not receivers and epoch == self._epoch:
                             self._following = False
                             return
@@ -414,7 +499,7 @@ class Producer:
                 start = buffer.start_of(index)
                 for offset, chunks, cont in p.split_pieces(buffer.wire(start, stop), start, limit):
                     live = p.Live(self.token, offset, chunks, cont).pack()
-                    receivers = await connection.publish(self._live_channel, live)
+                    receivers = await connection.publish(channel, live)
                 if receivers == 0 and epoch == self._epoch:
                     self._following = False
                     return
@@ -424,6 +509,7 @@ class Producer:
             )
         finally:
             self._publishing = False
+            assert self._published is not None
             self._published.notify()
 
     def reader(self, resume_at: int) -> ProducerReader:
@@ -446,13 +532,19 @@ class ProducerReader:
         return self
 
     async def __anext__(self) -> str:
-        chunks = self._producer.buffer.chunks
+        producer = self._producer
+        chunks = producer.buffer.chunks
         index = self._index
-        if index is not None and index < len(chunks) and self._head is None and not self._closed:
-            if index & CHECKPOINT_MASK == CHECKPOINT_MASK:
-                await anyio.lowlevel.checkpoint()  # let other tasks run (the buffer only grows)
-            self._index = index + 1
-            return chunks[index]
+        if index is not None and self._head is None and not self._closed:
+            if index >= len(chunks) and not producer.settled:
+                # Waits here rather than in next_batch: an idle reader holds one frame less.
+                await producer.changed.wait()
+                index = self._index
+            if index is not None and index < len(chunks) and not self._closed:
+                if index & CHECKPOINT_MASK == CHECKPOINT_MASK:
+                    await anyio.lowlevel.checkpoint()  # let others run (the buffer only grows)
+                self._index = index + 1
+                return chunks[index]
         item = (await self.next_batch(1))[0][0]
         return item if isinstance(item, str) else item.data
 
@@ -460,6 +552,13 @@ class ProducerReader:
         """Wait for chunks and take those available (at most `limit`); StopAsyncIteration at end."""
         producer = self._producer
         buffer = producer.buffer
+        # The common case, once per batch of a live stream: wait for the next chunk and take it.
+        index = self._index
+        if index is not None and self._head is None and not self._closed:
+            if index >= len(buffer.chunks) and not producer.settled:
+                await producer.changed.wait()
+            if index < len(buffer.chunks) and not self._closed:
+                return self._take(limit)
         while not self._closed:
             if self._index is None and buffer.length > self._offset:
                 index = buffer.index_at(self._offset)

@@ -85,8 +85,6 @@ Disconnected = Callable[[], Awaitable[object]]
 """A function whose awaitable returns once the client has gone (e.g. it awaits ASGI's
 `http.disconnect`)."""
 
-_SMALL_BATCH = 16
-_COALESCE_TURNS = 4
 _CLEANUP_TIMEOUT = 5.0
 _SSE_MEDIA = "text/event-stream; charset=utf-8"
 _TEXT_MEDIA = "text/plain; charset=utf-8"
@@ -316,16 +314,9 @@ class Frames:
             if self._raw:
                 raise StopAsyncIteration from None  # a raw body just ends
             return error_frame(exc, self._prefix)
-        # A generator handing over one chunk per loop turn would cost one send per chunk; a
-        # few more turns let the next chunks join this send.
-        for _ in range(_COALESCE_TURNS):
-            if len(entries) >= _SMALL_BATCH:
-                break
-            await anyio.lowlevel.checkpoint()
-            more = reader.take_ready()
-            if not more:
-                break
-            entries += more
+        # No extra loop turns to let more chunks join this send: a producer wakes its readers
+        # once per batch already (a chunk per loop turn comes as one batch), and a follower
+        # gets a batch per message; for a model's tokens every turn waited was wasted.
         return self._encode(entries)
 
 

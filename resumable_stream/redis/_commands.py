@@ -173,6 +173,9 @@ class Commands:
                 await self._send(batch)
             finally:
                 self._busy_since = None
+                # Not kept while waiting for the next: a burst of 1,000 new streams left its
+                # 2,000 settled commands alive until then (0.7 KiB a stream, in the figures).
+                del batch
 
     async def _watch(self) -> None:
         while True:

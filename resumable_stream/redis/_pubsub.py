@@ -144,6 +144,8 @@ class Subscriber:
             changes, self._changes = self._changes, []
             for kind, group in itertools.groupby(changes, key=lambda change: change.kind):
                 await self._send(kind, list(group))
+            # Not kept while waiting for the next changes (see Commands._send_all).
+            del changes, group
 
     async def _send(self, kind: bytes, group: list[_Change]) -> None:
         channels = [channel for change in group for channel in change.channels]
