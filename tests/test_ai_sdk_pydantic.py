@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,11 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    # pydantic-ai supports Python 3.11 and newer (the test dependency has that marker).
+    pytest.skip("pydantic-ai needs Python 3.11 or newer", allow_module_level=True)
+
 from pydantic_ai.messages import ModelMessage, ModelRequest, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, FunctionModel
 
