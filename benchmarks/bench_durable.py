@@ -32,7 +32,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import anyio.streams.text
 import redis
 import redis.asyncio
@@ -41,6 +40,7 @@ import resumable_stream as rs
 from resumable_stream.redis import RedisBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.conftest
+from bench_compare import Source, make_source
 from bench_core import chunk, commandstats, median_of
 
 from tests.conftest import start_redis_server
@@ -52,16 +52,9 @@ RECONNECT_DELAY = 0.05
 now = time.perf_counter
 
 
-def source(chunks: list[str], gate: tuple[int, anyio.Event] | None, busy: bool) -> Any:
-    async def generate() -> AsyncIterator[str]:
-        for i, c in enumerate(chunks):
-            if gate is not None and i == gate[0]:
-                await gate[1].wait()
-            if busy:
-                await anyio.lowlevel.checkpoint()
-            yield c
-
-    return generate
+def source(chunks: list[str], gate: tuple[int, anyio.Event] | None, busy: bool) -> Source:
+    """The shared workload's source (`bench_compare.make_source`); `busy`: a loop turn per chunk."""
+    return make_source(chunks, yield_every=1 if busy else 0, gate=gate)
 
 
 def refuse() -> AsyncIterator[str]:

@@ -117,8 +117,8 @@ class Commands:
         self._stalled: BackendError | None = None  # why the watchdog cancelled it
         # A cluster's masters, by node name: one plain client each (see the module's doc).
         self._masters: dict[str, Redis] | None = {} if isinstance(client, RedisCluster) else None
-        self._direct_after = 0.0  # when masters may be used directly again
-        self._settled_from = False  # redis-py's cluster pipeline was used meanwhile
+        # After a topology change, when masters may be used directly again (0: none pending).
+        self._direct_after = 0.0
 
     def close(self) -> None:
         self._closed = True
@@ -222,9 +222,9 @@ class Commands:
             and anyio.current_time() >= self._direct_after
             and all(pending.key is not None for pending in batch)
         ):
-            if self._settled_from:
+            if self._direct_after:
                 # The topology settled: redis-py's own connections go (one per master is ours).
-                self._settled_from = False
+                self._direct_after = 0.0
                 await self._drop_cluster_connections()
             return await self._execute_on_masters(batch)
         return await self._execute_pipeline(batch)
@@ -307,7 +307,6 @@ class Commands:
     async def _settle_topology(self) -> None:
         """The topology changed: the cluster pipeline for a while, and new master clients."""
         self._direct_after = anyio.current_time() + _SETTLE
-        self._settled_from = True
         await self.disconnect()
 
     def _master(self, node: Any) -> Redis:
