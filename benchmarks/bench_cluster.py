@@ -64,9 +64,10 @@ def master_stats(cluster: LocalCluster) -> dict[int, tuple[Counter[str], int]]:
     """Per master: its command calls and its network bytes in + out, so far."""
     stats = {}
     for node in cluster.masters():
-        info = node.client.info("commandstats")
+        # Typed `Awaitable[Any] | Any` before redis-py 8, although this client is synchronous.
+        info: Any = node.client.info("commandstats")
         calls = Counter({k.removeprefix("cmdstat_"): v["calls"] for k, v in info.items()})
-        net = node.client.info("stats")
+        net: Any = node.client.info("stats")
         stats[node.port] = (calls, net["total_net_input_bytes"] + net["total_net_output_bytes"])
     return stats
 

@@ -137,15 +137,21 @@ async def test_streams_spread_over_every_master_in_sharded_channels(cluster: Loc
             assert pubsub <= 2, (port, pubsub)
 
 
+def _client_list(node: ClusterNode) -> list[dict[str, str]]:
+    # Typed `Awaitable[Any] | Any` before redis-py 8, although this client is synchronous.
+    listing: Any = node.client.client_list()
+    return list(listing)
+
+
 def _newest_client(node: ClusterNode) -> int:
-    return max(int(c["id"]) for c in node.client.client_list())
+    return max(int(c["id"]) for c in _client_list(node))
 
 
 def _clients_since(node: ClusterNode, newest: int) -> tuple[int, int]:
     """(command, subscriber) connections opened since `newest`, but for the harness's own."""
     clients = [
         c
-        for c in node.client.client_list()
+        for c in _client_list(node)
         if int(c["id"]) > newest and c.get("cmd") not in ("client|list", "client")
     ]
     pubsub = [c for c in clients if int(c.get("sub", 0)) or int(c.get("ssub", 0))]

@@ -15,7 +15,7 @@ import sys
 import textwrap
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -272,7 +272,7 @@ def _restart(server: RedisServer, *args: str) -> RedisServer:
 async def stored_length(admin: redis.asyncio.Redis, key: str) -> int:
     """How much text a durable stream's log holds (its batches' characters)."""
     total = 0
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = await admin.xrange(key)  # type: ignore[assignment]
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await admin.xrange(key))
     for entry_id, fields in entries:
         if entry_id.endswith(b"-1"):
             [value] = fields.values()

@@ -93,7 +93,7 @@ async def test_a_key_of_another_type_is_a_backend_error(
     )
     async with ctx:
         # Somebody else's list where our sentinel should be: WRONGTYPE, not "finished".
-        await admin.rpush(Keys("x").sentinel("s"), "not ours")
+        await admin.execute_command("RPUSH", Keys("x").sentinel("s"), "not ours")
         with pytest.raises(rs.BackendError, match="WRONGTYPE"):
             await ctx.resume_existing_stream("s")
         with pytest.raises(rs.BackendError):

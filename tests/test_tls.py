@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -63,7 +64,8 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, P
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis.from_url(url).ping()
+                client: Any = redis.Redis.from_url(url)  # typed None in redis-py 5.0
+                client.ping()
                 break
             except redis.exceptions.ConnectionError:
                 if process.poll() is not None:

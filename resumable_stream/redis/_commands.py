@@ -21,7 +21,7 @@ import anyio
 import redis.exceptions
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import AbstractBackoff
 
 from .._backend import LogAppend, LogEntry, LogId
 from .._buffer import Signal
@@ -60,6 +60,13 @@ class _Pending:
         self.done = anyio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+
+
+class _NoBackoff(AbstractBackoff):
+    """No wait between attempts (redis-py's own `NoBackoff` is unannotated before 6.0)."""
+
+    def compute(self, failures: int) -> float:
+        return 0.0
 
 
 class _Retryable(Exception):
@@ -316,7 +323,7 @@ class Commands:
             kwargs = {k: v for k, v in node.connection_kwargs.items() if "maint" not in k}
             # No retry inside redis-py: a batch may hold an INCR, which must not run twice
             # (what is safe to send again is retried above).
-            kwargs["retry"] = Retry(NoBackoff(), 0)
+            kwargs["retry"] = Retry(_NoBackoff(), 0)
             pool = ConnectionPool(connection_class=node.connection_class, **kwargs)
             client = self._masters[node.name] = Redis(connection_pool=pool)
         return client
@@ -356,9 +363,9 @@ class Commands:
                     # The slot map is read (the subscriber connected): the connection redis-py
                     # read it on goes, and a master's connection of ours answers.
                     await self._drop_cluster_connections()
-                    await self._master(self._client.get_node_from_key("")).ping()
+                    await _ping(self._master(self._client.get_node_from_key("")))
                 else:
-                    await self._client.ping()
+                    await _ping(self._client)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise BackendError(f"Redis error: {exc}") from exc
 
@@ -487,3 +494,9 @@ for i = 7, #ARGV, 3 do
 end
 return previous
 """
+
+
+async def _ping(client: Redis | RedisCluster) -> None:
+    # Through execute_command: `ping()` is typed `Awaitable[bool] | bool` in some redis-py
+    # releases, which cannot be awaited under mypy strict.
+    await client.execute_command("PING")
