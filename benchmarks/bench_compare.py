@@ -1,7 +1,7 @@
 """Side by side with the Node reference: the shared workload against this library and npm's.
 
 Usage: python benchmarks/bench_compare.py [--processes 3] [--runs 5] [--chunks 10000] [--width 64]
-       [--baseline REF | --otel]
+       [--baseline REF | --otel] [--without-otel-api]
 
 Starts its own redis-server on a free loopback port, installs the reference into
 `benchmarks/node/` if it is missing (`npm ci`, versions pinned in its package.json), then runs the
@@ -25,6 +25,11 @@ aggregated, and no exporter), and in processes that also install the SDK's trace
 span processor: spans are made, then dropped); and a control: processes without the SDK again,
 whose ratio to the first shows how far two identical arms differ in the same run (the noise
 floor). No Node. Writes `benchmarks/results/otel-overhead.json`.
+
+With `--without-otel-api`, the Python processes run as if the OpenTelemetry API were not
+installed (the base install: `pip install resumable-streams` has only anyio), so the library's
+telemetry is off; without it they import the API where it is installed, and report through its
+no-op instruments.
 """
 
 from __future__ import annotations
@@ -353,7 +358,10 @@ def install_otel_sdk(traces: bool) -> None:
 async def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One Python process's share of the workload, as the JSON of WORKLOAD.md."""
     otel = os.environ.get(OTEL_ENV, "")
-    if otel:
+    if otel == "absent":
+        # As if the API were not installed: its import fails, and the telemetry is off.
+        sys.modules["opentelemetry"] = None  # type: ignore[assignment]
+    elif otel:
         install_otel_sdk(traces=otel == "traces")
     width = args.width
     admin = redis.asyncio.Redis.from_url(args.url)
@@ -732,7 +740,9 @@ def compare(
     envs = {name: env_importing(root) for name, (_, root, _, _) in pythons.items()}
     for name, env in envs.items():
         env.pop(OTEL_ENV, None)
-        if name == "otel":
+        if args.without_otel_api:
+            env[OTEL_ENV] = "absent"
+        elif name == "otel":
             env[OTEL_ENV] = "metrics"
         elif name == "traces":
             env[OTEL_ENV] = "traces"
@@ -854,6 +864,11 @@ def main() -> None:
         help="measure the telemetry's overhead: without and with the OpenTelemetry SDK installed",
     )
     parser.add_argument(
+        "--without-otel-api",
+        action="store_true",
+        help="the Python processes run as if the OpenTelemetry API were not installed",
+    )
+    parser.add_argument(
         "--uvloop",
         action=argparse.BooleanOptionalAction,
         help="also run ours on uvloop (what uvicorn[standard] runs), in the same run; "
@@ -863,6 +878,8 @@ def main() -> None:
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.otel and args.without_otel_api:
+        parser.error("--otel measures the telemetry: it needs the OpenTelemetry API")
     if args.worker:
         report = anyio.run(worker, args, backend_options={"use_uvloop": args.loop == "uvloop"})
         report["loop"] = args.loop

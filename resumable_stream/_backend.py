@@ -47,6 +47,10 @@ class Connection(Protocol):
     to the handler given to `Backend.connect`.
     """
 
+    # Whether channels are spread over shards (a cluster): then each stream's channels live in
+    # its slot, and one channel for all streams would load one shard with every reply.
+    sharded: bool
+
     async def incr(self, key: str, ttl: int) -> int | None:
         """Increment `key` and make it expire after `ttl` s; None if it holds a non-integer."""
 
@@ -167,6 +171,8 @@ class MemoryBackend:
 
 
 class _MemoryConnection:
+    sharded = False
+
     def __init__(self, backend: MemoryBackend, on_message: MessageHandler) -> None:
         self._backend = backend
         self._on_message = on_message
@@ -288,11 +294,12 @@ class CountedConnection:
     telemetry is on. Each method counts and returns the wrapped connection's own awaitable (no
     coroutine of its own: this is on every command's path)."""
 
-    __slots__ = ("_connection", "_count")
+    __slots__ = ("_connection", "_count", "sharded")
 
     def __init__(self, connection: Connection, count: Callable[[str], None]) -> None:
         self._connection = connection
         self._count = count
+        self.sharded = connection.sharded
 
     def incr(self, key: str, ttl: int) -> Coroutine[Any, Any, int | None]:
         self._count("incr")

@@ -169,7 +169,7 @@ class ResumableStreamContext:
             if self._telemetry.enabled:
                 connection = CountedConnection(connection, self._telemetry.command)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
-            self._hub.open(connection, self._tg)
+            await self._hub.open(connection, self._tg)
             if self._telemetry.enabled:
                 self._tg.start_soon(self._telemetry.run, name="resumable_stream telemetry")
             try:

@@ -54,7 +54,8 @@ class Follower:
         self.listener: str | None = None  # the id of the request whose answers count
         self.acked = anyio.Event()  # the producer answered the first request
         self.ended = anyio.Event()  # the end of the stream (or an error) arrived
-        self.heard = anyio.current_time()  # when a message for this follower last arrived
+        now = anyio.current_time()
+        self.heard = now  # when a message for this follower last arrived
         self._position = resume_at  # text before this offset has been taken
         self._consumed = resume_at  # text before this offset has been handed to the reader
         self._partial: list[str] = []  # the start of a chunk that continues in the next message
@@ -63,7 +64,7 @@ class Follower:
         self._producer: str | None = None  # the token of the producer whose text this is
         self._awaiting = True  # a request is out whose replay has not all arrived
         self._answered = False  # some of that replay arrived
-        self._progress = anyio.current_time()  # when it was sent, or a piece of it arrived
+        self._progress = now  # when it was sent, or a piece of it arrived
         self._unanswered = 0
         self._recovering = False
         self._again = False  # another request is due once the one being sent is out

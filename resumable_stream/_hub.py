@@ -66,10 +66,15 @@ class Hub:
         self._producers: dict[str, RequestHandler] = {}  # by request channel
         self._live: dict[str, set[MessageSink]] = {}  # by live channel
         self._listeners: dict[str, MessageSink] = {}  # by the listener id of a request
-        self._live_lock = anyio.Lock()
+        # fast_acquire: an uncontended lock costs no loop turn (every resume takes it).
+        self._live_lock = anyio.Lock(fast_acquire=True)
 
-    def open(self, connection: Connection, tg: TaskGroup) -> None:
+    async def open(self, connection: Connection, tg: TaskGroup) -> None:
         self._connection, self._tg = connection, tg
+        if not connection.sharded:
+            # Replies to every follower of this context come to one channel, subscribed for
+            # the context's life: a resume then subscribes to one channel, not two.
+            await connection.subscribe(self.keys.inbox(self._context_id))
 
     def close(self) -> None:
         self._connection = self._tg = None
@@ -109,19 +114,29 @@ class Hub:
     # Followers
 
     def reply_channel(self, stream_id: str) -> str:
-        """Where producers answer this context's followers of `stream_id`: in the stream's
-        slot (one channel per context would put every stream's replies on one shard)."""
-        return self.keys.reply(stream_id, self._context_id)
+        """Where producers answer this context's followers of `stream_id`: the context's inbox,
+        or on a sharded backend a channel in the stream's slot (one channel per context would
+        put every stream's replies on one shard)."""
+        if self.connection.sharded:
+            return self.keys.reply(stream_id, self._context_id)
+        return self.keys.inbox(self._context_id)
+
+    def _stream_channels(self, stream_id: str) -> tuple[str, ...]:
+        """What the followers of `stream_id` in this context subscribe to."""
+        live = self.keys.live(stream_id)
+        if self.connection.sharded:
+            return live, self.keys.reply(stream_id, self._context_id)
+        return (live,)
 
     async def follow(self, follower: MessageSink) -> None:
-        """Route the stream's live messages and replies to `follower`, subscribing (to both,
-        in one command) for the first follower of the stream."""
+        """Route the stream's live messages and replies to `follower`, subscribing (in one
+        command) for the first follower of the stream."""
         stream_id = follower.stream_id
         channel = self.keys.live(stream_id)
         async with self._live_lock:
             followers = self._live.get(channel)
             if followers is None:
-                await self.connection.subscribe(channel, self.reply_channel(stream_id))
+                await self.connection.subscribe(*self._stream_channels(stream_id))
                 followers = self._live[channel] = set()
             followers.add(follower)
 
@@ -140,7 +155,7 @@ class Hub:
                 del self._live[channel]
                 if self._connection is not None:
                     try:
-                        await self._connection.unsubscribe(channel, self.reply_channel(stream_id))
+                        await self._connection.unsubscribe(*self._stream_channels(stream_id))
                     except BackendError as exc:
                         logger.warning(
                             "could not unsubscribe %r: %s",

@@ -102,8 +102,14 @@ class Keys:
         return f"{self._tag(name)}:alias"
 
     def reply(self, stream_id: str, context_id: str) -> str:
-        """Where a producer answers the requests of one context's followers of the stream."""
+        """Where a producer answers the requests of one context's followers of the stream, on
+        a sharded backend (a cluster): in the stream's slot."""
         return f"{self._tag(stream_id)}:reply:{context_id}"
+
+    def inbox(self, context_id: str) -> str:
+        """Where a producer answers the requests of one context's followers, whatever the
+        stream, on a backend that is not sharded (one channel, subscribed once)."""
+        return f"{self._base}inbox:{context_id}"
 
 
 def validate_stream_id(stream_id: object) -> str:
@@ -218,9 +224,14 @@ def wire_event(event: Event, data: str | None = None) -> list[Any]:
     return [event.data if data is None else data, event.event, event.retry]
 
 
+_ONLY_TEXT: Final = frozenset({str})
+
+
 def _check_chunks(chunks: object) -> list[WireChunk]:
     if not isinstance(chunks, list):
         raise ValueError("malformed chunks")
+    if set(map(type, chunks)) <= _ONLY_TEXT:
+        return chunks  # the common case, checked at C speed (a replay holds many chunks)
     for chunk in chunks:
         if type(chunk) is str:
             continue

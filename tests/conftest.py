@@ -180,8 +180,11 @@ class Workers:
         return Keys(self.prefix)
 
     async def channels(self) -> list[str]:
-        """The channels of this test's contexts somebody is subscribed to (sharded ones on a
-        cluster, on every master)."""
+        """The channels of this test's streams somebody is subscribed to (sharded ones on a
+        cluster, on every master); not the contexts' inboxes, which live as long as they do."""
+        return [c for c in await self.all_channels() if ":inbox:" not in c]
+
+    async def all_channels(self) -> list[str]:
         backend = self.backends[0]
         if isinstance(backend, rs.MemoryBackend):
             return sorted(c for c in backend.channels() if c.startswith(self.prefix))

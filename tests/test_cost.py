@@ -12,10 +12,11 @@ import pytest
 import redis.asyncio
 
 import resumable_stream as rs
+from resumable_stream._protocol import Keys
 from resumable_stream.redis import RedisBackend
 
 from .conftest import RedisServer
-from .helpers import TestingSource, never_called, read, read_chunks
+from .helpers import TestingSource, never_called, poll_until, read, read_chunks
 
 pytestmark = pytest.mark.anyio
 
@@ -154,6 +155,47 @@ async def test_a_resume_on_the_producers_process_costs_no_command(
         source.close()
         assert [await read(r) for r in [own, *readers]] == ["def", "", "", "", ""]
     assert meter.delta == {}
+
+
+async def test_replies_come_to_one_inbox_per_context(
+    redis_server: RedisServer, admin: redis.asyncio.Redis
+) -> None:
+    """On a server (not a cluster), producers answer a context's followers on the context's
+    inbox, subscribed once for its life: a resume subscribes to its stream's live channel only."""
+    prefix = f"cost-{uuid.uuid4().hex}"
+    keys = Keys(prefix)
+    P, C = (
+        rs.ResumableStreamContext(
+            backend=RedisBackend(redis_server.url), key_prefix=prefix, linger=0
+        )
+        for _ in range(2)
+    )
+
+    async def channels() -> list[str]:
+        names = await admin.pubsub_channels(f"{prefix}:*")
+        return sorted(c.decode() if isinstance(c, bytes) else c for c in names)
+
+    async with P, C:
+        inboxes = await channels()
+        assert [c.split(":")[-2] for c in inboxes] == ["inbox", "inbox"]
+        sources = [TestingSource() for _ in range(3)]
+        owns = [await P.resumable_stream(f"s{i}", s.make) for i, s in enumerate(sources)]
+        for source in sources:
+            source.write("a")
+        requests = [keys.request(f"s{i}") for i in range(3)]
+        await poll_until(channels, sorted(inboxes + requests))  # the producers listen
+        async with Meter(admin) as meter:
+            followers = [await C.resumable_stream(f"s{i}", never_called) for i in range(3)]
+            assert [await read(f, 1) for f in followers] == ["a"] * 3
+        assert meter.delta["subscribe"] == 3, meter.delta
+        lives = [keys.live(f"s{i}") for i in range(3)]
+        assert await channels() == sorted(inboxes + requests + lives)
+        for source in sources:
+            source.close()
+        assert [await read(r) for r in [*owns, *followers]] == ["a"] * 3 + [""] * 3
+        # Unsubscribing is not awaited by the readers: the last UNSUBSCRIBE may be on its way.
+        await poll_until(channels, inboxes)
+    assert await channels() == []
 
 
 async def test_nothing_is_published_while_nobody_follows(

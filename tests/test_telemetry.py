@@ -267,17 +267,17 @@ async def test_metrics_spans_and_stats_of_two_processes(
     if on_redis:
         backlog[attrs(outcome="lost")] = (1, 0)
     assert follower.of("resumable_stream.follower.backlog") == backlog
-    # Backend commands: each process its own. The producer's: three elections (INCR with
-    # EXPIRE), three request channels subscribed; the follower elected nothing.
+    # Backend commands: each process its own. The producer's: its inbox and three request
+    # channels subscribed, three elections (INCR with EXPIRE); the follower elected nothing.
     sent_p = {
         dict(a)["command"]: n for a, n in producer.of("resumable_stream.backend.commands").items()
     }
     sent_c = {
         dict(a)["command"]: n for a, n in follower.of("resumable_stream.backend.commands").items()
     }
-    assert (sent_p["incr"], sent_p["expire"], sent_p["subscribe"]) == (3, 3, 3)
+    assert (sent_p["incr"], sent_p["expire"], sent_p["subscribe"]) == (3, 3, 4)
     assert "incr" not in sent_c
-    assert sent_c["subscribe"] == 3  # s1, s3 and the dead stream's live and reply channels
+    assert sent_c["subscribe"] == 4  # the context's inbox, then s1, s3 and the dead stream
     if not on_redis:
         # Exactly what the backend served, but for the one command the test sent itself.
         served = dict(memory.commands)

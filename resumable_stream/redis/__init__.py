@@ -119,7 +119,8 @@ class _RedisConnection:
         on_reconnect: ReconnectHandler | None,
         timeout: float,
     ) -> None:
-        self._commands = Commands(client, timeout, sharded=isinstance(client, RedisCluster))
+        self.sharded = isinstance(client, RedisCluster)
+        self._commands = Commands(client, timeout, sharded=self.sharded)
         self._subscriber: Subscriber | ShardedSubscriber
         if isinstance(client, RedisCluster):
             self._subscriber = ShardedSubscriber(client, on_message, on_reconnect, timeout)

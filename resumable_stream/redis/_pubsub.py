@@ -25,6 +25,8 @@ from ._errors import broken_connection, deadline, delay_after, map_exceptions, t
 
 logger = logging.getLogger("resumable_stream")
 
+_UNBOUNDED = contextlib.nullcontext()
+
 
 class _Change:
     """An (un)subscription asked for, and its waiter, if any: `done` once the server confirmed
@@ -71,7 +73,8 @@ class Subscriber:
         # a lock); writes on the PubSub are serialized (it is not safe for concurrent ones).
         self._changes: list[_Change] = []
         self._queued = Signal()
-        self._write_lock = anyio.Lock()
+        # fast_acquire: an uncontended lock costs no loop turn (a follower's resume waits on it).
+        self._write_lock = anyio.Lock(fast_acquire=True)
         self._confirmations: dict[tuple[bytes, str], deque[_Change]] = {}
         self._error: BaseException | None = None
         # What we want to be subscribed to, so a reconnect can restore what an outage lost.
@@ -106,20 +109,28 @@ class Subscriber:
 
     async def subscribe(self, channels: tuple[str, ...], wait: bool) -> None:
         self._wanted.update(channels)
-        if wait and not self._changes and not self._write_lock.locked():
-            # Nothing queued or being sent: send it from here, without a hop through the
-            # sending task (a follower waits for this before it can ask for its text).
-            change = _Change(b"subscribe", channels, wait)
-            await self._send(b"subscribe", [change])
-        else:
-            change = self._queue(b"subscribe", channels, wait)
-        if wait:
-            with deadline(self._timeout, "SUBSCRIBE"):
+        if not wait:
+            self._queue(b"subscribe", channels, wait)
+            return
+        # One deadline for the sending and the confirmation (a follower's resume waits here).
+        with deadline(self._timeout, "SUBSCRIBE"):
+            if not self._changes and not self._write_lock.locked():
+                # Nothing queued or being sent: send it from here, without a hop through the
+                # sending task (a follower waits for this before it can ask for its text).
+                change = _Change(b"subscribe", channels, wait)
+                try:
+                    await self._send(b"subscribe", [change], bounded=False)
+                    await change.done.wait()
+                except BaseException:
+                    self._forget(change)  # a later confirmation is not this one's
+                    raise
+            else:
+                change = self._queue(b"subscribe", channels, wait)
                 await change.done.wait()
-            if change.error is not None:
-                raise change.error
-            if self._error is not None:
-                raise BackendError("the Redis subscriber connection is down") from self._error
+        if change.error is not None:
+            raise change.error
+        if self._error is not None:
+            raise BackendError("the Redis subscriber connection is down") from self._error
 
     async def unsubscribe(self, channels: tuple[str, ...]) -> None:
         """Returns once the command is sent (not confirmed); a failure is left to the
@@ -147,7 +158,9 @@ class Subscriber:
             # Not kept while waiting for the next changes (see Commands._send_all).
             del changes, group
 
-    async def _send(self, kind: bytes, group: list[_Change]) -> None:
+    async def _send(self, kind: bytes, group: list[_Change], bounded: bool = True) -> None:
+        """Send one command for `group`; `bounded`: within `command_timeout` (unless the
+        caller bounds it)."""
         channels = [channel for change in group for channel in change.channels]
         if kind == b"unsubscribe" and self._error is not None:
             # Down: the reconnect forgets what is no longer wanted.
@@ -165,7 +178,11 @@ class Subscriber:
             # nothing subscribed, nothing else would make it try).
             what = kind.decode().upper()
             async with self._write_lock:
-                with deadline(self._timeout, what), map_exceptions(), broken_connection():
+                with (
+                    deadline(self._timeout, what) if bounded else _UNBOUNDED,
+                    map_exceptions(),
+                    broken_connection(),
+                ):
                     if kind == b"subscribe":
                         await self._pubsub.subscribe(*channels)
                     else:

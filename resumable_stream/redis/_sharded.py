@@ -62,7 +62,7 @@ class _Link:
         self.channels: set[str] = set()
         self.confirmations: dict[tuple[bytes, str], deque[anyio.Event]] = {}
         self.unsubscribing: dict[str, int] = {}  # unsubscribes asked for, not yet confirmed
-        self.write_lock = anyio.Lock()
+        self.write_lock = anyio.Lock(fast_acquire=True)  # no loop turn when uncontended
         self.pongs = 0
         self.broken = False
         self.scope = anyio.CancelScope()
