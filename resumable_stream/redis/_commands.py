@@ -26,6 +26,7 @@ from redis.backoff import AbstractBackoff
 from .._backend import LogAppend, LogEntry, LogId
 from .._buffer import Signal
 from .._exceptions import BackendError
+from ._done import Done
 from ._errors import deadline, text
 
 logger = logging.getLogger("resumable_stream")
@@ -57,7 +58,7 @@ class _Pending:
         # Idempotent commands may be sent again after a connection failure: running them
         # twice changes nothing (our protocol takes a PUBLISHed message twice as once).
         self.idempotent = idempotent
-        self.done = anyio.Event()
+        self.done = Done()
         self.result: Any = None
         self.error: BaseException | None = None
 

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from .._backend import MessageHandler, ReconnectHandler
 from .._buffer import Signal
 from .._exceptions import BackendError
+from ._done import Done
 from ._errors import broken_connection, deadline, delay_after, map_exceptions, text
 
 logger = logging.getLogger("resumable_stream")
@@ -38,7 +39,7 @@ class _Change:
         self.kind = kind
         self.channels = channels
         self.waiting = len(channels) if wait else 0
-        self.done = anyio.Event()
+        self.done = Done()
         self.error: BackendError | None = None
 
     def confirmed(self) -> None:
