@@ -6,13 +6,14 @@ import bisect
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
 import anyio.lowlevel
 
 __all__ = [
+    "READY",
     "Backend",
     "Connection",
     "CountedConnection",
@@ -38,6 +39,19 @@ LogAppend = tuple[LogId, bytes, bytes]
 ReconnectHandler = Callable[[], None]
 """Called once a connection's subscriptions are back after an outage: whatever was published
 meanwhile was lost. Must not block."""
+
+
+class _Ready:
+    """An awaitable that is done already (on any event loop), and that need not be awaited."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+READY: Awaitable[None] = _Ready()
 
 
 class Connection(Protocol):
@@ -70,6 +84,12 @@ class Connection(Protocol):
     async def subscribe(self, *channels: str, wait: bool = True) -> None:
         """Subscribe to `channels` (of one stream: one hash slot); with `wait`, return only once
         messages published from now on arrive."""
+
+    async def begin_subscribe(self, *channels: str) -> Awaitable[None]:
+        """Send a subscription to `channels` (of one stream), returning once it is on its way;
+        awaiting what it returns waits, as `subscribe` does, until messages published from then
+        on arrive (and raises `BackendError` if the subscription failed). Whoever can send its
+        next command meanwhile saves a round trip."""
 
     async def unsubscribe(self, *channels: str) -> None: ...
 
@@ -241,6 +261,10 @@ class _MemoryConnection:
                 self.channels.add(channel)
                 self._backend._subscribers.setdefault(channel, []).append(self)
 
+    async def begin_subscribe(self, *channels: str) -> Awaitable[None]:
+        await self.subscribe(*channels)
+        return READY
+
     async def unsubscribe(self, *channels: str) -> None:
         await anyio.lowlevel.checkpoint()
         self._backend.commands["unsubscribe"] += 1
@@ -329,6 +353,10 @@ class CountedConnection:
     def subscribe(self, *channels: str, wait: bool = True) -> Coroutine[Any, Any, None]:
         self._count("subscribe")
         return self._connection.subscribe(*channels, wait=wait)
+
+    def begin_subscribe(self, *channels: str) -> Coroutine[Any, Any, Awaitable[None]]:
+        self._count("subscribe")
+        return self._connection.begin_subscribe(*channels)
 
     def unsubscribe(self, *channels: str) -> Coroutine[Any, Any, None]:
         self._count("unsubscribe")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any
 
 import anyio
@@ -103,7 +104,8 @@ class Follower:
     async def _join_stored(self, after_end: bool) -> str | None:
         hub = self._hub
         start = self._position
-        await hub.follow(self)  # what is written from now on is also published to us
+        # What is written from now on is also published to us (before the log is read).
+        await (await hub.follow(self))
         try:
             self._awaiting = True  # live batches wait until the log is read
             self._store_pending = True
@@ -232,13 +234,19 @@ class Follower:
 
     async def _join_requested(self, after_end: bool) -> str | None:
         hub = self._hub
-        await hub.follow(self)
+        subscribed: Awaitable[None] | None = await hub.follow(self)
         try:
             request = self._new_request(after_end)
             reached = False
             with anyio.move_on_after(hub.settings.resume_timeout):
                 for delay in p.retry_delays():
-                    if await self._send(request):
+                    sent = await self._send(request)
+                    if subscribed is not None:
+                        # The live channel's subscription went out before the request: its
+                        # confirmation comes before the answer (see `Hub.follow`).
+                        await subscribed
+                        subscribed = None
+                    if sent:
                         reached = True
                         await self.acked.wait()
                         if after_end:

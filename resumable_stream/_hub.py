@@ -17,7 +17,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from . import _protocol as p
-from ._backend import Connection
+from ._backend import READY, Connection
 from ._exceptions import BackendError, ResumableStreamError
 from ._options import Settings
 from ._telemetry import NOOP, Telemetry
@@ -128,17 +128,28 @@ class Hub:
             return live, self.keys.reply(stream_id, self._context_id)
         return (live,)
 
-    async def follow(self, follower: MessageSink) -> None:
+    async def follow(self, follower: MessageSink) -> Awaitable[None]:
         """Route the stream's live messages and replies to `follower`, subscribing (in one
-        command) for the first follower of the stream."""
+        command) for the first follower of the stream. Returns once the subscription is on its
+        way: what it returns waits for its confirmation (raising `BackendError` if it failed).
+
+        A follower sends its request meanwhile. The answer comes to the inbox, subscribed
+        already; a live batch published before the subscription took effect (the producer
+        starts publishing when it gets the request, so hardly ever) is a gap in the offsets,
+        which the follower recovers as any other.
+        """
         stream_id = follower.stream_id
         channel = self.keys.live(stream_id)
         async with self._live_lock:
             followers = self._live.get(channel)
+            confirmation = READY
             if followers is None:
-                await self.connection.subscribe(*self._stream_channels(stream_id))
+                confirmation = await self.connection.begin_subscribe(
+                    *self._stream_channels(stream_id)
+                )
                 followers = self._live[channel] = set()
             followers.add(follower)
+        return confirmation
 
     async def unfollow(self, follower: MessageSink) -> None:
         """Stop routing to `follower`; unsubscribe with the last one. Shielded and bounded."""

@@ -264,7 +264,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         params = getattr(item, "callspec", None)
         params = params.params if params is not None else {}
-        if params.get("durable") and params.get("flavor") not in _DURABLE_FLAVORS:
+        flavor = str(params.get("flavor"))
+        durable_elsewhere = params.get("durable") and flavor not in _DURABLE_FLAVORS
+        server_only = item.get_closest_marker("not_cluster") and flavor.startswith("cluster")
+        if durable_elsewhere or server_only:
             dropped.append(item)
         else:
             kept.append(item)

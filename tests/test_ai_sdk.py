@@ -499,6 +499,8 @@ class _FlakyConnection:
 
     def __getattr__(self, name: str) -> Any:
         command = getattr(self._inner, name)
+        if not callable(command):
+            return command  # `sharded`
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             if self._backend.down:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -228,6 +230,87 @@ async def test_a_producer_that_never_answers_is_unavailable(workers: Workers) ->
             await workers.C.resume_existing_stream("mute")
         source.close()
         assert await read(own) == ""
+
+
+class LateLive:
+    """A backend wrapper for two roles. A follower's connection subscribes its live channel
+    only once `open` is set, so that the subscription lands after the producer published to
+    nobody (what a follower risks on a real network, since it sends its request before its
+    subscription is confirmed). A producer's connection sets `replied` once it answered a
+    request, and `unheard` once it published a live batch that nobody received."""
+
+    def __init__(self, inner: rs.Backend) -> None:
+        self.inner = inner
+        self.open = anyio.Event()
+        self.replied = anyio.Event()
+        self.unheard = anyio.Event()
+
+    @asynccontextmanager
+    async def connect(self, on_message: Any, on_reconnect: Any = None) -> AsyncIterator[Any]:
+        async with self.inner.connect(on_message, on_reconnect) as connection:
+            yield _LateLiveConnection(connection, self)
+
+
+class _LateLiveConnection:
+    def __init__(self, inner: rs.Connection, backend: LateLive) -> None:
+        self._inner = inner
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def begin_subscribe(self, *channels: str) -> Awaitable[None]:
+        async def later() -> None:
+            await self._backend.open.wait()
+            await self._inner.subscribe(*channels)
+
+        return later()
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        receivers = await self._inner.publish(channel, message)
+        kind = type(p.parse(message))
+        if kind is p.Replay:
+            self._backend.replied.set()
+        elif kind is p.Live and receivers == 0:
+            self._backend.unheard.set()
+        return receivers
+
+
+@pytest.mark.not_durable  # a durable follower waits for its subscription before it reads
+@pytest.mark.not_cluster  # there the subscription is confirmed before the request is sent
+async def test_a_live_subscription_that_lands_late_loses_nothing(workers: Workers) -> None:
+    producing, following = LateLive(workers.backends[0]), LateLive(workers.backends[1])
+    source = TestingSource()
+    async with (
+        workers.context(0, backend=producing) as P,
+        workers.context(1, backend=following, liveness_timeout=0.3) as C,
+    ):
+        own = await P.resumable_stream("s", source.make)
+        source.write("a")
+        assert await read(own, 1) == "a"
+        followers: list[rs.ResumableStream | None] = []
+
+        async def resume() -> None:
+            followers.append(await C.resumable_stream("s", never_called))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(resume)
+            # The producer answers the request (on the inbox, subscribed already), then
+            # publishes the next chunk to nobody: the follower's subscription is not there yet.
+            with anyio.fail_after(5):
+                await producing.replied.wait()
+            source.write("b")
+            with anyio.fail_after(5):
+                await producing.unheard.wait()
+            following.open.set()
+        [follower] = followers
+        source.write("c")
+        source.close()
+        assert await read(own) == "bc"
+        # It hears nothing more (the producer stopped publishing): it asks again, after two
+        # heartbeats' silence, and gets the rest.
+        with anyio.fail_after(10):
+            assert await read(follower) == "abc"
 
 
 async def test_resuming_a_stream_that_finished_meanwhile_gives_none(workers: Workers) -> None:

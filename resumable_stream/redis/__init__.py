@@ -14,7 +14,7 @@ on a cluster, one of each per master (sharded pub/sub, a stream's traffic in its
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -25,7 +25,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.sentinel import Sentinel
 
-from .._backend import Connection, MessageHandler, ReconnectHandler
+from .._backend import READY, Connection, MessageHandler, ReconnectHandler
 from .._exceptions import single_exception_out
 from ._commands import Commands
 from ._pubsub import Subscriber
@@ -164,6 +164,13 @@ class _RedisConnection:
 
     async def subscribe(self, *channels: str, wait: bool = True) -> None:
         await self._subscriber.subscribe(channels, wait)
+
+    async def begin_subscribe(self, *channels: str) -> Awaitable[None]:
+        if isinstance(self._subscriber, Subscriber):
+            return await self._subscriber.begin(channels)
+        # On a cluster, the subscription is confirmed before anything else is sent.
+        await self._subscriber.subscribe(channels, True)
+        return READY
 
     async def unsubscribe(self, *channels: str) -> None:
         await self._subscriber.unsubscribe(channels)

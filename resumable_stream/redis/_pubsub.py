@@ -12,6 +12,8 @@ import contextlib
 import itertools
 import logging
 from collections import deque
+from collections.abc import Awaitable, Generator
+from typing import Any
 
 import anyio
 import redis.exceptions
@@ -25,8 +27,6 @@ from ._done import Done
 from ._errors import broken_connection, deadline, delay_after, map_exceptions, text
 
 logger = logging.getLogger("resumable_stream")
-
-_UNBOUNDED = contextlib.nullcontext()
 
 
 class _Change:
@@ -51,6 +51,19 @@ class _Change:
         if not self.done.is_set():
             self.error = error
             self.done.set()
+
+
+class _Confirmation:
+    """What `Subscriber.begin` returns: its coroutine is made only if it is awaited."""
+
+    __slots__ = ("_change", "_subscriber")
+
+    def __init__(self, subscriber: Subscriber, change: _Change) -> None:
+        self._subscriber = subscriber
+        self._change = change
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._subscriber.confirmed(self._change).__await__()
 
 
 class Subscriber:
@@ -109,25 +122,35 @@ class Subscriber:
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def subscribe(self, channels: tuple[str, ...], wait: bool) -> None:
-        self._wanted.update(channels)
         if not wait:
+            self._wanted.update(channels)
             self._queue(b"subscribe", channels, wait)
             return
-        # One deadline for the sending and the confirmation (a follower's resume waits here).
-        with deadline(self._timeout, "SUBSCRIBE"):
-            if not self._changes and not self._write_lock.locked():
-                # Nothing queued or being sent: send it from here, without a hop through the
-                # sending task (a follower waits for this before it can ask for its text).
-                change = _Change(b"subscribe", channels, wait)
-                try:
-                    await self._send(b"subscribe", [change], bounded=False)
-                    await change.done.wait()
-                except BaseException:
-                    self._forget(change)  # a later confirmation is not this one's
-                    raise
-            else:
-                change = self._queue(b"subscribe", channels, wait)
+        await (await self.begin(channels))
+
+    async def begin(self, channels: tuple[str, ...]) -> Awaitable[None]:
+        """Send SUBSCRIBE `channels`; returns, once it is written (or queued behind another),
+        what to await for its confirmation."""
+        self._wanted.update(channels)
+        if self._changes or self._write_lock.locked():
+            return _Confirmation(self, self._queue(b"subscribe", channels, True))
+        # Nothing queued or being sent: send it from here, without a hop through the sending
+        # task (a follower waits for this before it can ask for its text).
+        change = _Change(b"subscribe", channels, True)
+        try:
+            await self._send(b"subscribe", [change])
+        except BaseException:
+            self._forget(change)  # a later confirmation is not this one's
+            raise
+        return _Confirmation(self, change)
+
+    async def confirmed(self, change: _Change) -> None:
+        try:
+            with deadline(self._timeout, "SUBSCRIBE"):
                 await change.done.wait()
+        except BaseException:
+            self._forget(change)
+            raise
         if change.error is not None:
             raise change.error
         if self._error is not None:
@@ -159,9 +182,8 @@ class Subscriber:
             # Not kept while waiting for the next changes (see Commands._send_all).
             del changes, group
 
-    async def _send(self, kind: bytes, group: list[_Change], bounded: bool = True) -> None:
-        """Send one command for `group`; `bounded`: within `command_timeout` (unless the
-        caller bounds it)."""
+    async def _send(self, kind: bytes, group: list[_Change]) -> None:
+        """Send one command for `group`, within `command_timeout`."""
         channels = [channel for change in group for channel in change.channels]
         if kind == b"unsubscribe" and self._error is not None:
             # Down: the reconnect forgets what is no longer wanted.
@@ -179,11 +201,7 @@ class Subscriber:
             # nothing subscribed, nothing else would make it try).
             what = kind.decode().upper()
             async with self._write_lock:
-                with (
-                    deadline(self._timeout, what) if bounded else _UNBOUNDED,
-                    map_exceptions(),
-                    broken_connection(),
-                ):
+                with deadline(self._timeout, what), map_exceptions(), broken_connection():
                     if kind == b"subscribe":
                         await self._pubsub.subscribe(*channels)
                     else:
