@@ -105,13 +105,16 @@ class BatchSignal(Signal):
         self._turns = 0
 
     def notify_soon(self) -> None:
-        self._notified += 1
-        if self._handle is not None or not self._waiters:
-            # A batch is pending, or nobody waits (on trio: nothing is deferred). The path of
-            # most chunks of a fast source: no clock is read here.
+        if self._handle is not None:
+            self._notified += 1  # a batch is pending (never on trio): it grows
+            return
+        if not self._waiters:
+            # Nobody waits (on trio: nothing is deferred). The path of most chunks of a fast
+            # source: no clock is read, and nothing counted (only a pending batch compares).
             if self._event is not None:
                 self.notify()
             return
+        self._notified += 1
         # The first chunk of a batch: a burst if it comes soon after the previous batch began.
         now = time.monotonic()
         burst = now - self._last < _BURST_GAP

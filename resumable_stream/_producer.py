@@ -536,15 +536,22 @@ class ProducerReader:
         chunks = producer.buffer.chunks
         index = self._index
         if index is not None and self._head is None and not self._closed:
-            if index >= len(chunks) and not producer.settled:
+            # The common case first: a chunk is there (a check or two per chunk read).
+            if index >= len(chunks):
+                if producer.settled:
+                    return await self._next_slowly()
                 # Waits here rather than in next_batch: an idle reader holds one frame less.
                 await producer.changed.wait()
                 index = self._index
-            if index is not None and index < len(chunks) and not self._closed:
-                if index & CHECKPOINT_MASK == CHECKPOINT_MASK:
-                    await anyio.lowlevel.checkpoint()  # let others run (the buffer only grows)
-                self._index = index + 1
-                return chunks[index]
+                if index is None or index >= len(chunks) or self._closed:
+                    return await self._next_slowly()
+            if index & CHECKPOINT_MASK == CHECKPOINT_MASK:
+                await anyio.lowlevel.checkpoint()  # let others run (the buffer only grows)
+            self._index = index + 1
+            return chunks[index]
+        return await self._next_slowly()
+
+    async def _next_slowly(self) -> str:
         item = (await self.next_batch(1))[0][0]
         return item if isinstance(item, str) else item.data
 
