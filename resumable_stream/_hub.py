@@ -61,6 +61,7 @@ class Hub:
         self.keys = keys
         self.telemetry = telemetry
         self._context_id = uuid.uuid4().hex
+        self._inbox = keys.inbox(self._context_id)  # replies on a backend that is not sharded
         self._connection: Connection | None = None
         self._tg: TaskGroup | None = None
         self._producers: dict[str, RequestHandler] = {}  # by request channel
@@ -74,7 +75,7 @@ class Hub:
         if not connection.sharded:
             # Replies to every follower of this context come to one channel, subscribed for
             # the context's life: a resume then subscribes to one channel, not two.
-            await connection.subscribe(self.keys.inbox(self._context_id))
+            await connection.subscribe(self._inbox)
 
     def close(self) -> None:
         self._connection = self._tg = None
@@ -119,13 +120,13 @@ class Hub:
         put every stream's replies on one shard)."""
         if self.connection.sharded:
             return self.keys.reply(stream_id, self._context_id)
-        return self.keys.inbox(self._context_id)
+        return self._inbox
 
     def _stream_channels(self, stream_id: str) -> tuple[str, ...]:
         """What the followers of `stream_id` in this context subscribe to."""
         live = self.keys.live(stream_id)
         if self.connection.sharded:
-            return live, self.keys.reply(stream_id, self._context_id)
+            return live, self.reply_channel(stream_id)
         return (live,)
 
     async def follow(self, follower: MessageSink) -> Awaitable[None]:
