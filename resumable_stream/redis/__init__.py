@@ -178,6 +178,13 @@ class _RedisConnection:
 
 # URLs
 
+# What a client made from a URL leaves out, unless the URL sets it: a socket timeout. Every
+# command is bounded already (`command_timeout`: the commands' watchdog, the subscriber's
+# deadlines), and with one set, redis-py (6+, on Python 3.11 and older) makes each write an
+# `asyncio.wait_for`, a task and two more loop turns per command: 0.1 ms more on a resume
+# while the loop is busy.
+_UNTIMED: dict[str, Any] = {"socket_timeout": None}
+
 
 def _clients_from_url(url: str) -> tuple[Redis | RedisCluster, list[Redis | RedisCluster]]:
     """A client for `url`, and every client made for it (to close): `redis[s]://` (a server),
@@ -196,7 +203,7 @@ def _clients_from_url(url: str) -> tuple[Redis | RedisCluster, list[Redis | Redi
     if cluster_flag and cluster_flag[-1].lower() in ("true", "1", "yes"):
         topology = topology or "cluster"
     if topology == "":
-        client = Redis.from_url(urlunsplit(parts._replace(query=urlencode(query))))
+        client = Redis.from_url(urlunsplit(parts._replace(query=urlencode(query))), **_UNTIMED)
         return client, [client]
     if topology == "cluster":
         hosts = _hosts(parts.netloc)
@@ -220,6 +227,7 @@ def _clients_from_url(url: str) -> tuple[Redis | RedisCluster, list[Redis | Redi
             options["password"] = unquote(parts.password)
         if scheme == "rediss":
             options["ssl"] = True
+        options.update(_UNTIMED)
         sentinel = Sentinel(hosts, sentinel_kwargs={"ssl": scheme == "rediss"})  # type: ignore[no-untyped-call]
         master: Redis = sentinel.master_for(path[0], **options)
         return master, [master, *sentinel.sentinels]

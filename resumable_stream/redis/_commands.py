@@ -325,6 +325,9 @@ class Commands:
             # No retry inside redis-py: a batch may hold an INCR, which must not run twice
             # (what is safe to send again is retried above).
             kwargs["retry"] = Retry(_NoBackoff(), 0)
+            # The watchdog bounds every batch: a socket timeout would only cost each write a
+            # task (redis-py's `asyncio.wait_for`, Python 3.11 and older).
+            kwargs["socket_timeout"] = None
             pool = ConnectionPool(connection_class=node.connection_class, **kwargs)
             client = self._masters[node.name] = Redis(connection_pool=pool)
         return client
