@@ -290,7 +290,7 @@ class ResumableStreamContext:
         there (None if there is none left).
         """
         stream_id = p.validate_stream_id(stream_id)
-        offset = p.validate_resume_at(resume_at)
+        offset = _validate_resume_at(resume_at)
         local = self._local_reader(stream_id, offset)
         if local is not None:
             return local
@@ -477,7 +477,18 @@ def _raise_if_failed(stream_id: str, state: str | None) -> None:
 def _validate(stream_id: object, make_stream: object, resume_at: object) -> tuple[str, int]:
     if not callable(make_stream):
         raise ValueError("make_stream must be a callable returning an async iterable of str")
-    return p.validate_stream_id(stream_id), p.validate_resume_at(resume_at)
+    return p.validate_stream_id(stream_id), _validate_resume_at(resume_at)
+
+
+def _validate_resume_at(resume_at: object) -> int:
+    """The public API's offset: None (the start) or an int >= 0."""
+    if resume_at is None:
+        return 0
+    if isinstance(resume_at, bool) or not isinstance(resume_at, int):
+        raise ValueError(f"resume_at must be an int or None, not {type(resume_at).__name__}")
+    if resume_at < 0:
+        raise ValueError(f"resume_at must be >= 0, got {resume_at}")
+    return resume_at
 
 
 def create_resumable_stream_context(

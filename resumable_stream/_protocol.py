@@ -135,16 +135,6 @@ def new_stream_id() -> str:
     return secrets.token_urlsafe(24)
 
 
-def validate_resume_at(resume_at: object) -> int:
-    if resume_at is None:
-        return 0
-    if isinstance(resume_at, bool) or not isinstance(resume_at, int):
-        raise ValueError(f"resume_at must be an int or None, not {type(resume_at).__name__}")
-    if resume_at < 0:
-        raise ValueError(f"resume_at must be >= 0, got {resume_at}")
-    return resume_at
-
-
 def terminal_state(sentinel: str | None) -> str | None:
     """The terminal state a sentinel value records, or None while running or absent."""
     return None if sentinel is None else _SENTINEL_VALUES.get(sentinel)
