@@ -721,6 +721,9 @@ def orchestrate(args: argparse.Namespace) -> None:
             root = stack.enter_context(library_at(args.baseline))
             before = ("before", root, code_version(args.baseline), "asyncio")
             pythons = {"before": before, "python": ("after", REPO, code_version(), "asyncio")}
+        if args.control:
+            label = "after again (control)" if args.baseline else "ours again (control)"
+            pythons["again"] = (label, REPO, code_version(), "asyncio")
         if args.uvloop is None:
             args.uvloop = importlib.util.find_spec("uvloop") is not None
         if args.uvloop:
@@ -793,6 +796,9 @@ def compare(
         ratios = [("python", "before"), ("python", "node")]
     else:
         ratios = [("python", "node")]
+    if "again" in names:
+        # The same code twice: how far apart two runs of one thing land, in this run.
+        ratios.insert(1 if "before" in names else 0, ("again", "python"))
     if "uvloop" in names:
         ratios.append(("uvloop", "node"))
     short = {
@@ -800,6 +806,7 @@ def compare(
         "before": "before",
         "uvloop": "uvloop",
         "node": "Node",
+        "again": "again",
     }
     if args.otel:
         short.update(python="no SDK", otel="metrics", traces="traces", control="control")
@@ -837,6 +844,8 @@ def compare(
             files["compare-python-uvloop.json"] = merged["uvloop"]
         if "before" in merged:
             files["compare-python-before.json"] = merged["before"]
+        if "again" in merged:
+            files["compare-python-again.json"] = merged["again"]
         files["compare.json"] = combined
     for file, data in files.items():
         (RESULTS_DIR / file).write_text(dump(data))
@@ -857,6 +866,12 @@ def main() -> None:
         "--baseline",
         metavar="REF",
         help="also measure the library as of this git ref (e.g. 5c46410), in the same run",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also run ours a second time, as a control: the again / ours column shows how far "
+        "two runs of the same code land apart (the noise), next to after / before",
     )
     parser.add_argument(
         "--otel",
