@@ -1,13 +1,19 @@
-"""What the context hands out: a reader of one stream, chunk by chunk or in batches."""
+"""What the context hands out: a reader of one stream, chunk by chunk or in batches; and the
+reader of a producer's own buffer (a follower, the other kind, has a module of its own)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from ._buffer import Entry
+import anyio
+import anyio.lowlevel
 
-__all__ = ["Entry", "ResumableStream"]
+from . import _protocol as p
+from ._buffer import BatchSignal, ChunkBuffer, Entry
+from ._event import Event
+
+__all__ = ["Entry", "Produced", "ProducerReader", "ResumableStream"]
 
 # A reader handing out ready chunks without awaiting anything would keep every other task of
 # the process waiting (a 5-million-chunk buffer read this way blocked the loop for a second);
@@ -42,3 +48,124 @@ class ResumableStream(Protocol):
     async def aclose(self) -> None:
         """Stop reading; the stream and every other reader carry on."""
         ...
+
+
+class Produced(Protocol):
+    """What a producer's own reader reads: a producer, as far as its readers go."""
+
+    stream_id: str
+    buffer: ChunkBuffer
+    changed: BatchSignal
+    # Readers end only once the stream ended and its end was announced (and its recording
+    # tried): `settled`, with `state` the terminal state.
+    settled: bool
+    state: str | None
+    error: BaseException | None
+
+    @property
+    def error_type(self) -> str | None: ...
+
+
+class ProducerReader:
+    """The producer's own reader: reads the in-memory buffer, taking every new chunk per wake-up."""
+
+    __slots__ = ("_closed", "_head", "_index", "_offset", "_producer")
+
+    def __init__(self, producer: Produced, resume_at: int) -> None:
+        self._producer = producer
+        self._offset = resume_at
+        self._index: int | None = None  # next chunk to take, once the buffer reached the offset
+        self._head: Entry | None = None  # the first chunk, trimmed when resumed mid-chunk
+        self._closed = False
+
+    def __aiter__(self) -> ProducerReader:
+        return self
+
+    async def __anext__(self) -> str:
+        producer = self._producer
+        chunks = producer.buffer.chunks
+        index = self._index
+        if index is not None and self._head is None and not self._closed:
+            # The common case first: a chunk is there (a check or two per chunk read).
+            if index >= len(chunks):
+                if producer.settled:
+                    return await self._next_slowly()
+                # Waits here rather than in next_batch: an idle reader holds one frame less.
+                await producer.changed.wait()
+                index = self._index
+                if index is None or index >= len(chunks) or self._closed:
+                    return await self._next_slowly()
+            if index & CHECKPOINT_MASK == CHECKPOINT_MASK:
+                await anyio.lowlevel.checkpoint()  # let others run (the buffer only grows)
+            self._index = index + 1
+            return chunks[index]
+        return await self._next_slowly()
+
+    async def _next_slowly(self) -> str:
+        item = (await self.next_batch(1))[0][0]
+        return item if isinstance(item, str) else item.data
+
+    async def next_batch(self, limit: int | None = None) -> list[Entry]:
+        """Wait for chunks and take those available (at most `limit`); StopAsyncIteration at end."""
+        producer = self._producer
+        buffer = producer.buffer
+        # The common case, once per batch of a live stream: wait for the next chunk and take it.
+        index = self._index
+        if index is not None and self._head is None and not self._closed:
+            if index >= len(buffer.chunks) and not producer.settled:
+                await producer.changed.wait()
+            if index < len(buffer.chunks) and not self._closed:
+                return self._take(limit)
+        while not self._closed:
+            if self._index is None and buffer.length > self._offset:
+                index = buffer.index_at(self._offset)
+                [(item, end)] = buffer.entries(index, index + 1)
+                skip = self._offset - buffer.start_of(index)
+                if skip:
+                    if isinstance(item, str):
+                        item = item[skip:]
+                    else:
+                        item = Event(item.data[skip:], item.event, item.retry)
+                self._head = (item, end)
+                self._index = index + 1
+            if self._head is not None:
+                head, self._head = self._head, None
+                if limit == 1:
+                    return [head]
+                rest = self._take(None if limit is None else limit - 1)
+                rest.insert(0, head)
+                return rest
+            if self._index is not None and self._index < len(buffer.chunks):
+                return self._take(limit)
+            if producer.settled:
+                assert producer.state is not None
+                self._closed = True
+                error = p.end_error(producer.stream_id, producer.state, producer.error_type)
+                if error is not None:
+                    raise error from producer.error
+                break
+            await producer.changed.wait()
+        raise StopAsyncIteration
+
+    def take_ready(self) -> list[Entry]:
+        """The chunks available right now, without waiting (possibly none)."""
+        index = self._index
+        if index is None or self._head is not None or self._closed:
+            return []
+        if index < len(self._producer.buffer.chunks):
+            return self._take(None)
+        return []
+
+    def _take(self, limit: int | None) -> list[Entry]:
+        assert self._index is not None
+        index = self._index
+        stop = len(self._producer.buffer.chunks)
+        if limit is not None:
+            stop = min(stop, index + limit)
+        self._index = stop
+        return self._producer.buffer.entries(index, stop)
+
+    async def aclose(self) -> None:
+        """Stop reading; the producer carries on for everybody else."""
+        self._closed = True
+        self._head = None
