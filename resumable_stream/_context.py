@@ -23,7 +23,7 @@ from ._follower import Follower
 from ._hub import Hub
 from ._options import Settings
 from ._producer import MakeStream, Producer
-from ._reader import ResumableStream
+from ._reader import ProducerReader, ResumableStream
 from ._telemetry import Resume, make_telemetry
 
 if TYPE_CHECKING:
@@ -258,9 +258,10 @@ class ResumableStreamContext:
                 exc,
                 extra={"stream_id": stream_id},
             )
-            return self._start_producer(stream_id, make_stream, offline=True).reader(offset)
+            producer = self._start_producer(stream_id, make_stream, offline=True)
+            return ProducerReader(producer, offset)
         if count == 1:
-            return self._start_producer(stream_id, make_stream).reader(offset)
+            return ProducerReader(self._start_producer(stream_id, make_stream), offset)
         with self._telemetry.resume(stream_id, offset, started) as resume:
             if count is None:
                 return await self._finished(stream_id, offset, resume_at is not None, resume)
@@ -279,7 +280,7 @@ class ResumableStreamContext:
         previous = await hub.connection.swap(key, "1", self._settings.ttl)
         if p.stream_state(previous) == p.RUNNING:
             raise ResumableStreamError(f"stream {stream_id!r} is already running")
-        return self._start_producer(stream_id, make_stream).reader(offset)
+        return ProducerReader(self._start_producer(stream_id, make_stream), offset)
 
     async def resume_existing_stream(
         self, stream_id: str, resume_at: int | None = None
@@ -425,7 +426,7 @@ class ResumableStreamContext:
         with self._telemetry.resume(stream_id, offset) as resume:
             replayed = max(0, producer.buffer.length - offset)
             resume.answered("replayed" if replayed else "live", replayed)
-            return producer.reader(offset)
+            return ProducerReader(producer, offset)
 
     # Followers
 

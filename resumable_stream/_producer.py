@@ -24,7 +24,6 @@ from ._buffer import BatchSignal, ChunkBuffer, Signal
 from ._event import Event
 from ._exceptions import BackendError
 from ._hub import Hub
-from ._reader import ProducerReader
 from ._store import Store
 
 logger = logging.getLogger("resumable_stream")
@@ -511,6 +510,3 @@ class Producer:
             self._publishing = False
             assert self._published is not None
             self._published.notify()
-
-    def reader(self, resume_at: int) -> ProducerReader:
-        return ProducerReader(self, resume_at)

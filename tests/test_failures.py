@@ -10,6 +10,7 @@ import pytest
 
 import resumable_stream as rs
 from resumable_stream import _protocol as p
+from resumable_stream._reader import ProducerReader
 
 from .conftest import Workers
 from .helpers import Filtered, TestingSource, never_called, poll_until, read
@@ -68,7 +69,7 @@ async def test_cancel_reaches_a_producer_that_is_about_to_listen(workers: Worker
     source = TestingSource()
     async with anyio.create_task_group() as tg:
         tg.start_soon(workers.C.cancel_stream, "soon")
-        own = workers.P._start_producer("soon", source.make).reader(0)
+        own = ProducerReader(workers.P._start_producer("soon", source.make), 0)
         with pytest.raises(rs.StreamCancelledError):
             await read(own)
     assert source.calls <= 1
