@@ -180,9 +180,9 @@ class _RedisConnection:
 
 # What a client made from a URL leaves out, unless the URL sets it: a socket timeout. Every
 # command is bounded already (`command_timeout`: the commands' watchdog, the subscriber's
-# deadlines), and with one set, redis-py (6+, on Python 3.11 and older) makes each write an
-# `asyncio.wait_for`, a task and two more loop turns per command: 0.1 ms more on a resume
-# while the loop is busy.
+# deadlines), and under one (redis-py 8 sets 5 s by default) redis-py makes each write an
+# `asyncio.wait_for`: on Python 3.11 and older a task and two more loop turns per command,
+# 0.1 ms more on a resume while the loop is busy.
 _UNTIMED: dict[str, Any] = {"socket_timeout": None}
 
 
