@@ -1,7 +1,7 @@
 """Side by side with the Node reference: the shared workload against this library and npm's.
 
 Usage: python benchmarks/bench_compare.py [--processes 3] [--runs 5] [--chunks 10000] [--width 64]
-       [--baseline REF | --otel] [--without-otel-api]
+       [--baseline REF | --otel] [--control] [--without-otel-api]
 
 Starts its own redis-server on a free loopback port, installs the reference into
 `benchmarks/node/` if it is missing (`npm ci`, versions pinned in its package.json), then runs the
@@ -25,6 +25,10 @@ aggregated, and no exporter), and in processes that also install the SDK's trace
 span processor: spans are made, then dropped); and a control: processes without the SDK again,
 whose ratio to the first shows how far two identical arms differ in the same run (the noise
 floor). No Node. Writes `benchmarks/results/otel-overhead.json`.
+
+With `--control`, ours runs a second time in the same run (not with `--otel`, which has its own
+control): the again / after column shows how far two runs of one code land apart, the noise to
+read after / before against. Writes `compare-python-again.json` too.
 
 With `--without-otel-api`, the Python processes run as if the OpenTelemetry API were not
 installed (the base install: `pip install resumable-streams` has only anyio), so the library's
@@ -895,6 +899,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.otel and args.without_otel_api:
         parser.error("--otel measures the telemetry: it needs the OpenTelemetry API")
+    if args.otel and args.control:
+        parser.error("--otel has a control of its own (no SDK, twice)")
     if args.worker:
         report = anyio.run(worker, args, backend_options={"use_uvloop": args.loop == "uvloop"})
         report["loop"] = args.loop
