@@ -11,11 +11,14 @@ from ._exceptions import (
     ResumableStreamError,
     SlowReaderError,
     StreamCancelledError,
+    StreamExistsError,
     StreamFailedError,
     StreamIncompleteError,
+    StreamRestartedError,
 )
 from ._protocol import new_stream_id
 from ._reader import ResumableStream
+from ._writer import StreamWriter
 
 __version__ = "0.1.0"
 
@@ -34,8 +37,11 @@ __all__ = [
     "ResumableStreamError",
     "SlowReaderError",
     "StreamCancelledError",
+    "StreamExistsError",
     "StreamFailedError",
     "StreamIncompleteError",
+    "StreamRestartedError",
+    "StreamWriter",
     "create_resumable_stream_context",
     "new_stream_id",
 ]
