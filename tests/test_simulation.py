@@ -1,0 +1,159 @@
+"""The seeded fault simulator (`chaos.sim`): the CI batch, determinism, and known bugs found.
+
+The batch runs a fixed range of seeds plus a few fresh random ones (printed, so that a failure
+replays: `python -m chaos.sim replay SEED`), and asserts that no run violates the model (the
+rules are in `chaos/sim/_model.py`). It takes about 20 s of one core here.
+
+Known bugs: each test below puts a bug back into the engine (a small patch that brings back
+what a fix removed, or the symptom of a defect) and asserts that the seeds of the CI batch
+catch it, with a violation of the kind that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chaos.sim._batch import run_many
+from chaos.sim._run import run_seed
+from resumable_stream import StreamIncompleteError, _protocol
+from resumable_stream._follower import Follower
+from resumable_stream._producer import Producer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The CI batch: seeds 0..FIXED-1, and FRESH random ones.
+FIXED = int(os.environ.get("CHAOS_SIM_SEEDS", "2000"))
+FRESH = int(os.environ.get("CHAOS_SIM_FRESH", "50"))
+JOBS = int(os.environ.get("CHAOS_SIM_JOBS", "1"))
+
+
+def _batch_seeds() -> list[int]:
+    fresh = [random.SystemRandom().randrange(1 << 31, 1 << 40) for _ in range(FRESH)]
+    print(f"fresh random seeds: {' '.join(map(str, fresh))}")
+    return [*range(FIXED), *fresh]
+
+
+@pytest.mark.timeout(900)
+def test_the_ci_batch_violates_nothing() -> None:
+    failing = []
+    for outcome in run_many(_batch_seeds(), JOBS):
+        if outcome.violations:
+            kinds = sorted({kind for kind, _ in outcome.violations})
+            failing.append(f"seed {outcome.seed} ({', '.join(kinds)}): {outcome.violations[0][1]}")
+    assert not failing, (
+        f"{len(failing)} seeds violate the model (replay one with "
+        "`python -m chaos.sim replay SEED -v`):\n" + "\n".join(failing)
+    )
+
+
+# Determinism
+
+DETERMINISM_SEEDS = (0, 5, 19, 143, 160, 606, 1723)  # calm, faults, durable, a stopped run
+
+
+def test_a_seed_gives_the_same_run_twice() -> None:
+    for seed in DETERMINISM_SEEDS:
+        first, second = run_seed(seed), run_seed(seed)
+        assert first.digest == second.digest, f"seed {seed} ran differently twice"
+        assert [v.line() for v in first.violations] == [v.line() for v in second.violations]
+
+
+def test_a_seed_gives_the_same_run_in_another_process() -> None:
+    """Another interpreter, another PYTHONHASHSEED: string hashes, object addresses, every
+    source of randomness but the seed differ."""
+    here = {seed: run_seed(seed).digest for seed in DETERMINISM_SEEDS}
+    code = (
+        "from chaos.sim._run import run_seed\n"
+        f"print(' '.join(run_seed(s).digest for s in {DETERMINISM_SEEDS!r}))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == [here[seed] for seed in DETERMINISM_SEEDS]
+
+
+# Known bugs: put back, then found within the CI batch's fixed seeds.
+
+
+@contextmanager
+def _patched(target: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    saved = getattr(target, name)
+    setattr(target, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(target, name, saved)
+
+
+def _first_catch(kinds: set[str], limit: int = FIXED) -> tuple[int, str]:
+    """The first seed of the batch with a violation of one of `kinds` (and its line)."""
+    for seed in range(limit):
+        for violation in run_seed(seed).violations:
+            if violation.kind in kinds:
+                return seed, violation.line()
+    pytest.fail(f"no seed of the first {limit} found a violation of {sorted(kinds)}")
+
+
+def test_it_finds_two_producers_merged() -> None:
+    """Issue 10, defect 3, without its fix: a follower takes any producer's text as its own
+    (no `ProducerConflictError`), so two producers that Redis let run under one id (keys
+    evicted, expired, lost in a restart) get merged."""
+    with _patched(Follower, "_same_producer", lambda self, token: True):
+        seed, line = _first_catch({"wrong-text"})
+    print(f"seed {seed}: {line}")
+
+
+def test_it_finds_a_gap_ending_a_follower() -> None:
+    """Issue 10, defect 8, without its fix: any gap in what a follower receives (a lost
+    message, a live batch before its subscription took effect, the next replay window) ends
+    it with `StreamIncompleteError` instead of asking the producer again."""
+
+    def give_up(self: Follower) -> None:
+        self.fail(StreamIncompleteError(f"a gap in stream {self.stream_id!r}"))
+
+    with _patched(Follower, "_recover_soon", give_up):
+        seed, line = _first_catch({"false-incomplete"})
+    print(f"seed {seed}: {line}")
+
+
+def test_it_finds_an_unwritten_end_never_announced() -> None:
+    """Issue 10, defect 4, without its fix: when the end state cannot be written (a full or
+    unreachable Redis), the end is not announced and not written later: followers wait for an
+    end that never comes, and later readers find a stream that seems to run with nobody."""
+    record = Producer._record
+
+    async def record_once(self: Producer, state: str, *, retry: bool = False) -> bool:
+        recorded = await record(self, state, retry=retry)
+        if not recorded:
+            self._following = False  # so `_finish` announces nothing
+            self._store = None
+        return True  # and nothing retries it
+
+    with _patched(Producer, "_record", record_once):
+        seed, line = _first_catch({"false-lost", "hang", "false-incomplete"})
+    print(f"seed {seed}: {line}")
+
+
+def test_it_finds_a_finished_streams_tail_answered_none() -> None:
+    """Defect 1 (issue 22), as its symptom: a finished stream whose producer still lingers
+    with its text answers a resume short of its end with `None` (here: lingering producers
+    ignore every request for a finished stream's tail)."""
+    on_request = Producer.on_request
+
+    def ignore_tails(self: Producer, request: _protocol.Request) -> None:
+        if not request.after_end:
+            on_request(self, request)
+
+    with _patched(Producer, "on_request", ignore_tails):
+        seed, line = _first_catch({"false-none"})
+    print(f"seed {seed}: {line}")
