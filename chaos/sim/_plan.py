@@ -313,6 +313,28 @@ def _faults(
     return faults
 
 
+def _aimed(rng: random.Random, calls: list[CallPlan]) -> list[FaultPlan]:
+    """Faults aimed at a resume as it happens: the caller's link or the producer's drops or
+    slows down just as the request and its answer are on their way (random times would hit
+    that moment rarely)."""
+    first: dict[str, str] = {}
+    for call in sorted(calls, key=lambda c: c.at):
+        first.setdefault(call.stream, call.proc)
+    faults = []
+    for call in calls:
+        if call.api not in ("resumable_stream", "resume_existing_stream") or rng.random() > 0.12:
+            continue
+        proc = call.proc if rng.random() < 0.5 else first[call.stream]
+        at = round(max(0.0, call.at + rng.uniform(-0.01, 0.1)), 4)
+        kind = _pick(rng, {"sub-drop": 4, "net-drop": 2, "cmd-drop": 1, "slow-link": 3})
+        if kind == "slow-link":
+            delay = rng.uniform(0.1, 1.5)
+            faults.append(FaultPlan(at, kind, proc, duration=rng.uniform(0.5, 5.0), delay=delay))
+        else:
+            faults.append(FaultPlan(at, kind, proc, duration=rng.uniform(0.01, 3.0)))
+    return faults
+
+
 def plan_of(streams: list[StreamPlan], stream_id: str) -> StreamPlan:
     return next(stream for stream in streams if stream.id == stream_id)
 
@@ -375,6 +397,9 @@ def make_plan(seed: int) -> Plan:
             at = round(fault.at + rng.uniform(0.0, 0.5), 4)
             call = {"index": 0, "proc": rng.choice(names), "stream": stream.id, "at": at}
             calls.append(_reader(rng, {**call, "api": "resumable_stream", "resume_at": 0}))
+    if profile != "calm":
+        faults.extend(_aimed(rng, calls))
+        faults.sort(key=lambda f: f.at)
     calls.sort(key=lambda call: call.at)
     calls = [
         CallPlan(
