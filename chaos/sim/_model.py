@@ -58,11 +58,12 @@ False claims (each a violation of its own kind)
 - `false-done`: `has_existing_stream` said "DONE" while the latest instance ran throughout the
   call, its process alive and open, no `cancel_stream` of that id had started and nobody had
   written LOST into its sentinel.
-- `false-incomplete`: `StreamIncompleteError` (not a conflict) with no loss that could explain
-  it before the claim: no key of the stream evicted, expired or lost in a restart, no
-  candidate's process dead or closed, and no fault in the call's window on the reader's or a
-  candidate's process (an outage of its connections, a failed, lost or late command) nor on
-  the server (stall, restart).
+- `false-incomplete`: `StreamIncompleteError` (not a conflict) although no key of the stream
+  was evicted, expired or lost in a restart, no candidate's process died or closed, and either
+  a candidate's producer still had the text at the claim (running, or within its `linger`
+  after its end: it could have been asked again), or nothing could have lost a message on the
+  way (no fault in the call's window on the reader's or a candidate's process: an outage of
+  its connections, a failed, lost or late command; nor on the server: stall, restart).
 - `false-conflict`: `ProducerConflictError` with fewer than two instances (not offline) of the
   stream elected or started before the claim.
 - `false-slow`: `SlowReaderError` with no candidate whose text past o exceeds `max_backlog`.
@@ -317,14 +318,7 @@ class _Checker:
             if sum(1 for i in online if min(i.elected_at, i.started_at) <= at + _EPS) < 2:
                 self.add("false-conflict", f"{said}, but only one producer ever ran", record)
         elif error == "StreamIncompleteError":
-            procs = {call.proc, *(i.proc for i in candidates)}
-            lost = (
-                self.keys_lost(stream, at)
-                or any(self.gone(i.proc, at) for i in candidates)
-                or self.faulted(procs, record.t_call, at)
-            )
-            if not lost:
-                self.add("false-incomplete", f"{said}, but no text could have been lost", record)
+            self.check_incomplete(record, said, at, candidates)
         elif error == "SlowReaderError":
             offset = call.resume_at or 0
             if not any(len(i.text) - offset > options.max_backlog for i in candidates):
@@ -336,6 +330,32 @@ class _Checker:
             pass
         elif not self.gone(call.proc, at):
             self.add("false-closed", f"{said}, while its context was open", record)
+
+    def check_incomplete(
+        self, record: CallRecord, said: str, at: float, candidates: list[Instance]
+    ) -> None:
+        call = record.plan
+        if self.keys_lost(call.stream, at) or any(self.gone(i.proc, at) for i in candidates):
+            return  # the stored text, or the producer's memory, is gone
+        holding = [i for i in candidates if self.holds_text(i, at)]
+        if not holding:
+            procs = {call.proc, *(i.proc for i in candidates)}
+            if self.faulted(procs, record.t_call, at):
+                return  # messages lost on the way, and nobody has the text any more
+            detail = "no message could have been lost"
+        else:
+            names = ", ".join(f"{i.name} on {i.proc}" for i in holding)
+            detail = f"its producer {names} still had the text (running or lingering)"
+        self.add("false-incomplete", f"{said}, but {detail}", record)
+
+    def holds_text(self, instance: Instance, at: float) -> bool:
+        """Whether `instance`'s producer still has its text at `at`: running, or lingering."""
+        if instance.offline or self.gone(instance.proc, at):
+            return False
+        if self.ended(instance) in ("open", "never-started"):
+            return self.ended(instance) == "open"
+        linger = self.proc(instance.proc).plan.context.linger
+        return at < instance.ended_at + linger - _EPS
 
     def check_lost(
         self, record: CallRecord, said: str, at: float, candidates: list[Instance]

@@ -322,10 +322,12 @@ def _aimed(rng: random.Random, calls: list[CallPlan]) -> list[FaultPlan]:
         first.setdefault(call.stream, call.proc)
     faults = []
     for call in calls:
-        if call.api not in ("resumable_stream", "resume_existing_stream") or rng.random() > 0.12:
+        if call.api not in ("resumable_stream", "resume_existing_stream") or rng.random() > 0.2:
             continue
         proc = call.proc if rng.random() < 0.5 else first[call.stream]
-        at = round(max(0.0, call.at + rng.uniform(-0.01, 0.1)), 4)
+        # A resume takes a few round trips of milliseconds: half of these land inside them.
+        offset = rng.uniform(0.0, 0.02) if rng.random() < 0.5 else rng.uniform(-0.01, 0.2)
+        at = round(max(0.0, call.at + offset), 4)
         kind = _pick(rng, {"sub-drop": 4, "net-drop": 2, "cmd-drop": 1, "slow-link": 3})
         if kind == "slow-link":
             delay = rng.uniform(0.1, 1.5)
