@@ -672,6 +672,7 @@ class SimConnection:
         if self.sub_state not in (UP, RESTORING):
             if wait:
                 await asyncio.sleep(self._delay())
+                self._history("sub-refused", *channels)
                 raise BackendError(f"SUBSCRIBE: the subscriber connection is {self.sub_state}")
             return  # subscribed when the connection is restored
         future = self._subscribe_now(channels)
@@ -683,6 +684,8 @@ class SimConnection:
             self.wanted[channel] = None
         if self.sub_state not in (UP, RESTORING):
             await asyncio.sleep(self._delay())
+            # Still wanted, as the Redis backend keeps it: restored with the connection.
+            self._history("sub-refused", *channels)
             raise BackendError(f"SUBSCRIBE: the subscriber connection is {self.sub_state}")
         return _Confirmation(self, self._subscribe_now(channels))
 
