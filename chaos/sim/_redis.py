@@ -32,6 +32,21 @@ Faults, all drawn from the run's random generator (`_faults.LinkProfile` per pro
 
 Every key written has a TTL; `Ledger.keys` records each key's writes and losses, which the
 model reads.
+
+Where the `Connection` protocol leaves a choice, this backend does what the Redis backend does:
+
+- a subscription that fails (`subscribe`, `begin_subscribe` or its confirmation raising
+  `BackendError`) stays wanted: the channel is subscribed when the connection is restored, and
+  one whose request reached the server stays subscribed;
+- `unsubscribe` returns once sent, and messages published before it took effect still arrive;
+- `on_reconnect` is called from the reading task once the restored subscriptions are confirmed
+  (the Redis backend calls it once the first reply after a reconnect arrives: channels asked
+  for during the outage may not be in place yet, so this backend is slightly kinder);
+- `up_since` is None while the subscriber is down or restoring, else the time the last
+  restoration was confirmed; a new subscription in flight does not reset it;
+- `connect` lets a single exception of the caller's block out as itself (its task group would
+  wrap it in a group), as the Redis backend does: `ResumableStreamContext.__aenter__` relies
+  on it, or a failure to subscribe its inbox would come out of `async with ctx` as a group.
 """
 
 from __future__ import annotations
