@@ -159,9 +159,10 @@ class ResumableStreamContext:
         self._last_reconnect: float | None = None
         # On asyncio, each producer runs in a task of the event loop's own (see
         # `_start_producer`); these are those producers, lingering or not, and through them
-        # their tasks (the loop holds its tasks weakly).
+        # their tasks (the loop holds its tasks weakly). A dict used as an ordered set: they
+        # are stopped in the order they started, the same on every run.
         self._native = False
-        self._hosted: set[Producer] = set()
+        self._hosted: dict[Producer, None] = {}
 
     def __repr__(self) -> str:
         return f"<ResumableStreamContext backend={self._backend!r}>"
@@ -514,14 +515,14 @@ class ResumableStreamContext:
         # `_over` rather than a done callback on the task: 0.3 KiB less per stream.
         coroutine = self._run(producer)
         producer.run_in(asyncio.get_running_loop().create_task(coroutine, name=name))
-        self._hosted.add(producer)
+        self._hosted[producer] = None
         return producer
 
     def _over(self, producer: Producer) -> None:
         """A producer is over, lingering included."""
         self._lingering -= 1
         if producer in self._hosted:  # it ran in a task of the loop's own
-            self._hosted.discard(producer)
+            del self._hosted[producer]
             self._running_changed.notify()
 
     async def _close_hosted(self) -> None:

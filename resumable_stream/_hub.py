@@ -68,7 +68,10 @@ class Hub:
         self._connection: Connection | None = None
         self._tg: TaskGroup | None = None
         self._producers: dict[str, RequestHandler] = {}  # by request channel
-        self._live: dict[str, set[MessageSink]] = {}  # by live channel
+        # By live channel; each channel's followers in a dict used as an ordered set: messages
+        # reach them in the order they joined, the same on every run (a set of objects would
+        # iterate in an order that depends on their addresses).
+        self._live: dict[str, dict[MessageSink, None]] = {}
         self._listeners: dict[str, MessageSink] = {}  # by the listener id of a request
         # fast_acquire: an uncontended lock costs no loop turn (every resume takes it).
         self._live_lock = anyio.Lock(fast_acquire=True)
@@ -157,8 +160,8 @@ class Hub:
                 confirmation = await self.connection.begin_subscribe(
                     *self._stream_channels(stream_id)
                 )
-                followers = self._live[channel] = set()
-            followers.add(follower)
+                followers = self._live[channel] = {}
+            followers[follower] = None
         return confirmation
 
     async def unfollow(self, follower: MessageSink) -> None:
@@ -170,7 +173,7 @@ class Hub:
                 followers = self._live.get(channel)
                 if followers is None or follower not in followers:
                     return
-                followers.discard(follower)
+                del followers[follower]
                 if followers:
                     return
                 del self._live[channel]
