@@ -203,11 +203,15 @@ class ResumableStreamContext:
             with anyio.move_on_after(self._settings.drain_timeout):
                 while self._running:
                     await self._running_changed.wait()
+        finally:
+            # Also when the drain itself is cancelled (whatever runs the context is): the
+            # helper tasks are cancelled, and none is started from now on (one started in a
+            # task group under a scope cancelled already would never learn it).
+            self._hub.closing()
             assert self._tg is not None
             self._tg.cancel_scope.cancel()
             for follower in self._hub.followers():
                 follower.fail(ResumableStreamError("the stream context was closed"))
-        finally:
             # What cancelling the task group does to the producers it runs, for those that run
             # in tasks of their own: stop them, end their linger, wait for their cleanup.
             await self._close_hosted()
@@ -410,7 +414,7 @@ class ResumableStreamContext:
             now = anyio.current_time()
             if nobody_since is None:
                 nobody_since = now
-            if hub.may_declare_lost(nobody_since, self._settings.resume_timeout):
+            if hub.may_declare_lost(nobody_since, hub.lost_after):
                 return True
             if now - nobody_since >= hub.lost_bound:
                 return False  # this side's connection cannot tell: alive, as far as we know
@@ -575,6 +579,10 @@ class ResumableStreamContext:
         state = await follower.join()
         if state == p.RUNNING:
             return await _following(follower, offset, resume)
+        if state is not None and attempt is not None:
+            # It ended meanwhile, and this reader has a cursor: its producer may still linger
+            # with the tail (perhaps not subscribed right now: that is what it found).
+            return await self._finished(stream_id, offset, attempt, resume, state)
         resume.answered("not_found" if state is None else "finished")
         _raise_if_failed(stream_id, state)
         return None

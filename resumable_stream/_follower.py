@@ -71,6 +71,9 @@ class Follower:
         self._consumed = resume_at  # text before this offset has been handed to the reader
         self._partial: list[str] = []  # the start of a chunk that continues in the next message
         self._partial_label: tuple[Any, Any] | None = None
+        # Where a chunk cut across messages continues, and its name (sent with its first part).
+        self._cont_end: int | None = None
+        self._cont_label: tuple[Any, Any] | None = None
         self._ready: deque[Entry] = deque()
         self._producer: str | None = None  # the token of the producer whose text this is
         self._awaiting = True  # a request is out whose replay has not all arrived
@@ -114,9 +117,9 @@ class Follower:
     async def _join_stored(self, after_end: bool) -> str | None:
         hub = self._hub
         start = self._position
-        # What is written from now on is also published to us (before the log is read).
-        await (await hub.follow(self))
         try:
+            # What is written from now on is also published to us (before the log is read).
+            await (await hub.follow(self))
             self._awaiting = True  # live batches wait until the log is read
             self._store_pending = True
             found: list[str | None] = []
@@ -151,6 +154,11 @@ class Follower:
                 self._store_useless = True
                 self._store_pending = False
                 answer = await self._join_requested(after_end)
+                if state in p.TERMINAL_STATES and state != p.DONE and not self.acked.is_set():
+                    # It ended badly (perhaps before it stored anything: stopped before it
+                    # started, or its producer died): the reader learns how.
+                    await self.aclose()
+                    return state
                 if state in p.TERMINAL_STATES and not self.acked.is_set():
                     # Finished, and nobody lingers with the text: it is gone, and saying
                     # "nothing more" would pass a shorter text off as the whole.
@@ -199,7 +207,8 @@ class Follower:
         # As many entries as make about a replay window next time.
         window = hub.settings.replay_window
         read_to_end = len(entries) < self._page
-        self._page = max(1, min(_MAX_PAGE, self._page * window // max(size, 1)))
+        # At least two: the entry that holds the position (read already, in part) and the next.
+        self._page = max(_FIRST_PAGE, min(_MAX_PAGE, self._page * window // max(size, 1)))
         if read_to_end and self._end is None and self._error is None and self._log_short():
             # The log ends before text that a message held aside says exists (an end announced
             # although its write failed): read once more, since that write may have landed
@@ -245,10 +254,11 @@ class Follower:
 
     async def _join_requested(self, after_end: bool) -> str | None:
         hub = self._hub
-        subscribed: Awaitable[None] | None = await hub.follow(self)
         try:
+            subscribed: Awaitable[None] | None = await hub.follow(self)
             request = self._new_request(after_end)
             nobody_since: float | None = None
+            late = False  # the live subscription took effect after the answer began
             delays = p.retry_delays()
             while True:
                 # Each publish is awaited to its answer (the backend bounds it): a request
@@ -256,11 +266,18 @@ class Follower:
                 sent = await self._send(request)
                 if subscribed is not None:
                     # The live channel's subscription went out before the request: its
-                    # confirmation comes before the answer (see `Hub.follow`).
+                    # confirmation comes before the answer (see `Hub.follow`), unless it was
+                    # slow; then live messages published meanwhile (the end, say) may have
+                    # reached nobody, and nothing may come to show the gap: ask once more.
                     await subscribed
                     subscribed = None
+                    if self.acked.is_set():
+                        late = True
                 if sent:
-                    return await self._answer(request, after_end)
+                    state = await self._answer(request, after_end)
+                    if late and state == p.RUNNING:
+                        self._recover_soon()
+                    return state
                 # Nobody subscribed: the producer is not listening yet, subscribing again
                 # after an outage, finished, or gone.
                 now = anyio.current_time()
@@ -281,7 +298,7 @@ class Follower:
                 elif state != p.RUNNING:
                     await self.aclose()
                     return state
-                elif hub.may_declare_lost(nobody_since, hub.settings.resume_timeout):
+                elif hub.may_declare_lost(nobody_since, hub.lost_after):
                     await hub.record_lost(self.stream_id)
                     raise ProducerLostError(
                         f"the producer of stream {self.stream_id!r} is gone: nobody listened "
@@ -363,11 +380,13 @@ class Follower:
                     return
                 if not self._again:
                     return
-                deadline = anyio.current_time() + self._hub.settings.resume_timeout
+                deadline = anyio.current_time() + self._hub.lost_after
         except ResumableStreamError as exc:  # BackendError
             self.fail(exc)
         finally:
             self._recovering = False
+            if self._detached:
+                self._hub.forget(self.listener)  # a request sent after the reader let go
             self._signal.notify()
 
     async def _ask_again(self, deadline: float) -> bool:
@@ -387,6 +406,10 @@ class Follower:
             if await self._send(request):
                 self._progress = anyio.current_time()  # the answer's wait starts now
                 return True
+            if self._early_fills():
+                # What was missing came meanwhile (late, held aside): no answer is needed.
+                self._release_early()
+                return True
             now = anyio.current_time()
             if now >= deadline and hub.may_declare_lost(nobody_since, deadline - nobody_since):
                 lost = True
@@ -396,6 +419,24 @@ class Follower:
                 break
             await anyio.sleep(next(delays))
         state = await hub.state(self.stream_id)
+        if state == p.DONE and await hub.lingering(self.stream_id):
+            # Its producer still keeps the text, but is not subscribed right now (subscribing
+            # again after an outage): it may come back before the bound.
+            while anyio.current_time() < bound:
+                await anyio.sleep(next(delays))
+                if await self._send(request):
+                    self._progress = anyio.current_time()
+                    return True
+                if self._early_fills():
+                    self._release_early()
+                    return True
+            self._fail_after_store(
+                ProducerUnavailableError(
+                    f"stream {self.stream_id!r} ended and its producer, which should still keep "
+                    "its text, did not answer"
+                )
+            )
+            return False
         if state == p.RUNNING:
             if not lost:
                 self._fail_after_store(
@@ -422,6 +463,21 @@ class Follower:
         )
         return False
 
+    def _early_fills(self) -> bool:
+        """Whether the live messages held aside (while an answer was awaited) go on from this
+        follower's position with no gap: then they hold what the request asked for."""
+        position = self._position
+        if not self._early:
+            return False
+        for message in self._early:
+            if isinstance(message, p.Live):
+                if message.start > position or message.producer != self._producer:
+                    return False
+                position = max(position, message.start + p.wire_length(message.chunks))
+            elif isinstance(message, p.End):
+                return message.length <= position and message.producer == self._producer
+        return True
+
     def _fail_after_store(self, error: ResumableStreamError) -> None:
         """End with `error`; a durable stream's reader first gets what its log still holds
         (everything its producer wrote before it died)."""
@@ -442,9 +498,11 @@ class Follower:
 
         A durable stream's log is read again (by the reader, when it next reads), unless it
         already failed to hold what was missing. Else the producer is asked: it was alive a
-        moment ago, so it gets `resume_timeout` to be found. If a request is being sent right
+        moment ago, so it gets `Hub.lost_after` to be found. If a request is being sent right
         now, its task sends another once it is out.
         """
+        if self._detached:
+            return
         self._awaiting = True  # hold live messages aside from now on
         if self._durable and not self._store_useless:
             self._store_pending = True
@@ -452,7 +510,7 @@ class Follower:
             return
         self._again = True
         if not self._recovering:
-            deadline = anyio.current_time() + self._hub.settings.resume_timeout
+            deadline = anyio.current_time() + self._hub.lost_after
             self._recovering = self._hub.spawn(self.stream_id, self._recover, deadline)
 
     # Messages
@@ -600,6 +658,14 @@ class Follower:
             else:
                 text, label = chunk[0], (chunk[1], chunk[2])
             end = start + len(text)
+            if not i and start == self._cont_end:
+                # The rest of a chunk cut across messages: its name came with its first part
+                # (which a reader that starts in the middle of it took none of).
+                self._cont_end = None
+                if label is None:
+                    label = self._cont_label
+            if cont and i == last:
+                self._cont_end, self._cont_label = end, label
             if end > self._position:
                 piece = text[self._position - start :]
                 self._position = end
@@ -708,7 +774,7 @@ class Follower:
                         )
                     )
                     continue
-                deadline = anyio.current_time() + settings.resume_timeout
+                deadline = anyio.current_time() + self._hub.lost_after
             else:
                 # At least a heartbeat's time: `heard` may be old because this side could not
                 # hear (its subscriber was reconnecting), not because the producer was silent.

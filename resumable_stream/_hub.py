@@ -8,6 +8,7 @@ followers, and they know the hub only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import uuid
@@ -83,6 +84,10 @@ class Hub:
             # the context's life: a resume then subscribes to one channel, not two.
             await connection.subscribe(self._inbox)
 
+    def closing(self) -> None:
+        """The context is closing: no helper task is started from now on."""
+        self._tg = None
+
     def close(self) -> None:
         self._connection = self._tg = None
 
@@ -157,9 +162,20 @@ class Hub:
             followers = self._live.get(channel)
             confirmation = READY
             if followers is None:
-                confirmation = await self.connection.begin_subscribe(
-                    *self._stream_channels(stream_id)
-                )
+                channels = self._stream_channels(stream_id)
+                try:
+                    confirmation = await self.connection.begin_subscribe(*channels)
+                except BaseException:
+                    # A subscription that failed stays wanted by the backend (it subscribes
+                    # it again once connected): nobody here wants it.
+                    # If this fails too, it was not subscribed, and is no longer wanted.
+                    with (
+                        anyio.CancelScope(shield=True),
+                        anyio.move_on_after(_UNSUBSCRIBE_TIMEOUT),
+                        contextlib.suppress(BackendError),
+                    ):
+                        await self.connection.unsubscribe(*channels)
+                    raise
                 followers = self._live[channel] = {}
             followers[follower] = None
         return confirmation
@@ -232,6 +248,14 @@ class Hub:
         settled = up_since + self.settings.liveness_timeout
         now = anyio.current_time()
         return now >= settled and now - max(nobody_since, settled) >= span
+
+    @property
+    def lost_after(self) -> float:
+        """How long requests must reach nobody (a settled connection on this side) before the
+        producer counts as gone: a resume's time, and at least the liveness timeout, so that a
+        producer's connection that drops and comes back within it is not a death."""
+        settings = self.settings
+        return max(settings.resume_timeout, settings.liveness_timeout)
 
     @property
     def lost_bound(self) -> float:

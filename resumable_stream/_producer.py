@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import AsyncIterable, Callable
 
 import anyio
@@ -57,6 +58,7 @@ class Producer:
         "_publishing",
         "_recorded",
         "_request_channel",
+        "_requested",
         "_started",
         "_stop",
         "_stopping",
@@ -126,6 +128,10 @@ class Producer:
         # joined while that publish was in flight.
         self._following = False
         self._epoch = 0
+        # When a request was last served: a follower's live subscription may still be on its
+        # way (it sends its request meanwhile), so publishes that reach nobody soon after do
+        # not mean that nobody follows.
+        self._requested = -math.inf
         self._live_index = 0
         self._publishing = False
         self._published: Signal | None = None  # made when a publishing task starts
@@ -243,7 +249,7 @@ class Producer:
                 self.changed.notify()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                     await self._finish(state)
-                    if not hub.settings.linger and self._recorded:
+                    if self._linger_time() <= 0 and self._recorded:
                         await self._stop_listening()
                 self.settled = True
                 self.changed.notify()
@@ -266,7 +272,9 @@ class Producer:
         try:
             if not self.offline and not self._closing:
                 with anyio.CancelScope() as self._lingering:
-                    await anyio.sleep(self._hub.settings.linger)
+                    until = anyio.current_time() + self._hub.settings.linger
+                    while (wait := self._linger_time(until)) > 0:
+                        await anyio.sleep(wait)
                     # Until then, a follower asking finds this producer, not a stream that
                     # seems to run with nobody producing it (which it would record as lost).
                     while not self._recorded:
@@ -276,6 +284,16 @@ class Producer:
             self._hub.remove_producer(self)
             with anyio.CancelScope(shield=True), anyio.move_on_after(_CLEANUP_TIMEOUT):
                 await self._stop_listening()
+
+    def _linger_time(self, until: float | None = None) -> float:
+        """How long to keep the text from now: until `until` (the end of `linger`), and at
+        least until a follower that asked lately has had the time to ask again (for the next
+        window of a replay; or for the end, if its live subscription took effect only after
+        the end was published)."""
+        now = anyio.current_time()
+        if until is None:
+            until = now + self._hub.settings.linger
+        return max(until, self._requested + self._hub.lost_bound) - now
 
     async def _stop_listening(self) -> None:
         if self._listening:
@@ -467,6 +485,7 @@ class Producer:
         buffer = self.buffer
         length, count = buffer.length, len(buffer.chunks)
         state = self.state
+        self._requested = anyio.current_time()  # its follower may ask again: stay for it
         if state is None:
             self._epoch += 1
             if not self._following:
@@ -504,6 +523,11 @@ class Producer:
                 "could not answer a resume request for %r: %s", self.stream_id, exc, extra=self._log
             )
 
+    def _unfollowed(self) -> bool:
+        """A publish reached nobody: whether that means nobody follows any more (the last
+        request is not recent: its follower's subscription had the time to take effect)."""
+        return anyio.current_time() - self._requested > self._hub.lost_bound
+
     async def _heartbeats(self) -> None:
         """A durable stream, while somebody follows: when idle, say it is alive, and how much
         text is stored (a follower that has less asks for the rest)."""
@@ -521,7 +545,7 @@ class Producer:
                 epoch = self._epoch
                 alive = p.Heartbeat(self.token, store.stored_length).pack()
                 receivers = await connection.publish(channel, alive)
-                if not receivers and epoch == self._epoch:
+                if not receivers and epoch == self._epoch and self._unfollowed():
                     self._following = False
                     return
         except BackendError as exc:
@@ -552,7 +576,7 @@ class Producer:
                         epoch = self._epoch
                         alive = p.Heartbeat(self.token, buffer.length).pack()
                         receivers = await connection.publish(channel, alive)
-                        if not receivers and epoch == self._epoch:
+                        if not receivers and epoch == self._epoch and self._unfollowed():
                             self._following = False
                             return
                 index, stop = self._live_index, len(buffer.chunks)
@@ -563,7 +587,7 @@ class Producer:
                 for offset, chunks, cont in p.split_pieces(buffer.wire(start, stop), start, limit):
                     live = p.Live(self.token, offset, chunks, cont).pack()
                     receivers = await connection.publish(channel, live)
-                if receivers == 0 and epoch == self._epoch:
+                if receivers == 0 and epoch == self._epoch and self._unfollowed():
                     self._following = False
                     return
         except BackendError as exc:

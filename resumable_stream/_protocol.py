@@ -187,6 +187,11 @@ def split_pieces(
         yield start, piece, False
 
 
+def wire_length(chunks: list[WireChunk]) -> int:
+    """The characters of the text that wire chunks hold."""
+    return sum(len(chunk) if type(chunk) is str else len(chunk[0]) for chunk in chunks)
+
+
 def retry_delays() -> Iterator[float]:
     """The waits between tries of a message that reached nobody (a producer not subscribed
     yet, or resubscribing after an outage): 2 ms, doubling, at most 100 ms."""

@@ -57,6 +57,7 @@ class Store:
         "_sentinel",
         "_stream_id",
         "_token",
+        "_unsure",
         "stored",
         "stored_changed",
     )
@@ -76,6 +77,11 @@ class Store:
         self.stored_changed = Signal()
         self._last: LogId | None = None  # the id of the last entry written
         self._broken = False  # the log lost entries (Redis evicted or lost it): write it again
+        # The end (a chunk index) of a write that failed without saying whether it landed (a
+        # lost reply): the next write sends the very same entries first. An append skips an
+        # entry whose id is there already, so a retry with more chunks under the same id
+        # would lose the difference if the first try had landed.
+        self._unsure: int | None = None
         # One write at a time: the appending task, the end, a rewrite after an outage.
         self._lock = anyio.Lock()
 
@@ -133,6 +139,17 @@ class Store:
         """Append chunks `index` to `stop` (about `max_message_size` characters of them at
         most, at least one chunk) in one command; return the index after the last one written.
         """
+        if self._unsure is not None:
+            stop = min(stop, self._unsure)  # the same entries as the try that may have landed
+        try:
+            written = await self._write_entries(index, stop)
+        except BackendError:
+            self._unsure = stop
+            raise
+        self._unsure = None
+        return written
+
+    async def _write_entries(self, index: int, stop: int) -> int:
         budget = self._hub.settings.max_message_size
         first = self._buffer.start_of(index)
         entries: list[LogAppend] = []

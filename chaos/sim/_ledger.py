@@ -90,6 +90,8 @@ class Ledger:
     ghosts: list[tuple[float, str]] = field(default_factory=list)
     # Writes of "LOST" into a stream's sentinel: (time, key).
     lost_writes: list[tuple[float, str]] = field(default_factory=list)
+    # Slow links: (process, start, end, added one-way delay).
+    slow_links: list[tuple[str, float, float, float]] = field(default_factory=list)
     # Keys lost by a fault: (time, key, reason), reason "evicted" or "restart".
     losses: list[tuple[float, str, str]] = field(default_factory=list)
     # Every key's writes and losses, for the keys the model asks about.

@@ -46,7 +46,10 @@ False claims (each a violation of its own kind)
   whose reply was lost, a "ghost", before the claim); and neither its process's connections
   (down or restoring) nor the server (stalled, restarting) had an outage longer than the
   reader's `liveness_timeout` overlapping [call start - (resume_timeout + liveness_timeout),
-  claim]. A slow link is not an outage: Redis still answers, only later.
+  claim]. A slow link is not an outage (Redis still answers, only later), unless a round trip
+  on it (twice its added delay) takes the reader's `liveness_timeout` or more: a producer that
+  is starting (or subscribing again) on it is not subscribed before a reader must give up, as
+  if it were dead.
 - `false-none`: `None` ("nothing to resume") from `resumable_stream` or
   `resume_existing_stream` while the stream's sentinel key existed throughout the call, and
   the latest instance elected before the call (none elected during it) was either still
@@ -173,6 +176,12 @@ class _Checker:
         return any(
             o.length > longer_than and o.start <= end + _EPS and o.end >= start - _EPS
             for o in self.ledger.outages_of(proc)
+        )
+
+    def slow_link(self, proc: str, start: float, end: float, delay_over: float) -> bool:
+        return any(
+            p == proc and delay >= delay_over and s <= end + _EPS and e >= start - _EPS
+            for p, s, e, delay in self.ledger.slow_links
         )
 
     def candidates(self, record: CallRecord, text: str) -> list[Instance]:
@@ -370,6 +379,8 @@ class _Checker:
             if instance.offline or self.gone(instance.proc, at):
                 return
             if self.long_outage(instance.proc, start, at, options.liveness_timeout):
+                return
+            if self.slow_link(instance.proc, start, at, options.liveness_timeout / 2):
                 return
             excuses.append(f"{instance.name} on {instance.proc} (alive, {self.ended(instance)})")
         if not candidates:

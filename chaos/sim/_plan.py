@@ -178,14 +178,21 @@ def _text(rng: random.Random) -> str:
     return "".join(rng.choice(_ALPHABET) for _ in range(n))
 
 
-def _context(rng: random.Random, durable: bool, small_messages: bool) -> ContextPlan:
+def _context(
+    rng: random.Random,
+    durable: bool,
+    small_messages: bool,
+    ttl: int,
+    linger: float,
+    liveness_timeout: float,
+) -> ContextPlan:
     return ContextPlan(
-        ttl=rng.choice((rng.randint(20, 120), 3600, 3600)),
+        ttl=ttl,
         resume_timeout=round(rng.uniform(0.3, 3.0), 3),
         max_message_size=rng.randint(3, 40) if small_messages else 1 << 20,
         drain_timeout=round(rng.choice((0.0, rng.uniform(0.0, 5.0))), 3),
-        linger=round(rng.choice((0.0, rng.uniform(0.2, 3.0), rng.uniform(3.0, 12.0))), 3),
-        liveness_timeout=round(rng.uniform(0.3, 3.0), 3),
+        linger=linger,
+        liveness_timeout=liveness_timeout,
         lost_ttl=rng.randint(3, 60),
         max_backlog=rng.randint(8, 200) if rng.random() < 0.05 else 64 << 20,
         durable=durable,
@@ -348,8 +355,18 @@ def make_plan(seed: int) -> Plan:
     durable = rng.random() < 0.35
     small_messages = rng.random() < 0.3
     names = [f"P{i}" for i in range(rng.randint(2, 4))]
+    # What a key prefix's streams keep, how long they linger and how soon a producer that is
+    # not heard from counts as dead are the deployment's, the same on every context of it: a
+    # reader tells a lingering producer by them, and trusts another's verdict of a death.
+    ttl = rng.choice((rng.randint(20, 120), 3600, 3600))
+    linger = round(rng.choice((0.0, rng.uniform(0.2, 3.0), rng.uniform(3.0, 12.0))), 3)
+    liveness = round(rng.uniform(0.3, 3.0), 3)
     processes = tuple(
-        ProcessPlan(name, _context(rng, durable, small_messages), _link(rng, profile))
+        ProcessPlan(
+            name,
+            _context(rng, durable, small_messages, ttl, linger, liveness),
+            _link(rng, profile),
+        )
         for name in names
     )
     streams = [_stream(rng, f"s{i}") for i in range(rng.choice((1, 1, 2, 2, 3)))]

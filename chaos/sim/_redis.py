@@ -85,7 +85,7 @@ logger = logging.getLogger("resumable_stream")
 # Connection states.
 UP, RESTORING, DOWN, DEAD, CLOSED = "up", "restoring", "down", "dead", "closed"
 
-_WRITES = frozenset({"incr", "set", "swap", "create", "append"})
+_WRITES = frozenset({"incr", "set", "swap", "create", "append", "restart_stream"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +299,22 @@ class SimRedis:
             self.publish(channel, message)
         return last
 
+    def numsub(self, channel: str) -> int:
+        return len(self.channels.get(channel, ()))
+
+    def restart_stream(
+        self, sentinel: str, restarts: str, text: str, expected: str, ttl: int
+    ) -> int | None:
+        entry = self._value(sentinel)
+        if entry is None or entry[0] != expected:
+            return None
+        self._write(sentinel, "1", ttl)
+        found = self._value(restarts)
+        count = int(found[0]) + 1 if found else 1
+        self._write(restarts, str(count), ttl)
+        self.delete(text)
+        return count + 1
+
     def read(self, key: str, offset: int, count: int) -> list[LogEntry]:
         log = self._log(key) or []
         first = bisect.bisect_right(log, (offset, 1, "\uffff")) - 1
@@ -458,7 +474,8 @@ class SimConnection:
         self.sub_out, self.sub_in = _Pipe(server), _Pipe(server)
         self.cmd_state = UP
         self.sub_state = UP
-        self._up_since: float | None = server.now()
+        # Opening is not a break (see `Connection.up_since`): only a restoration sets it.
+        self._up_since: float | None = -math.inf
         self.wanted: dict[str, None] = {}  # what the subscriber should be subscribed to
         self._in_flight: dict[_Command, None] = {}
         self._confirmations: dict[asyncio.Future[Any], None] = {}
@@ -576,8 +593,10 @@ class SimConnection:
             self._fault(name, "oom")
         else:
             result = getattr(server, name)(*command.args)
-            command.election = (name == "incr" and result == 1) or (
-                name == "swap" and command.args[1] == "1"
+            command.election = (
+                (name == "incr" and result == 1)
+                or (name == "swap" and command.args[1] == "1")
+                or (name == "restart_stream" and result is not None)
             )
         command.done = True
         self._history("cmd", name, command.key, _brief(result))
@@ -646,6 +665,31 @@ class SimConnection:
 
     async def delete(self, key: str) -> None:
         await self._call("delete", key, key)
+
+    def notify(self, channel: str, message: bytes) -> None:
+        """A publish nobody waits for: sent if the command connection is up, its reply
+        dropped; it may fail or be lost on the way like any command."""
+        if self.cmd_state != UP:
+            return
+        fate = self._fate()
+        if fate == "fail":
+            self._fault("publish", "fail")
+            return
+        command = _Command("publish", channel, (channel, message), fate, self._loop.create_future())
+        command.future.set_result(None)  # nobody waits for its reply
+        self._in_flight[command] = None
+        self.cmd_out.send(self._delay(), self._arrive, command)
+
+    async def numsub(self, channel: str) -> int:
+        result: int = await self._call("numsub", channel, channel)
+        return result
+
+    async def restart(
+        self, sentinel: str, restarts: str, text: str, expected: str, ttl: int
+    ) -> int | None:
+        args = (sentinel, restarts, text, expected, ttl)
+        result: int | None = await self._call("restart_stream", sentinel, *args)
+        return result
 
     async def ttl(self, key: str) -> float | None:
         """Seconds until `key` expires; None if it does not exist (every key here expires)."""
@@ -806,6 +850,8 @@ class SimConnection:
         self._history("slow-link", duration, delay)
         self.slow_until = self._loop.time() + duration
         self.slow_delay = delay
+        now = self._loop.time()
+        self.server.ledger.slow_links.append((self.proc, now, now + duration, delay))
 
     def kill(self) -> None:
         """The process died: its connections are severed for good."""
