@@ -273,7 +273,11 @@ class Producer:
             if not self.offline and not self._closing:
                 with anyio.CancelScope() as self._lingering:
                     until = anyio.current_time() + self._hub.settings.linger
-                    while (wait := self._linger_time(until)) > 0:
+                    # A request served meanwhile moves the end further (`_linger_time`).
+                    while True:
+                        wait = self._linger_time(until)
+                        if wait <= 0:
+                            break
                         await anyio.sleep(wait)
                     # Until then, a follower asking finds this producer, not a stream that
                     # seems to run with nobody producing it (which it would record as lost).
