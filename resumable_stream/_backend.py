@@ -265,6 +265,12 @@ class _MemoryConnection:
         await self.subscribe(*channels)
         return READY
 
+    async def numsub(self, channel: str) -> int:
+        """How many connections are subscribed to `channel` (Redis' `PUBSUB NUMSUB`)."""
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["pubsub"] += 1
+        return len(self._backend._subscribers.get(channel, ()))
+
     async def unsubscribe(self, *channels: str) -> None:
         await anyio.lowlevel.checkpoint()
         self._backend.commands["unsubscribe"] += 1
@@ -361,6 +367,12 @@ class CountedConnection:
     def unsubscribe(self, *channels: str) -> Coroutine[Any, Any, None]:
         self._count("unsubscribe")
         return self._connection.unsubscribe(*channels)
+
+    def numsub(self, channel: str) -> Coroutine[Any, Any, int]:
+        """`PUBSUB NUMSUB` (compat mode), where the wrapped connection has it."""
+        numsub = self._connection.numsub  # type: ignore[attr-defined]
+        self._count("pubsub")
+        return numsub(channel)  # type: ignore[no-any-return]
 
     def append(
         self,

@@ -136,6 +136,7 @@ class _RedisConnection:
         self.append = self._commands.append
         self.read = self._commands.read
         self.delete = self._commands.delete
+        self.numsub = self._commands.numsub
 
     @property
     def connected(self) -> bool:

@@ -409,6 +409,17 @@ class Commands:
         )
         return bool(created)
 
+    async def numsub(self, channel: str) -> int:
+        """How many connections are subscribed to the classic channel `channel`."""
+        answer = await self._call(
+            lambda pipe: pipe.execute_command("PUBSUB NUMSUB", channel), key=channel
+        )
+        # RESP2 gives [name, count], RESP3 a map; redis-py may have paired it already.
+        if isinstance(answer, dict):
+            return int(next(iter(answer.values()), 0))
+        flat = [item for pair in answer for item in (pair if isinstance(pair, tuple) else [pair])]
+        return int(flat[1]) if len(flat) > 1 else 0
+
     async def publish(self, channel: str, message: bytes) -> int:
         command = self._publish
         return int(
