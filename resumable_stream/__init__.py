@@ -13,6 +13,7 @@ from ._exceptions import (
     StreamCancelledError,
     StreamFailedError,
     StreamIncompleteError,
+    StreamNotCancellableError,
 )
 from ._protocol import new_stream_id
 from ._reader import ResumableStream
@@ -36,6 +37,7 @@ __all__ = [
     "StreamCancelledError",
     "StreamFailedError",
     "StreamIncompleteError",
+    "StreamNotCancellableError",
     "create_resumable_stream_context",
     "new_stream_id",
 ]

@@ -30,6 +30,7 @@ def test_public_names_are_pinned() -> None:
         "StreamCancelledError",
         "StreamFailedError",
         "StreamIncompleteError",
+        "StreamNotCancellableError",
         "create_resumable_stream_context",
         "new_stream_id",
     ]
