@@ -144,6 +144,27 @@ def ai_sdk_client() -> Path:
     return AI_SDK_CLIENT
 
 
+NODE_INTEROP = Path(__file__).parent / "node_interop"
+
+
+@pytest.fixture(scope="session")
+def node_interop() -> Path:
+    """The folder of the reference package's versions (npm `resumable-stream` 2.x, and both
+    Redis clients it supports) that the compat tests drive in Node, pinned by its
+    package-lock.json and installed once per session with `npm ci`."""
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        missing("the compat tests need Node.js and npm (apt-get install nodejs npm)")
+    subprocess.run(
+        [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=NODE_INTEROP,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+    )
+    return NODE_INTEROP
+
+
 @pytest.fixture(params=FLAVORS)
 def flavor(request: pytest.FixtureRequest) -> str:
     return str(request.param)
