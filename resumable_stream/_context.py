@@ -187,12 +187,12 @@ class ResumableStreamContext:
                 self._backend.connect(dispatch, self._reconnected)
             )
             self._connection = connection
+            if compat is not None:
+                compat.opened(connection)  # before the task group, which would wrap its error
             if self._telemetry.enabled:
                 connection = CountedConnection(connection, self._telemetry.command)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             await self._hub.open(connection, self._tg, inbox=compat is None)
-            if compat is not None:
-                compat.opened(connection)
             if self._telemetry.enabled:
                 self._tg.start_soon(self._telemetry.run, name="resumable_stream telemetry")
             try:

@@ -178,6 +178,11 @@ class VercelFollower:
                 for tries, delay in enumerate(p.retry_delays()):
                     receivers = await connection.publish(target, request)
                     if receivers > 1 and not late:
+                        # PUBLISH counts pattern subscribers too (a monitoring tap): the
+                        # channel's own subscribers are the producers.
+                        counted = await hub.numsub(target)
+                        receivers = receivers if counted is None else counted
+                    if receivers > 1 and not late:
                         value = await connection.get(sentinel)
                         if not running(value):
                             return FINISHED if value is not None else None
@@ -204,7 +209,7 @@ class VercelFollower:
                 return FINISHED
             if not running(value):
                 return FINISHED if value is not None else None
-            if reached:
+            if reached and await hub.numsub(target) != 0:
                 # Got it, never answered: a producer in trouble (or the reference's ioredis
                 # adapter, which drops a request that comes as it ends: then it is finished).
                 raise ProducerUnavailableError(

@@ -13,6 +13,7 @@ they fail instead.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 import resumable_stream as rs
+from resumable_stream import _vercel_wire as wire
 from resumable_stream.http import EventStream
 from resumable_stream.redis import RedisBackend
 from resumable_stream.sse import SSEDecoder
@@ -329,7 +331,9 @@ async def test_large_chunks_cross_both_ways_exactly(
 ) -> None:
     """A 3 MiB Node chunk read by a Python follower from an offset, and a 5 MiB replay of ours
     (sent in `max_message_size` pieces) read by a Node follower; astral characters throughout,
-    so that a cut by units would split pairs."""
+    so that a cut by units would split pairs. Text equal to the reference's DONE message ends a
+    Node producer's readers, ours as Node's (the reference's own semantics); ours sends it as
+    two messages, so that nobody takes it for the end."""
     big3 = ("a😀" * 12 + "b" * 1000) * 3000  # ~3 MiB of UTF-16, astral every ~1 KiB
     big5 = ("é🎉" * 10 + "x" * 1000) * 5200
     with anyio.fail_after(STEP):
@@ -346,7 +350,7 @@ async def test_large_chunks_cross_both_ways_exactly(
                 got.append(await read_all(follower))
 
             tg.start_soon(read_follower)
-            await node.write(produced["source"], "tail")
+            await node.write(produced["source"], "tail", wire.DONE_MESSAGE, "after")
             await node.close(produced["source"])
         assert got == [slice16(head + "tail", 10)]
 
@@ -362,13 +366,14 @@ async def test_large_chunks_cross_both_ways_exactly(
         mode = "explicit" if reference.explicit else "idempotent"
         resumed = await node.resume(stream_id, 3, mode=mode)
         assert resumed["kind"] == "stream"
-        await feed.write(" end")
+        await feed.write(" end", wire.DONE_MESSAGE, "after")
         await feed.close()
+        expected += " end" + wire.DONE_MESSAGE + "after"
         read = await node.read(resumed["handle"])
         assert read.done
-        assert read.text == slice16(expected + " end", 3)
+        assert read.text == slice16(expected, 3)
         assert read.chunks >= 6  # the replay came in pieces of at most 1 MiB
-        assert taken + await read_all(own) == expected + " end"
+        assert taken + await read_all(own) == expected
 
 
 async def test_a_killed_node_producer_ends_our_reader_with_producer_lost(
@@ -735,3 +740,103 @@ class Lossy:
     def reconnect(self) -> None:
         self.dropping = False
         self._on_reconnect()
+
+
+async def test_what_goes_on_the_wire_is_what_a_node_peer_can_read(
+    node_interop: Path, redis_server: RedisServer
+) -> None:
+    """Everything published under the prefix, tapped (PSUBSCRIBE) while our producer serves
+    Python and Node followers, is cancelled from another context, and our follower reads a
+    Node stream: requests are the reference's JSON and nothing else, a cancel goes on its own
+    channel, no message but a listener's last equals the DONE message, none is longer than
+    `max_message_size`; the only keys are the shared sentinel and our outcome key, with TTLs."""
+    import redis.asyncio
+
+    prefix = f"compat-{uuid.uuid4().hex[:12]}"
+    tapped: list[tuple[str, bytes]] = []
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    tap = client.pubsub()
+    await tap.psubscribe(f"{prefix}:*")
+
+    async def listen() -> None:
+        async for message in tap.listen():
+            if message["type"] == "pmessage":
+                tapped.append((message["channel"].decode(), message["data"]))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen)
+            async with (
+                python_context(redis_server.url, prefix, max_message_size=8) as py,
+                python_context(redis_server.url, prefix) as other,
+                node_context(node_interop, REFERENCES[0], redis_server.url, prefix) as node,
+            ):
+                with anyio.fail_after(STEP):
+                    stream_id = new_id()
+                    feed = Feed()
+                    own = await py.resumable_stream(stream_id, feed.source)
+                    await feed.write(*PARTS[:HEAD], wire_done)
+                    follower = await other.resume_existing_stream(stream_id, 3)
+                    resumed = await node.resume(stream_id, 5)
+                    await feed.write(*PARTS[HEAD:])
+                    await other.cancel_stream(stream_id)
+                    expected = "".join(PARTS[:HEAD]) + wire_done + "".join(PARTS[HEAD:])
+                    with pytest.raises(rs.StreamCancelledError):
+                        await read_all(own)
+                    await feed.close()
+                    got, error = await read_until_error(follower)
+                    assert isinstance(error, rs.StreamCancelledError)
+                    read = await node.read(resumed["handle"])
+                    assert read.done
+                    # Cut by the cancel wherever it came: what each got is exact so far.
+                    assert slice16(expected, 3).startswith(got)
+                    assert slice16(expected, 5).startswith(read.text)
+
+                    node_stream = new_id()
+                    produced = await node.produce(node_stream)
+                    await node.write(produced["source"], "abc")
+                    await node.read(produced["handle"], length=3)
+                    node_follower = await py.resume_existing_stream(node_stream, 1)
+                    await node.close(produced["source"])
+                    assert await read_all(node_follower) == "bc"
+                    keys = sorted([k.decode() async for k in client.scan_iter(f"{prefix}:*")])
+                    assert keys == sorted(
+                        [
+                            f"{prefix}:rs:sentinel:{stream_id}",
+                            f"{prefix}:rs:outcome:{stream_id}",
+                            f"{prefix}:rs:sentinel:{node_stream}",
+                        ]
+                    )
+                    for key in keys:
+                        assert await client.ttl(key) > 0
+            tg.cancel_scope.cancel()
+    finally:
+        await tap.aclose()
+        await client.aclose()
+    base = f"{prefix}:rs:"
+    kinds = {channel[len(base) :].split(":", 1)[0] for channel, _ in tapped}
+    assert kinds == {"request", "chunk", "cancel"}
+    by_channel: dict[str, list[bytes]] = {}
+    for channel, data in tapped:
+        assert channel.startswith(base)
+        by_channel.setdefault(channel, []).append(data)
+        if ":request:" in channel:
+            request = json.loads(data)
+            assert isinstance(request, dict)
+            assert set(request) <= {"listenerId", "skipCharacters"}
+            assert isinstance(request["listenerId"], str)
+            skip = request.get("skipCharacters")
+            assert skip is None or (type(skip) is int and skip >= 0)
+    for channel, messages in by_channel.items():
+        if ":chunk:" in channel:
+            assert wire.DONE_BYTES not in messages[:-1]
+    python_chunks = [
+        data
+        for channel, data in tapped
+        if ":chunk:" in channel and data != wire.DONE_BYTES and len(data.decode()) > 8
+    ]
+    # Only the Node producer's "abc" replay could be longer, and it is not.
+    assert python_chunks == []
+
+
+wire_done = wire.DONE_MESSAGE  # user text equal to the reference's DONE message
