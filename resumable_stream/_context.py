@@ -176,6 +176,11 @@ class ResumableStreamContext:
     def __repr__(self) -> str:
         return f"<ResumableStreamContext backend={self._backend!r}>"
 
+    @property
+    def compat(self) -> Compat | None:
+        """The other library whose wire protocol this context speaks ("vercel"), or None."""
+        return None if self._compat is None else "vercel"
+
     async def __aenter__(self) -> ResumableStreamContext:
         if self._stack is not None:
             raise RuntimeError("this context is already open")

@@ -356,6 +356,27 @@ def test_compat_is_checked_when_the_context_is_made() -> None:
     assert ctx._compat is not None
 
 
+def test_endpoints_that_need_event_names_or_chunk_boundaries_refuse_a_compat_context() -> None:
+    """The reference's protocol carries text only: the AI SDK adapter (a JSON object per chunk)
+    and the task endpoints (named events) need this library's own."""
+    from resumable_stream.ai_sdk import ChatStreams
+    from resumable_stream.tasks import TaskApp, TaskEndpoint
+
+    async def task(task_input: Any, request: Any) -> None:
+        return None
+
+    ctx = rs.ResumableStreamContext(backend=rs.MemoryBackend(), compat="vercel")
+    assert ctx.compat == "vercel"
+    assert rs.ResumableStreamContext(backend=rs.MemoryBackend()).compat is None
+    for make in (
+        lambda: ChatStreams(ctx),
+        lambda: TaskEndpoint(ctx, task),
+        lambda: TaskApp(ctx, task),
+    ):
+        with pytest.raises(ValueError, match="compat='vercel'"):
+            make()
+
+
 @pytest.mark.parametrize("flavor", ["memory", "memory-trio"])
 async def test_a_cluster_is_refused_when_the_context_opens() -> None:
     class Sharded(rs.MemoryBackend):

@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 import resumable_stream as rs
 from resumable_stream import _vercel_wire as wire
-from resumable_stream.http import EventStream
+from resumable_stream.http import EventStream, prepare_stop
 from resumable_stream.redis import RedisBackend
 from resumable_stream.sse import SSEDecoder
 
@@ -465,6 +465,7 @@ async def test_cancelling_a_node_stream_says_it_cannot_and_leaves_it_running(
             await node.write(produced["source"], *PARTS[:HEAD])
             with pytest.raises(rs.StreamNotCancellableError):
                 await py.cancel_stream(stream_id)
+            assert (await prepare_stop(py, stream_id)).status == 409
             await node.write(produced["source"], *PARTS[HEAD:])
             await node.close(produced["source"])
             read = await node.read(produced["handle"])
@@ -840,3 +841,157 @@ async def test_what_goes_on_the_wire_is_what_a_node_peer_can_read(
 
 
 wire_done = wire.DONE_MESSAGE  # user text equal to the reference's DONE message
+
+
+# A browser, two Python workers and a Node reader on one stream
+
+PAGE = b"""<!doctype html><meta charset="utf-8"><script>
+window.events = [];
+window.start = (url) => {
+  const source = new EventSource(url);
+  source.onmessage = (e) => window.events.push({ data: e.data, id: e.lastEventId });
+  source.onerror = () => { window.state = source.readyState; };
+  window.source = source;
+};
+</script>"""
+
+
+class TwoWorkers:
+    """An ASGI app standing for two workers behind a load balancer: a stream's first request
+    goes to worker A (which produces it), every reconnect (it carries `Last-Event-ID`) to
+    worker B. `cut()` drops A's open responses mid-body, as a dropped network would."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.apps = {"a": a, "b": b}
+        self.requests: list[tuple[str, str | None, int | None]] = []  # worker, cursor, status
+        self.changed = anyio.Event()
+        self._open: dict[str, set[anyio.CancelScope]] = {"a": set(), "b": set()}
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def until(self, predicate: Any) -> None:
+        while not predicate():
+            await self.changed.wait()
+
+    def cut(self) -> None:
+        for scope in self._open["a"]:
+            scope.cancel()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/":
+            headers = [(b"content-type", b"text/html; charset=utf-8")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": PAGE})
+            return
+        if not scope["path"].startswith("/stream/"):
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        cursor = dict(scope["headers"]).get(b"last-event-id")
+        worker = "a" if cursor is None else "b"
+        index = len(self.requests)
+        self.requests.append((worker, None if cursor is None else cursor.decode(), None))
+        self._notify()
+
+        async def tracking_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                request = self.requests[index]
+                self.requests[index] = (request[0], request[1], message["status"])
+                self._notify()
+            await send(message)
+
+        with anyio.CancelScope() as cut:
+            self._open[worker].add(cut)
+            try:
+                await self.apps[worker](scope, receive, tracking_send)
+            finally:
+                self._open[worker].discard(cut)
+        # Cut: returning with the body unfinished makes the server drop the connection.
+
+
+async def test_an_event_source_cut_mid_stream_resumes_exactly_on_a_second_worker(
+    node_interop: Path, redis_server: RedisServer
+) -> None:
+    """Chromium's own `EventSource` reads a stream that worker A produces; its connection is
+    dropped mid-stream and it reconnects (`Last-Event-ID`: a UTF-16 offset, 19 where Python
+    counts 16 characters) to worker B, which follows A's producer over the reference protocol:
+    exact text, event ids in UTF-16 units. A Node reader resuming from the offset the browser
+    last saw gets exactly the rest."""
+    import socket
+
+    import uvicorn
+
+    from resumable_stream.asgi import EventStreamApp
+
+    from .browser import chromium
+
+    prefix = f"compat-{uuid.uuid4().hex[:12]}"
+    stream_id = new_id()
+    gate = anyio.Event()
+
+    async def produce(stream: str, scope: Any) -> AsyncIterator[str]:
+        for part in PARTS[:HEAD]:
+            yield part
+        await gate.wait()
+        for part in PARTS[HEAD:]:
+            yield part
+
+    head = units("".join(PARTS[:HEAD]))
+    assert head == 19
+    assert len("".join(PARTS[:HEAD])) == 16
+    url = redis_server.url
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with (
+            python_context(url, prefix) as worker_a,
+            python_context(url, prefix) as worker_b,
+            node_context(node_interop, REFERENCES[0], url, prefix) as node,
+            chromium() as browser,
+            anyio.create_task_group() as tg,
+        ):
+            app = TwoWorkers(
+                EventStreamApp(worker_a, produce, retry=50), EventStreamApp(worker_b, retry=50)
+            )
+            config = uvicorn.Config(
+                app, lifespan="off", ws="none", log_config=None, access_log=False
+            )
+            config.timeout_graceful_shutdown = 2
+            server = uvicorn.Server(config)
+            tg.start_soon(server.serve, [sock])
+            page_context = await browser.new_context()
+            try:
+                with anyio.fail_after(STEP):
+                    page = await page_context.new_page()
+                    await page.goto(base + "/")
+                    await page.evaluate("(url) => start(url)", f"/stream/{stream_id}")
+                    await page.wait_for_function(f"window.events.length === {HEAD}")
+                    app.cut()
+                    await app.until(lambda: len(app.requests) == 2 and app.requests[1][2])
+                    assert app.requests[:2] == [("a", None, 200), ("b", str(head), 200)]
+                    resumed = await node.resume(stream_id, head)
+                    assert resumed["kind"] == "stream"
+                    gate.set()
+                    await page.wait_for_function("window.state === EventSource.CLOSED")
+                    events = await page.evaluate("window.events")
+                    read = await node.read(resumed["handle"])
+            finally:
+                await page_context.close()
+                server.should_exit = True
+    # Worker B's follower may get the chunks that came in a burst as one message (the
+    # reference's messages carry no boundaries): the text and its offsets are exact.
+    assert [event["data"] for event in events[:HEAD]] == PARTS[:HEAD]
+    assert "".join(event["data"] for event in events) == FULL
+    position = 0
+    for event in events:
+        position += units(event["data"])
+        assert event["id"] == str(position)
+    # The reconnect after the end: nothing more (204), which stops the browser.
+    assert app.requests[2:] == [("b", str(units(FULL)), 204)]
+    assert read.done
+    assert read.text == slice16(FULL, head)
