@@ -295,7 +295,8 @@ class VercelStreams:
         badly (a Node producer records nothing: its streams end well)."""
         hub = self._hub
         outcome = Outcome.parse(await hub.connection.get(hub.names.outcome(stream_id)))
-        if outcome is not None:
+        # "lost" is a running stream's (its producer died): one that ended is not that one.
+        if outcome is not None and outcome.state != p.LOST:
             error = p.end_error(stream_id, outcome.state, outcome.detail)
             if error is not None:
                 raise error

@@ -73,8 +73,10 @@ _MAX_ASKS = 3
 def end_error(stream_id: str, outcome: Outcome | None, position: int) -> Exception | None:
     """How a stream whose end a reader reached at UTF-16 `position` ended, from its outcome key:
     None if it ended well (or a Node producer, which writes no outcome, made it)."""
-    if outcome is None or outcome.length < position:
-        return None  # none, or an earlier stream's of this id (this one's text went further)
+    if outcome is None or outcome.state == p.LOST or outcome.length < position:
+        # None (a Node producer's), a dead producer's (this one ended: an earlier stream of
+        # this id died), or an earlier stream's (this one's text went further).
+        return None
     if outcome.length > position:
         return StreamIncompleteError(
             f"stream {stream_id!r} ended at offset {outcome.length} but its text stopped "

@@ -424,15 +424,18 @@ class VercelProducer:
                 "could not announce the end of stream %r: %s", self.stream_id, exc, extra=self._log
             )
 
-    async def _record(self, state: str, *, retry: bool = False) -> bool:
+    async def _write_end(self, state: str) -> None:
         """Write the outcome (Python readers), then `"DONE"` in the shared sentinel."""
         hub = self._hub
         names = hub.names
         ttl = hub.settings.ttl
         outcome = Outcome(state, self.buffer.length, self.error_type, self.token)
+        await hub.connection.set(names.outcome(self.stream_id), outcome.pack(), ttl)
+        await hub.connection.set(names.sentinel(self.stream_id), DONE_VALUE, ttl)
+
+    async def _record(self, state: str, *, retry: bool = False) -> bool:
         try:
-            await hub.connection.set(names.outcome(self.stream_id), outcome.pack(), ttl)
-            await hub.connection.set(names.sentinel(self.stream_id), DONE_VALUE, ttl)
+            await self._write_end(state)
         except BackendError as exc:
             level = logging.DEBUG if retry else logging.WARNING
             logger.log(
@@ -514,7 +517,7 @@ class VercelProducer:
         try:
             if self.state is not None:
                 if self._recorded:
-                    await self._record(self.state, retry=True)
+                    await self._write_end(self.state)
             elif await hub.connection.get(key) is None:
                 # Without it a second producer could start under this id.
                 await hub.connection.create(key, "1", hub.settings.ttl)
