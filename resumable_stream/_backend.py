@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Sequence
@@ -65,10 +66,24 @@ class Connection(Protocol):
     # its slot, and one channel for all streams would load one shard with every reply.
     sharded: bool
 
+    @property
+    def up_since(self) -> float | None:
+        """Since when (`anyio.current_time()`) the subscriber side has been up without a break,
+        every subscription in place; None while it is down or restoring subscriptions, and
+        `-math.inf` if it never broke since it was opened (opening is not an outage).
+
+        Evidence for a follower whose request reached nobody: right after an outage that this
+        connection saw, the producer's connection may still be subscribing again, so "nobody
+        listens" means "gone" only once this connection has been up for a while."""
+
     async def incr(self, key: str, ttl: int) -> int | None:
         """Increment `key` and make it expire after `ttl` s; None if it holds a non-integer."""
 
     async def get(self, key: str) -> str | None: ...
+
+    async def ttl(self, key: str) -> float | None:
+        """Seconds until `key` expires: None if it does not exist, `math.inf` if it never
+        expires."""
 
     async def set(self, key: str, value: str, ttl: int) -> None: ...
 
@@ -197,6 +212,8 @@ class _MemoryConnection:
         self._backend = backend
         self._on_message = on_message
         self.channels: set[str] = set()
+        # In one process it is never down (opening is not a break: see `Connection.up_since`).
+        self.up_since: float | None = -math.inf
 
     async def incr(self, key: str, ttl: int) -> int | None:
         await anyio.lowlevel.checkpoint()
@@ -218,6 +235,11 @@ class _MemoryConnection:
         self._backend.commands["get"] += 1
         entry = self._backend._lookup(key)
         return None if entry is None else entry[0]
+
+    async def ttl(self, key: str) -> float | None:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["pttl"] += 1
+        return self._backend.ttl(key)
 
     async def set(self, key: str, value: str, ttl: int) -> None:
         await anyio.lowlevel.checkpoint()
@@ -331,6 +353,10 @@ class CountedConnection:
         self._count = count
         self.sharded = connection.sharded
 
+    @property
+    def up_since(self) -> float | None:
+        return self._connection.up_since
+
     def incr(self, key: str, ttl: int) -> Coroutine[Any, Any, int | None]:
         self._count("incr")
         self._count("expire")
@@ -339,6 +365,10 @@ class CountedConnection:
     def get(self, key: str) -> Coroutine[Any, Any, str | None]:
         self._count("get")
         return self._connection.get(key)
+
+    def ttl(self, key: str) -> Coroutine[Any, Any, float | None]:
+        self._count("pttl")
+        return self._connection.ttl(key)
 
     def set(self, key: str, value: str, ttl: int) -> Coroutine[Any, Any, None]:
         self._count("set")

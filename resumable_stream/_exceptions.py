@@ -22,6 +22,8 @@ Errors of the Redis client are translated at the boundary: callers never see `re
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 if sys.version_info < (3, 11):
@@ -130,6 +132,33 @@ class single_exception_out:  # lower case, like contextlib.suppress: a context m
         finally:
             # Raising it here made the group its context; it had its own.
             leaf.__context__ = context
+
+
+@contextmanager
+def one_error() -> Iterator[None]:
+    """Lets the failures of operations run side by side (in a task group) out as one error.
+
+    Two reads that fail together (the state and the log, with Redis down) would come out of
+    their task group as an exception group, which no caller expects from a call that raises
+    `ResumableStreamError`s: the first failure is raised as itself, the others are noted on
+    it. A failure that is not ours (a bug) is raised first, as itself.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        first = next((e for e in leaves if not isinstance(e, ResumableStreamError)), leaves[0])
+        add_note = getattr(first, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            for other in leaves:
+                if other is not first:
+                    add_note(f"also: {type(other).__name__}: {other}")
+        context = first.__context__
+        try:
+            raise first
+        finally:
+            # Raising it here made the group its context; it had its own.
+            first.__context__ = context
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -14,6 +14,7 @@ it with an error. Every message names its producer, and a follower never mixes t
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import deque
 from collections.abc import Awaitable
@@ -26,12 +27,14 @@ from . import _protocol as p
 from ._buffer import Entry, Signal
 from ._event import Event
 from ._exceptions import (
+    BackendError,
     ProducerConflictError,
     ProducerLostError,
     ProducerUnavailableError,
     ResumableStreamError,
     SlowReaderError,
     StreamIncompleteError,
+    one_error,
 )
 from ._hub import Hub
 from ._reader import CHECKPOINT_MASK
@@ -46,6 +49,13 @@ _FIRST_PAGE = 2
 _MAX_PAGE = 1024
 # Requests in a row that the producer got (somebody was subscribed) but never answered.
 _MAX_UNANSWERED = 3
+
+
+def _lost_bound(hub: Hub) -> float:
+    """How long requests may reach nobody before a reader gives up, even without proof that
+    the producer is gone (`Hub.may_declare_lost`): then it is only unavailable."""
+    settings = hub.settings
+    return settings.resume_timeout + settings.liveness_timeout + settings.heartbeat
 
 
 class Follower:
@@ -114,9 +124,10 @@ class Follower:
             async def read_state() -> None:
                 found.append(await hub.state(self.stream_id))
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(read_state)  # in the same round trip as the first read
-                await self._read_store()
+            with one_error():  # not a group of two errors (Redis down fails both reads)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(read_state)  # in the same round trip as the first read
+                    await self._read_store()
             state = found[0]
             if self._error is not None:
                 return p.RUNNING  # the reader learns it
@@ -237,53 +248,91 @@ class Follower:
         subscribed: Awaitable[None] | None = await hub.follow(self)
         try:
             request = self._new_request(after_end)
-            reached = False
-            with anyio.move_on_after(hub.settings.resume_timeout):
-                for delay in p.retry_delays():
-                    sent = await self._send(request)
-                    if subscribed is not None:
-                        # The live channel's subscription went out before the request: its
-                        # confirmation comes before the answer (see `Hub.follow`).
-                        await subscribed
-                        subscribed = None
-                    if sent:
-                        reached = True
-                        await self.acked.wait()
-                        if after_end:
-                            # A reader that already has everything learns at once how the
-                            # stream ended, as it would without lingering.
-                            while not (self._ready or self._partial or self.ended.is_set()):
-                                await self._signal.wait()
-                            state = self._nothing_left()
-                            if state is not None:
-                                await self.aclose()
-                                return state
-                        self.heard = anyio.current_time()
-                        return p.RUNNING
-                    # Nobody subscribed: the producer is not listening yet, finished or gone.
-                    state = await hub.state(self.stream_id)
-                    if after_end or state != p.RUNNING:
+            nobody_since: float | None = None
+            delays = p.retry_delays()
+            while True:
+                # Each publish is awaited to its answer (the backend bounds it): a request
+                # still on its way is not one that reached nobody.
+                sent = await self._send(request)
+                if subscribed is not None:
+                    # The live channel's subscription went out before the request: its
+                    # confirmation comes before the answer (see `Hub.follow`).
+                    await subscribed
+                    subscribed = None
+                if sent:
+                    return await self._answer(request, after_end)
+                # Nobody subscribed: the producer is not listening yet, subscribing again
+                # after an outage, finished, or gone.
+                now = anyio.current_time()
+                if nobody_since is None:
+                    nobody_since = now
+                state = await hub.state(self.stream_id)
+                if after_end:
+                    if state != p.DONE or not await hub.lingering(self.stream_id):
+                        # Gone, or ended badly (the reader learns how), or a new stream under
+                        # this id (None: its text is not this reader's), or no longer lingering.
                         await self.aclose()
-                        return None if after_end and state == p.RUNNING else state
-                    await anyio.sleep(delay)
-            state = await hub.state(self.stream_id)
-            if reached:
-                raise ProducerUnavailableError(
-                    f"the producer of stream {self.stream_id!r} did not answer within "
-                    f"{hub.settings.resume_timeout}s"
-                )
-            if state != p.RUNNING:
-                await self.aclose()
-                return state
-            await hub.record_lost(self.stream_id)
-            raise ProducerLostError(
-                f"the producer of stream {self.stream_id!r} is gone: nobody listened for "
-                f"{hub.settings.resume_timeout}s"
-            )
+                        return None if state == p.RUNNING else state
+                    if now - nobody_since >= hub.settings.resume_timeout:
+                        raise ProducerUnavailableError(
+                            f"stream {self.stream_id!r} ended and its producer, which should "
+                            "still keep its text, did not answer"
+                        )
+                elif state != p.RUNNING:
+                    await self.aclose()
+                    return state
+                elif hub.may_declare_lost(nobody_since, hub.settings.resume_timeout):
+                    await hub.record_lost(self.stream_id)
+                    raise ProducerLostError(
+                        f"the producer of stream {self.stream_id!r} is gone: nobody listened "
+                        f"for {now - nobody_since:.1f}s"
+                    )
+                elif now - nobody_since >= _lost_bound(hub):
+                    raise ProducerUnavailableError(
+                        f"nobody listened for the producer of stream {self.stream_id!r}, while "
+                        "the connection to the backend was not settled enough to tell whether "
+                        "it is gone"
+                    )
+                await anyio.sleep(next(delays))
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
             raise
+
+    async def _answer(self, request: p.Request, after_end: bool) -> str | None:
+        """The producer got the request: wait (`resume_timeout`) for the start of its answer.
+
+        A subscriber connection that breaks loses what was sent to it (at most once), a
+        request included: halfway through, the request is sent once more (a producer that got
+        both answers both; the follower takes the text by offset, so once).
+        """
+        hub = self._hub
+        with anyio.move_on_after(hub.settings.resume_timeout):
+            with anyio.move_on_after(hub.settings.resume_timeout / 2):
+                await self.acked.wait()
+            if not self.acked.is_set():
+                # In the background: on a slow link the answer may come before this is sent.
+                hub.spawn(self.stream_id, self._resend, request)
+                await self.acked.wait()
+            if after_end:
+                # A reader that already has everything learns at once how the stream ended,
+                # as it would without lingering.
+                while not (self._ready or self._partial or self.ended.is_set()):
+                    await self._signal.wait()
+                state = self._nothing_left()
+                if state is not None:
+                    await self.aclose()
+                    return state
+            self.heard = anyio.current_time()
+            return p.RUNNING
+        raise ProducerUnavailableError(
+            f"the producer of stream {self.stream_id!r} did not answer within "
+            f"{hub.settings.resume_timeout}s"
+        )
+
+    async def _resend(self, request: p.Request) -> None:
+        with contextlib.suppress(BackendError):  # the wait for the answer tells
+            await self._send(request)
 
     def _new_request(self, after_end: bool = False) -> p.Request:
         hub = self._hub
@@ -324,21 +373,39 @@ class Follower:
     async def _ask_again(self, deadline: float) -> bool:
         """Send a request from the position; False if the follower failed instead.
 
-        Nobody subscribed to the request channel may be a producer resubscribing after an
+        Nobody subscribed to the request channel may be a producer subscribing again after an
         outage or a failover (a finished one too, while it lingers); that is retried until
-        `deadline`, then the producer counts as gone.
+        `deadline`, and then until this side's own connection shows that the producer is gone
+        (`Hub.may_declare_lost`), within a bound.
         """
         hub = self._hub
         request = self._new_request()
-        if await self._send(request):
-            return True
-        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            for delay in p.retry_delays():
-                await anyio.sleep(delay)
-                if await self._send(request):
-                    return True
+        nobody_since = anyio.current_time()
+        bound = max(deadline, nobody_since + _lost_bound(hub))
+        delays = p.retry_delays()
+        while True:
+            if await self._send(request):
+                self._progress = anyio.current_time()  # the answer's wait starts now
+                return True
+            now = anyio.current_time()
+            if now >= deadline and hub.may_declare_lost(nobody_since, deadline - nobody_since):
+                lost = True
+                break
+            if now >= bound:
+                lost = False
+                break
+            await anyio.sleep(next(delays))
         state = await hub.state(self.stream_id)
         if state == p.RUNNING:
+            if not lost:
+                self._fail_after_store(
+                    ProducerUnavailableError(
+                        f"nobody listened for the producer of stream {self.stream_id!r}, while "
+                        "the connection to the backend was not settled enough to tell whether "
+                        "it is gone"
+                    )
+                )
+                return False
             await hub.record_lost(self.stream_id)
             state = p.LOST
         if state is None:

@@ -9,6 +9,7 @@ followers, and they know the hub only.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -206,6 +207,33 @@ class Hub:
     async def state(self, stream_id: str) -> str | None:
         """The stream's state in the backend: a terminal state, `RUNNING`, or None if absent."""
         return p.stream_state(await self.connection.get(self.keys.sentinel(stream_id)))
+
+    def may_declare_lost(self, nobody_since: float, span: float) -> bool:
+        """Whether requests that have reached nobody since `nobody_since` show, by now, that
+        the stream's producer is gone (not merely subscribing again): `span` seconds of it.
+
+        A producer's subscriber drops with Redis (a restart, a failover, a killed connection)
+        and takes a while to come back, with backoff. So "nobody subscribed" counts only once
+        this context's own subscriber has been up for `liveness_timeout` (an outage it saw, the
+        producer's likely saw too), and only for `span` of such silence: never on a timer alone.
+        """
+        up_since = self.connection.up_since
+        if up_since is None:
+            return False  # this side is down or restoring: it proves nothing
+        settled = up_since + self.settings.liveness_timeout
+        now = anyio.current_time()
+        return now >= settled and now - max(nobody_since, settled) >= span
+
+    async def lingering(self, stream_id: str) -> bool:
+        """Whether the producer of `stream_id`, which ended well, should still keep its text
+        for late readers (`linger`), by how long ago its end was written (the sentinel's TTL
+        was set then)."""
+        left = await self.connection.ttl(self.keys.sentinel(stream_id))
+        if left is None or math.isinf(left):
+            return False
+        # The end is written just before the linger begins (with the same `ttl` and `linger`
+        # on every context of a key prefix, as they should be).
+        return self.settings.ttl - left < self.settings.linger
 
     async def record_lost(self, stream_id: str) -> None:
         # The id stays taken for `lost_ttl` seconds, so late readers learn what happened.

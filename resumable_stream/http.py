@@ -43,6 +43,7 @@ from ._exceptions import (
     ResumableStreamError,
     StreamCancelledError,
     StreamFailedError,
+    StreamIncompleteError,
     StreamNotCancellableError,
 )
 from ._http import (
@@ -241,6 +242,9 @@ class EventStream:
                 stream = await self.context.resume_existing_stream(stream_id, resume_at)
         except (StreamFailedError, StreamCancelledError, ProducerLostError) as exc:
             return self._ended(exc)
+        except StreamIncompleteError as exc:
+            # Its text (or its end) is lost for good: the reader learns it, as a live one would.
+            return self._ended(exc)
         except ProducerUnavailableError:
             return plain(503, "the stream's producer did not answer; try again")
         except BackendError as exc:
@@ -248,6 +252,13 @@ class EventStream:
                 "could not open stream %r: %s", stream_id, exc, extra={"stream_id": stream_id}
             )
             return plain(503, "the stream store is unavailable; try again")
+        except ResumableStreamError as exc:
+            # Anything else of ours (a malformed message from the store, a context closing):
+            # nothing was read, so the client may try again.
+            logger.warning(
+                "could not open stream %r: %s", stream_id, exc, extra={"stream_id": stream_id}
+            )
+            return plain(503, "the stream could not be read; try again")
         if stream is None:
             return no_content()
         return stream, cursor is None

@@ -4,7 +4,9 @@ It runs in a process of its own (threads inside), so it serves clients on any ev
 never competes with the test for the GIL. `stall()` stops forwarding in both directions while
 every connection stays open (a frozen server or a black-holed network); `resume()` lets the held
 bytes through; `cut()` closes every open connection (a dropped network), while new connections
-are accepted. Each call returns once the proxy has done it.
+are accepted; `delay(seconds)` holds every piece of data that long before forwarding it, in each
+direction (a slow link: a round trip takes twice as long more). Each call returns once the proxy
+has done it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from types import TracebackType
+from typing import Any
 
 
 class TcpProxy:
@@ -47,6 +51,9 @@ class TcpProxy:
     def cut(self) -> None:
         self._command("cut")
 
+    def delay(self, seconds: float) -> None:
+        self._command(f"delay {seconds}")
+
     def close(self) -> None:
         if self._process.poll() is None:
             with contextlib.suppress(OSError, RuntimeError):
@@ -75,6 +82,7 @@ class _Proxy:
         self.port: int = self._listener.getsockname()[1]
         self._flowing = threading.Event()
         self._flowing.set()
+        self._delay = 0.0
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._closed = False
@@ -86,6 +94,9 @@ class _Proxy:
 
     def resume(self) -> None:
         self._flowing.set()
+
+    def delay(self, seconds: str) -> None:
+        self._delay = float(seconds)
 
     def cut(self) -> None:
         with self._lock:
@@ -129,6 +140,8 @@ class _Proxy:
                 if not data:
                     break
                 self._flowing.wait()
+                if self._delay:
+                    time.sleep(self._delay)
                 if self._closed:
                     break
                 target.sendall(data)
@@ -150,10 +163,16 @@ def _close(sock: socket.socket) -> None:
 def _serve(target_port: int) -> None:
     proxy = _Proxy(target_port)
     print(f"port {proxy.port}", flush=True)
-    actions = {"stall": proxy.stall, "resume": proxy.resume, "cut": proxy.cut, "quit": proxy.close}
+    actions: dict[str, Any] = {
+        "stall": proxy.stall,
+        "resume": proxy.resume,
+        "cut": proxy.cut,
+        "delay": proxy.delay,
+        "quit": proxy.close,
+    }
     for line in sys.stdin:
-        command = line.strip()
-        actions[command]()
+        command, *args = line.split()
+        actions[command](*args)
         print("ok", flush=True)
         if command == "quit":
             return

@@ -120,15 +120,18 @@ class _RedisConnection:
         timeout: float,
     ) -> None:
         self.sharded = isinstance(client, RedisCluster)
-        self._commands = Commands(client, timeout, sharded=self.sharded)
         self._subscriber: Subscriber | ShardedSubscriber
         if isinstance(client, RedisCluster):
             self._subscriber = ShardedSubscriber(client, on_message, on_reconnect, timeout)
         else:
             self._subscriber = Subscriber(client, on_message, on_reconnect, timeout)
+        self._commands = Commands(
+            client, timeout, sharded=self.sharded, recovered=self._subscriber.poke
+        )
         # The commands, as the Connection protocol has them.
         self.incr = self._commands.incr
         self.get = self._commands.get
+        self.ttl = self._commands.ttl
         self.set = self._commands.set
         self.swap = self._commands.swap
         self.create = self._commands.create
@@ -142,6 +145,10 @@ class _RedisConnection:
     def connected(self) -> bool:
         """The subscriber connection is up (what `ctx.stats()` reports)."""
         return self._subscriber.connected
+
+    @property
+    def up_since(self) -> float | None:
+        return self._subscriber.up_since
 
     async def connect(self) -> None:
         await self._subscriber.connect()
@@ -229,7 +236,7 @@ def _clients_from_url(url: str) -> tuple[Redis | RedisCluster, list[Redis | Redi
         if scheme == "rediss":
             options["ssl"] = True
         options.update(_UNTIMED)
-        sentinel = Sentinel(hosts, sentinel_kwargs={"ssl": scheme == "rediss"})  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(hosts, sentinel_kwargs={"ssl": scheme == "rediss"})  # type: ignore[no-untyped-call, unused-ignore]
         master: Redis = sentinel.master_for(path[0], **options)
         return master, [master, *sentinel.sentinels]
     raise ValueError(f"unknown Redis URL scheme {parts.scheme!r}")

@@ -14,6 +14,7 @@ in its shard.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,13 +22,12 @@ import anyio
 import redis.exceptions
 from redis.asyncio import ConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import AbstractBackoff
 
 from .._backend import LogAppend, LogEntry, LogId
 from .._buffer import Signal
 from .._exceptions import BackendError
 from ._done import Done
-from ._errors import deadline, text
+from ._errors import NoBackoff, deadline, text
 
 logger = logging.getLogger("resumable_stream")
 
@@ -61,13 +61,6 @@ class _Pending:
         self.done = Done()
         self.result: Any = None
         self.error: BaseException | None = None
-
-
-class _NoBackoff(AbstractBackoff):
-    """No wait between attempts (redis-py's own `NoBackoff` is unannotated before 6.0)."""
-
-    def compute(self, failures: int) -> float:
-        return 0.0
 
 
 class _Retryable(Exception):
@@ -113,8 +106,19 @@ def _holds_no_integer(error: BaseException | None) -> bool:
 
 
 class Commands:
-    def __init__(self, client: Redis | RedisCluster, timeout: float, *, sharded: bool) -> None:
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        timeout: float,
+        *,
+        sharded: bool,
+        recovered: Callable[[], None] | None = None,
+    ) -> None:
         self._client = client
+        # Called when a batch is answered after one failed: Redis is back (the subscriber
+        # then reconnects at once rather than at the end of its backoff).
+        self._recovered = recovered
+        self._failing = False
         self._timeout = timeout
         self._publish = "SPUBLISH" if sharded else "PUBLISH"
         self._queue: list[_Pending] = []
@@ -208,15 +212,22 @@ class Commands:
                 batch = [pending for pending in batch if pending.idempotent]
                 results = await self._execute(batch) if batch else []
         except _Retryable as exc:
+            self._failing = True
             _settle(batch, None, exc.error)
             return
         except BackendError as exc:
+            self._failing = True
             _settle(batch, None, exc)
             return
         except BaseException:
+            self._failing = True
             stalled, self._stalled = self._stalled, None
             _settle(batch, None, stalled or BackendError("command aborted"))
             raise
+        if self._failing:
+            self._failing = False
+            if self._recovered is not None:
+                self._recovered()
         for pending, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 pending.error = result
@@ -324,7 +335,7 @@ class Commands:
             kwargs = {k: v for k, v in node.connection_kwargs.items() if "maint" not in k}
             # No retry inside redis-py: a batch may hold an INCR, which must not run twice
             # (what is safe to send again is retried above).
-            kwargs["retry"] = Retry(_NoBackoff(), 0)
+            kwargs["retry"] = Retry(NoBackoff(), 0)
             # The watchdog bounds every batch: a socket timeout would only cost each write a
             # task (redis-py's `asyncio.wait_for`, Python 3.11 and older).
             kwargs["socket_timeout"] = None
@@ -392,6 +403,12 @@ class Commands:
 
     async def get(self, key: str) -> str | None:
         return text(await self._call(lambda pipe: pipe.get(key), key=key))
+
+    async def ttl(self, key: str) -> float | None:
+        millis = int(await self._call(lambda pipe: pipe.pttl(key), key=key))
+        if millis == -2:
+            return None  # no such key
+        return math.inf if millis < 0 else millis / 1000
 
     async def set(self, key: str, value: str, ttl: int) -> None:
         await self._call(lambda pipe: pipe.set(key, value, ex=ttl), key=key)

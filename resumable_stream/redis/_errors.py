@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import redis.exceptions
+from redis.backoff import AbstractBackoff
 
 from .._exceptions import BackendError
 
@@ -53,3 +54,10 @@ def text(value: Any) -> str | None:
 
 def delay_after(failures: int) -> float:
     return RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
+
+
+class NoBackoff(AbstractBackoff):
+    """No wait between attempts (redis-py's own `NoBackoff` is unannotated before 6.0)."""
+
+    def compute(self, failures: int) -> float:
+        return 0.0

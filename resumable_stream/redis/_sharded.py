@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections import deque
 from typing import Any
 
@@ -129,6 +130,7 @@ class ShardedSubscriber:
         self._opening: dict[str, anyio.Lock] = {}
         self._tg: TaskGroup | None = None
         self._closed = False
+        self._up_since: float | None = None  # when every wanted channel was last in place
 
     async def connect(self) -> None:
         try:
@@ -137,11 +139,19 @@ class ShardedSubscriber:
                 await _close_seed_connections(self._client)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise BackendError(f"Redis Cluster error: {exc}") from exc
+        self._up_since = -math.inf  # opening is not a break (see `Connection.up_since`)
 
     @property
     def connected(self) -> bool:
         """No subscription is waiting to be restored."""
         return not self._lost and not self._closed
+
+    @property
+    def up_since(self) -> float | None:
+        return self._up_since if self.connected else None
+
+    def poke(self) -> None:
+        """Redis answers commands again (subscriptions are restored with their own backoff)."""
 
     def start(self, tg: TaskGroup) -> None:
         self._tg = tg
@@ -313,6 +323,8 @@ class ShardedSubscriber:
             if failures:
                 logger.warning("Redis Cluster: subscriptions restored")
             failures = 0
+            if not self._lost:
+                self._up_since = anyio.current_time()
             if self._on_reconnect is not None:
                 try:
                     self._on_reconnect()
