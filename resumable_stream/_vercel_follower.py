@@ -45,7 +45,9 @@ from ._exceptions import (
     ResumableStreamError,
     SlowReaderError,
     StreamIncompleteError,
+    one_error,
 )
+from ._options import Settings
 from ._reader import CHECKPOINT_MASK
 from ._telemetry import outcome_of
 from ._vercel_hub import VercelHub
@@ -68,6 +70,12 @@ _UNSUBSCRIBE_TIMEOUT = 2.0
 # Asking again after reconnects, in a row, without any text arriving in between (a replay too
 # large for Redis' pub/sub output buffer gets the subscriber dropped every time).
 _MAX_ASKS = 3
+
+
+def _lost_bound(settings: Settings) -> float:
+    """How long requests may reach nobody before a reader gives up, even without proof that
+    the producer is gone (`VercelHub.may_declare_lost`): then it is only unavailable."""
+    return settings.resume_timeout + settings.liveness_timeout + settings.heartbeat
 
 
 def end_error(stream_id: str, outcome: Outcome | None, position: int) -> Exception | None:
@@ -105,7 +113,7 @@ class VercelFollower:
         self._asking = False  # asking again, in a task of its own
         self._asks = 0  # asked again without text arriving since
         self._done_checks = 0  # checks in a row that found the sentinel finished or gone
-        self._lost_checks = 0  # checks in a row that found nobody producing a running stream
+        self._nobody_since: float | None = None  # checks found nobody producing it since
         self._detached = False
         self._active = False
         self._overflowed = False
@@ -156,75 +164,108 @@ class VercelFollower:
         connection = hub.connection
         names = hub.names
         settings = hub.settings
-        old = self._channel
-        hub.forget(self.listener)  # what comes for an earlier request no longer counts
-        self.listener = listener = str(uuid.uuid4())
-        self._channel = channel = names.chunk(listener)
-        hub.listen(listener, self)
         position = self._position
         skip = None if from_start or position == 0 else position - 1
-        self._overlap = skip is not None
         self._trim = position if from_start else 0
-        self._ahead = False
-        self._waiting = True
+        target = names.tail(self.stream_id) if late else names.request(self.stream_id)
+        sentinel = names.sentinel(self.stream_id)
+        nobody_since: float | None = None
+        delays = p.retry_delays()
+        resent = False
         try:
-            # Confirmed before asking: a reference producer answers at once.
-            await connection.subscribe(channel, wait=True)
-            if old is not None:
-                await self._unsubscribe(old)
-            request = encode_request(listener, skip)
-            target = names.tail(self.stream_id) if late else names.request(self.stream_id)
-            sentinel = names.sentinel(self.stream_id)
-            reached = False
-            with anyio.move_on_after(settings.resume_timeout):
-                for tries, delay in enumerate(p.retry_delays()):
-                    receivers = await connection.publish(target, request)
-                    if receivers > 1 and not late:
-                        # PUBLISH counts pattern subscribers too (a monitoring tap): the
-                        # channel's own subscribers are the producers.
-                        counted = await hub.numsub(target)
-                        receivers = receivers if counted is None else counted
-                    if receivers > 1 and not late:
-                        value = await connection.get(sentinel)
-                        if not running(value):
-                            return FINISHED if value is not None else None
-                        raise ProducerConflictError(
-                            f"stream {self.stream_id!r} has {receivers} producers subscribed: "
-                            "it was started twice under one id, and their texts would mix"
-                        )
-                    if receivers:
-                        reached = True
-                        while self._waiting and self._error is None:
-                            await self._signal.wait()
-                        return p.RUNNING
-                    # Nobody subscribed: not listening yet, finished, or gone.
-                    if late:
-                        return FINISHED  # no finished producer lingers with the text
+            request = await self._listen(skip)
+            while True:
+                # Each publish is awaited to its answer (the backend bounds it): a request
+                # still on its way is not one that reached nobody.
+                receivers = await connection.publish(target, request)
+                if receivers > 1 and not late:
+                    # PUBLISH counts pattern subscribers too (a monitoring tap): the
+                    # channel's own subscribers are the producers.
+                    counted = await hub.numsub(target)
+                    receivers = receivers if counted is None else counted
+                if receivers > 1 and not late:
                     value = await connection.get(sentinel)
                     if not running(value):
                         return FINISHED if value is not None else None
-                    if not tries and await self._known_lost():
-                        break
-                    await anyio.sleep(delay)
-            value = await connection.get(sentinel)
-            if late:
-                return FINISHED
-            if not running(value):
-                return FINISHED if value is not None else None
-            if reached and await hub.numsub(target) != 0:
-                # Got it, never answered: a producer in trouble (or the reference's ioredis
-                # adapter, which drops a request that comes as it ends: then it is finished).
-                raise ProducerUnavailableError(
-                    f"the producer of stream {self.stream_id!r} did not answer within "
-                    f"{settings.resume_timeout}s"
-                )
-            await self._record_lost()
-            raise ProducerLostError(
-                f"the producer of stream {self.stream_id!r} is gone: nobody listened for "
-                f"{settings.resume_timeout}s"
-            )
+                    raise ProducerConflictError(
+                        f"stream {self.stream_id!r} has {receivers} producers subscribed: "
+                        "it was started twice under one id, and their texts would mix"
+                    )
+                if receivers:
+                    if await self._answered(settings.resume_timeout / 2):
+                        return p.RUNNING
+                    if not resent:
+                        # The request or its answer was lost on the way (a connection that
+                        # broke): once more, under a new listener id (a reference producer
+                        # would answer one id twice, and send it everything twice).
+                        resent = True
+                        request = await self._listen(skip)
+                        continue
+                    if await self._answered(settings.resume_timeout / 2):
+                        return p.RUNNING
+                    value = await connection.get(sentinel)
+                    if late:
+                        return FINISHED
+                    if not running(value):
+                        # The reference's ioredis adapter drops a request that comes as its
+                        # producer ends: the stream is finished.
+                        return FINISHED if value is not None else None
+                    raise ProducerUnavailableError(
+                        f"the producer of stream {self.stream_id!r} did not answer within "
+                        f"{settings.resume_timeout}s"
+                    )
+                # Nobody subscribed: not listening yet, subscribing again after an outage,
+                # finished, or gone.
+                if late:
+                    return FINISHED  # no finished producer lingers with the text
+                now = anyio.current_time()
+                first = nobody_since is None
+                if nobody_since is None:
+                    nobody_since = now
+                value = await connection.get(sentinel)
+                if not running(value):
+                    return FINISHED if value is not None else None
+                if (first and await self._known_lost()) or hub.may_declare_lost(
+                    nobody_since, settings.resume_timeout
+                ):
+                    await self._record_lost()
+                    raise ProducerLostError(
+                        f"the producer of stream {self.stream_id!r} is gone: nobody listens "
+                        "to its requests"
+                    )
+                if now - nobody_since >= _lost_bound(settings):
+                    raise ProducerUnavailableError(
+                        f"nobody listened for the producer of stream {self.stream_id!r}, while "
+                        "the connection to the backend was not settled enough to tell whether "
+                        "it is gone"
+                    )
+                await anyio.sleep(next(delays))
         finally:
             self._waiting = False
+
+    async def _listen(self, skip: int | None) -> bytes:
+        """A new listener id, its channel subscribed (confirmed: a reference producer answers
+        at once), the previous one let go; returns the request to publish."""
+        hub = self._hub
+        old = self._channel
+        hub.forget(self.listener)  # what comes for an earlier request no longer counts
+        self.listener = listener = str(uuid.uuid4())
+        self._channel = channel = hub.names.chunk(listener)
+        hub.listen(listener, self)
+        self._overlap = skip is not None
+        self._ahead = False
+        self._waiting = True
+        await hub.connection.subscribe(channel, wait=True)
+        if old is not None:
+            await self._unsubscribe(old)
+        return encode_request(listener, skip)
+
+    async def _answered(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the answer (the first message) to the request."""
+        with anyio.move_on_after(timeout):
+            while self._waiting and self._error is None:
+                await self._signal.wait()
+        return not self._waiting or self._error is not None
 
     async def _known_lost(self) -> bool:
         """Whether a reader found this stream's producer dead already (its outcome says so)."""
@@ -279,8 +320,8 @@ class VercelFollower:
 
     def deliver(self, listener: str, data: bytes) -> None:
         """Called by the hub for every message on this follower's chunk channel."""
-        if listener != self.listener or self._detached or self._overflowed:
-            return
+        if listener != self.listener or self._detached or self._overflowed or self._done:
+            return  # an earlier request's, or after the end (a reference follower stops there)
         self.heard = anyio.current_time()
         text = data.decode("utf-8", "replace")
         if text == DONE_MESSAGE:
@@ -397,37 +438,40 @@ class VercelFollower:
         async def count_producers() -> None:
             found[1] = await hub.numsub(hub.names.request(self.stream_id))
 
-        self.heard = anyio.current_time()  # the next check a heartbeat from now
+        now = self.heard = anyio.current_time()  # the next check a heartbeat from now
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(read_sentinel)
-                tg.start_soon(count_producers)
+            with one_error():  # Redis down fails both: one error, not a group
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(read_sentinel)
+                    tg.start_soon(count_producers)
         except BackendError as exc:
             logger.debug("could not check stream %r: %s", self.stream_id, exc)
             return
         value, producers = found
         assert value is None or isinstance(value, str)
         if not running(value):
-            self._lost_checks = 0
+            self._nobody_since = None
             self._done_checks += 1
             if self._done_checks >= 2:
                 self._done = True
             return
         self._done_checks = 0
-        if producers == 0:
-            # Two checks a heartbeat apart: the reference's own end (SET, UNSUBSCRIBE and the
-            # DONE message, concurrently) and a producer's reconnect are not a death.
-            self._lost_checks += 1
-            if self._lost_checks >= 2:
-                await self._record_lost()
-                self.fail(
-                    ProducerLostError(
-                        f"the producer of stream {self.stream_id!r} is gone: nobody listens "
-                        "to its requests any more"
-                    )
+        if producers != 0:
+            self._nobody_since = None
+            return
+        if self._nobody_since is None:
+            self._nobody_since = now
+        # A heartbeat of it, once this side's connection has been up a while: the reference's
+        # own end (SET, UNSUBSCRIBE and the DONE message, concurrently) and a producer that is
+        # subscribing again after an outage are not a death.
+        if self._hub.may_declare_lost(self._nobody_since, self._hub.settings.heartbeat):
+            await self._record_lost()
+            self.fail(
+                ProducerLostError(
+                    f"the producer of stream {self.stream_id!r} is gone: nobody listens to its "
+                    "requests any more"
                 )
-        else:
-            self._lost_checks = 0
+            )
 
     async def _end(self) -> None:
         """The end arrived: how it ended is in the outcome key (a Python producer's)."""

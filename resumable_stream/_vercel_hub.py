@@ -77,6 +77,11 @@ class VercelHub:
         """Run a helper task of `stream_id` (see `Hub.spawn`); False if the context is closing."""
         return self._hub.spawn(stream_id, task, *args)
 
+    def may_declare_lost(self, nobody_since: float, span: float) -> bool:
+        """Whether nobody listening since `nobody_since` shows, by now, that a producer is gone
+        (see `Hub.may_declare_lost`: only once this side's connection has been up a while)."""
+        return self._hub.may_declare_lost(nobody_since, span)
+
     async def numsub(self, channel: str) -> int | None:
         """How many connections are subscribed to `channel`; None if the backend cannot say."""
         connection = self._hub.connection

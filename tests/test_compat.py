@@ -566,3 +566,39 @@ def test_the_outcome_key_round_trips_and_malformed_ones_are_ignored() -> None:
     assert wire.Outcome.parse(outcome.pack()) == outcome
     for junk in (None, "", "{", "[]", '{"state": "odd", "length": 1}', '{"state": "done"}'):
         assert wire.Outcome.parse(junk) is None
+
+
+@compat
+async def test_a_lost_answer_is_asked_for_again_under_a_new_listener(workers: Workers) -> None:
+    """The answer (or the request) is lost on the way: halfway through `resume_timeout` the
+    follower asks again, under a new listener id (a reference producer would answer one id
+    twice, and send it every chunk twice)."""
+    backend = DroppingFirstAnswer(workers.backends[1])
+    async with workers.context(backend=backend, **COMPAT, resume_timeout=0.4) as reader_side:
+        source = TestingSource()
+        own = await workers.P.resumable_stream("s", source.make)
+        source.write("abc")
+        with anyio.fail_after(5):
+            follower = await reader_side.resume_existing_stream("s", 1)
+        assert backend.dropped == [b"abc"]  # the answer to skipCharacters 0
+        source.write("def")
+        source.close()
+        assert await read(own) == "abcdef"
+        assert await read(follower) == "bcdef"
+
+
+class DroppingFirstAnswer:
+    """A backend whose connections lose the first message on a chunk channel."""
+
+    def __init__(self, backend: rs.Backend) -> None:
+        self._backend = backend
+        self.dropped: list[bytes] = []
+
+    def connect(self, on_message: Any, on_reconnect: Any = None) -> Any:
+        def receive(channel: str, data: bytes) -> None:
+            if ":rs:chunk:" in channel and not self.dropped:
+                self.dropped.append(data)
+                return
+            on_message(channel, data)
+
+        return self._backend.connect(receive, on_reconnect)
