@@ -580,7 +580,7 @@ async def test_a_lost_answer_is_asked_for_again_under_a_new_listener(workers: Wo
         source.write("abc")
         with anyio.fail_after(5):
             follower = await reader_side.resume_existing_stream("s", 1)
-        assert backend.dropped == [b"abc"]  # the answer to skipCharacters 0
+        assert len(backend.dropped) == 1  # the answer to the first request
         source.write("def")
         source.close()
         assert await read(own) == "abcdef"
