@@ -223,6 +223,15 @@ async def test_our_readers_resume_a_node_stream_at_utf16_offsets(
                 sse.append(await read_sse(py, stream_id, cursor))
 
             tg.start_soon(sse_reader, INSIDE_PAIR)
+            raw: list[str] = []
+
+            async def raw_reader() -> None:
+                # The README's route: plain text from `?resumeAt=` (UTF-16 units).
+                answer = await EventStream(py, stream_id, raw=True).prepare(query="resumeAt=6")
+                assert answer.body is not None
+                raw.append(b"".join([piece async for piece in answer.body]).decode())
+
+            tg.start_soon(raw_reader)
             texts = [""] * len(readers)
 
             async def read(index: int) -> None:
@@ -235,6 +244,7 @@ async def test_our_readers_resume_a_node_stream_at_utf16_offsets(
         for offset, text in zip(OFFSETS, texts, strict=True):
             assert text == slice16(FULL, offset), offset
         check_events(sse[0], INSIDE_PAIR)
+        assert raw == [slice16(FULL, 6)]
         assert (await node.read(produced["handle"])).text == FULL
         assert await py.has_existing_stream(stream_id) == "DONE"
         if reference.has:
