@@ -24,7 +24,7 @@ from resumable_stream.http import EventStream
 from resumable_stream.sse import SSEDecoder
 
 from .conftest import RedisServer, Workers
-from .helpers import TestingSource, never_called, read, read_entries
+from .helpers import TestingSource, never_called, poll_until, read, read_entries
 
 pytestmark = pytest.mark.anyio
 
@@ -602,3 +602,29 @@ class DroppingFirstAnswer:
             on_message(channel, data)
 
         return self._backend.connect(receive, on_reconnect)
+
+
+@pytest.mark.parametrize("workers", [{**COMPAT, "linger": 0.3}], indirect=True)
+async def test_a_stream_started_again_while_its_predecessor_lingers_keeps_its_channels(
+    workers: Workers,
+) -> None:
+    """The finished producer's linger ends after its id was started again in the same context:
+    it lets go of nothing the new producer needs (the channels are the same)."""
+    first = TestingSource()
+    own = await workers.P.create_new_resumable_stream("s", first.make)
+    first.write("a")
+    first.close()
+    assert await read(own) == "a"
+    second = TestingSource()
+    again = await workers.P.create_new_resumable_stream("s", second.make)
+    second.write("b")
+
+    async def lingering() -> int:
+        return workers.P.stats().lingering
+
+    await poll_until(lingering, 0)  # the first one's linger is over
+    follower = await workers.C.resume_existing_stream("s")
+    second.write("c")
+    second.close()
+    assert await read(again) == "bc"
+    assert await read(follower) == "bc"
