@@ -628,3 +628,33 @@ async def test_a_stream_started_again_while_its_predecessor_lingers_keeps_its_ch
     second.close()
     assert await read(again) == "bc"
     assert await read(follower) == "bc"
+
+
+@pytest.mark.parametrize("flavor", ["memory", "memory-trio"])
+async def test_a_stream_started_while_the_backend_fails_runs_for_its_caller_only() -> None:
+    """`on_backend_error="degrade"`, as in native mode: not resumable, and nothing written."""
+
+    class FailingIncr(rs.MemoryBackend):
+        @asynccontextmanager
+        async def _connect(self, on_message: Any) -> AsyncIterator[Any]:
+            async with super()._connect(on_message) as connection:
+
+                async def incr(key: str, ttl: int) -> int | None:
+                    raise rs.BackendError("Redis is down")
+
+                connection.incr = incr  # type: ignore[method-assign]
+                yield connection
+
+    backend = FailingIncr()
+    async with rs.ResumableStreamContext(backend=backend, compat="vercel") as ctx:
+        source = TestingSource()
+        own = await ctx.resumable_stream("s", source.make)
+        source.write("a😀")
+        source.close()
+        assert await read_entries(own) == [("a😀", 3)]
+        assert await ctx.has_existing_stream("s") is None
+    async with rs.ResumableStreamContext(
+        backend=backend, compat="vercel", on_backend_error="raise"
+    ) as ctx:
+        with pytest.raises(rs.BackendError):
+            await ctx.resumable_stream("s", never_called)
