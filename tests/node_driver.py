@@ -108,9 +108,10 @@ class NodeContext:
         mode "explicit") from a source this side writes: the reply's `source`."""
         return await self.call("produce", stream=stream, mode=mode, skip=skip)
 
-    async def write(self, source: str, *texts: str) -> None:
+    async def write(self, source: str, *texts: str, repeat: int | None = None) -> None:
+        """Write `texts` to the source, each one `repeat` times over (made in Node)."""
         for text in texts:
-            await self.call("write", source=source, text=text)
+            await self.call("write", source=source, text=text, repeat=repeat)
 
     async def close(self, source: str) -> None:
         await self.call("close", source=source)
@@ -125,10 +126,12 @@ class NodeContext:
         "stream" (with its `handle`), "null", "undefined" or "error"."""
         return await self.call("resume", stream=stream, mode=mode, skip=skip)
 
-    async def read(self, handle: str, ms: int = 10_000, length: int | None = None) -> NodeReader:
+    async def read(
+        self, handle: str, ms: int = 10_000, length: int | None = None, quiet: bool = False
+    ) -> NodeReader:
         """What the reader `handle` read once it ended, after `ms`, or once it holds `length`
-        UTF-16 units."""
-        reply = await self.call("read", handle=handle, ms=ms, length=length)
+        UTF-16 units (`quiet`: its text stays in Node, and comes back empty)."""
+        reply = await self.call("read", handle=handle, ms=ms, length=length, quiet=quiet)
         return NodeReader(reply["text"], reply["chunks"], reply["done"], reply["error"])
 
     async def cancel(self, handle: str) -> None:

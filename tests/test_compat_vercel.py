@@ -1008,3 +1008,25 @@ async def test_an_event_source_cut_mid_stream_resumes_exactly_on_a_second_worker
     assert app.requests[2:] == [("b", str(units(FULL)), 204)]
     assert read.done
     assert read.text == slice16(FULL, head)
+
+
+async def test_a_node_replay_too_large_for_redis_pubsub_buffer_is_an_error_not_a_hang(
+    node_interop: Path, redis_server: RedisServer
+) -> None:
+    """The reference answers with one message: 40 MiB of it is over Redis' default
+    `client-output-buffer-limit pubsub` (32 MiB), so Redis drops our subscriber each time it
+    is sent. Our reader asks once more (under a new listener), then gives up with a typed
+    error within `resume_timeout`; never a hang."""
+    prefix = f"compat-{uuid.uuid4().hex[:12]}"
+    stream_id = new_id()
+    async with (
+        python_context(redis_server.url, prefix, resume_timeout=1.0) as py,
+        node_context(node_interop, REFERENCES[0], redis_server.url, prefix) as node,
+    ):
+        produced = await node.produce(stream_id)
+        await node.write(produced["source"], "x" * 1024, repeat=40 << 10)
+        await node.read(produced["handle"], length=40 << 20, quiet=True)
+        with anyio.fail_after(1.0 + 3.0), pytest.raises(rs.ProducerUnavailableError) as raised:
+            await py.resume_existing_stream(stream_id)
+        assert not isinstance(raised.value, rs.ProducerLostError)  # it is alive
+        await node.close(produced["source"])

@@ -143,8 +143,8 @@ const commands = {
         : await context.resumableStream(stream, make, skip);
     return { source, made: sources.get(source).made, ...outcome(result) };
   },
-  async write({ source, text }) {
-    sources.get(source).controller().enqueue(text);
+  async write({ source, text, repeat }) {
+    sources.get(source).controller().enqueue(repeat ? text.repeat(repeat) : text);
     return {};
   },
   async close({ source }) {
@@ -174,7 +174,7 @@ const commands = {
     }
   },
   // The reader's text once it ended (or after `ms`), and whether it ended.
-  async read({ handle, ms, length }) {
+  async read({ handle, ms, length, quiet }) {
     const reader = readers.get(handle);
     const deadline = Date.now() + (ms ?? 10000);
     const have = () => reader.chunks.join("").length;
@@ -183,8 +183,10 @@ const commands = {
       if (left <= 0) break;
       await Promise.race([reader.changed, new Promise((r) => setTimeout(r, left))]);
     }
+    const text = reader.chunks.join("");
     return {
-      text: reader.chunks.join(""),
+      text: quiet ? "" : text, // quiet: the length only (a large text stays in Node)
+      length: text.length,
       chunks: reader.chunks.length,
       done: reader.done,
       error: reader.error,
