@@ -1016,7 +1016,8 @@ async def test_a_node_replay_too_large_for_redis_pubsub_buffer_is_an_error_not_a
     """The reference answers with one message: 40 MiB of it is over Redis' default
     `client-output-buffer-limit pubsub` (32 MiB), so Redis drops our subscriber each time it
     is sent. Our reader asks once more (under a new listener), then gives up with a typed
-    error within `resume_timeout`; never a hang."""
+    error within `resume_timeout`; never a hang. Ours sends the same replay in pieces of
+    `max_message_size`, which a Node reader gets whole."""
     prefix = f"compat-{uuid.uuid4().hex[:12]}"
     stream_id = new_id()
     async with (
@@ -1030,3 +1031,19 @@ async def test_a_node_replay_too_large_for_redis_pubsub_buffer_is_an_error_not_a
             await py.resume_existing_stream(stream_id)
         assert not isinstance(raised.value, rs.ProducerLostError)  # it is alive
         await node.close(produced["source"])
+
+        ours = new_id()
+        feed = Feed()
+        own = await py.resumable_stream(ours, feed.source)
+        assert own is not None
+        await feed.write("x" * (40 << 20))
+        assert (await own.next_batch())[-1][1] == 40 << 20
+        resumed = await node.resume(ours)
+        await feed.write("end")
+        await feed.close()
+        read = await node.read(resumed["handle"], quiet=True)
+        assert read.done
+        assert read.error is None
+        assert (await node.call("read", handle=resumed["handle"], quiet=True))["length"] == (
+            (40 << 20) + 3
+        )
