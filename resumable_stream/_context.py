@@ -21,7 +21,7 @@ from ._buffer import Signal
 from ._exceptions import BackendError, ResumableStreamError, single_exception_out
 from ._follower import Follower
 from ._hub import Hub
-from ._options import Settings
+from ._options import Settings, check_make_stream, check_resume_at
 from ._producer import MakeStream, Producer
 from ._reader import ProducerReader, ResumableStream
 from ._telemetry import Resume, make_telemetry
@@ -330,7 +330,7 @@ class ResumableStreamContext:
         if self._compat is not None:
             return await self._compat.resume_existing_stream(stream_id, resume_at)
         stream_id = p.validate_stream_id(stream_id)
-        offset = _validate_resume_at(resume_at)
+        offset = check_resume_at(resume_at)
         local = self._local_reader(stream_id, offset)
         if local is not None:
             return local
@@ -533,20 +533,8 @@ def _raise_if_failed(stream_id: str, state: str | None) -> None:
 
 
 def _validate(stream_id: object, make_stream: object, resume_at: object) -> tuple[str, int]:
-    if not callable(make_stream):
-        raise ValueError("make_stream must be a callable returning an async iterable of str")
-    return p.validate_stream_id(stream_id), _validate_resume_at(resume_at)
-
-
-def _validate_resume_at(resume_at: object) -> int:
-    """The public API's offset: None (the start) or an int >= 0."""
-    if resume_at is None:
-        return 0
-    if isinstance(resume_at, bool) or not isinstance(resume_at, int):
-        raise ValueError(f"resume_at must be an int or None, not {type(resume_at).__name__}")
-    if resume_at < 0:
-        raise ValueError(f"resume_at must be >= 0, got {resume_at}")
-    return resume_at
+    check_make_stream(make_stream)
+    return p.validate_stream_id(stream_id), check_resume_at(resume_at)
 
 
 def create_resumable_stream_context(

@@ -23,6 +23,7 @@ from . import _protocol as p
 from ._backend import Connection
 from ._exceptions import BackendError, ResumableStreamError, StreamNotCancellableError
 from ._hub import Hub
+from ._options import check_make_stream, check_resume_at
 from ._reader import ResumableStream
 from ._telemetry import Resume
 from ._vercel_follower import FINISHED, VercelFollower
@@ -193,7 +194,7 @@ class VercelStreams:
         self, stream_id: str, resume_at: int | None
     ) -> ResumableStream | None:
         stream_id = validate_stream_id(stream_id)
-        offset = _validate_resume_at(resume_at)
+        offset = check_resume_at(resume_at)  # UTF-16 units
         local = self._local_reader(stream_id, offset)
         if local is not None:
             return local
@@ -310,17 +311,5 @@ def _following(follower: VercelFollower, offset: int, resume: Resume) -> VercelF
 
 
 def _validate(stream_id: object, make_stream: object, resume_at: object) -> tuple[str, int]:
-    if not callable(make_stream):
-        raise ValueError("make_stream must be a callable returning an async iterable of str")
-    return validate_stream_id(stream_id), _validate_resume_at(resume_at)
-
-
-def _validate_resume_at(resume_at: object) -> int:
-    """A compat offset: None (the start) or an int >= 0, in UTF-16 code units."""
-    if resume_at is None:
-        return 0
-    if isinstance(resume_at, bool) or not isinstance(resume_at, int):
-        raise ValueError(f"resume_at must be an int or None, not {type(resume_at).__name__}")
-    if resume_at < 0:
-        raise ValueError(f"resume_at must be >= 0, got {resume_at}")
-    return resume_at
+    check_make_stream(make_stream)
+    return validate_stream_id(stream_id), check_resume_at(resume_at)

@@ -97,12 +97,10 @@ class VercelHub:
     def add_producer(self, producer: RequestHandler) -> None:
         self._producers[producer.stream_id] = producer
 
-    def remove_producer(self, producer: RequestHandler) -> bool:
-        """Stop routing to `producer`; False if another producer of its id replaced it."""
+    def remove_producer(self, producer: RequestHandler) -> None:
+        """Stop routing to `producer` (unless another producer of its id replaced it)."""
         if self._producers.get(producer.stream_id) is producer:
             del self._producers[producer.stream_id]
-            return True
-        return False
 
     def owns(self, producer: RequestHandler) -> bool:
         return self._producers.get(producer.stream_id) is producer

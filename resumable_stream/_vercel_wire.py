@@ -35,14 +35,18 @@ from typing import Any, Final
 from . import _protocol as p
 
 __all__ = [
+    "DONE_BYTES",
     "DONE_MESSAGE",
     "DONE_VALUE",
     "Outcome",
+    "Request",
     "VercelNames",
     "cut16",
+    "drop_unit",
     "encode_request",
     "messages",
     "parse_request",
+    "running",
     "slice_start",
     "utf16_len",
     "validate_stream_id",

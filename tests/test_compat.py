@@ -24,7 +24,16 @@ from resumable_stream.http import EventStream
 from resumable_stream.sse import SSEDecoder
 
 from .conftest import RedisServer, Workers
-from .helpers import TestingSource, never_called, poll_until, read, read_entries
+from .helpers import (
+    DroppingDone,
+    TestingSource,
+    never_called,
+    poll_until,
+    read,
+    read_entries,
+    slice16,
+    units16,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -39,21 +48,10 @@ def flavor(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def units(text: str) -> int:
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
-
-
-def slice16(text: str, start: int) -> str:
-    data = text.encode("utf-16-le", "surrogatepass")[2 * start :]
-    if len(data) >= 2 and 0xDC <= data[1] <= 0xDF:
-        data = b"\xfd\xff" + data[2:]
-    return data.decode("utf-16-le", "surrogatepass")
-
-
 def ends(chunks: list[str], start: int = 0) -> list[int]:
     out, position = [], start
     for chunk in chunks:
-        position += units(chunk)
+        position += units16(chunk)
         out.append(position)
     return out
 
@@ -74,7 +72,7 @@ async def test_every_reader_counts_utf16_units_and_a_cut_inside_a_pair_gives_uff
         source.write(part)
     head = "".join(PARTS[:4])
     readers = {}
-    for offset in range(units(FULL) + 1):
+    for offset in range(units16(FULL) + 1):
         ctx = workers.P if offset % 2 else workers.C  # local readers, and followers
         readers[offset] = await ctx.resume_existing_stream("s", offset)
     for part in PARTS[4:]:
@@ -87,9 +85,9 @@ async def test_every_reader_counts_utf16_units_and_a_cut_inside_a_pair_gives_uff
         got = await read_entries(reader)
         assert "".join(str(item) for item, _ in got) == slice16(FULL, offset), offset
         if got:
-            assert got[-1][1] == units(FULL)
+            assert got[-1][1] == units16(FULL)
             assert [end for _, end in got] == ends([str(i) for i, _ in got], offset)
-    assert units(head) < units(FULL)
+    assert units16(head) < units16(FULL)
 
 
 @compat
@@ -119,7 +117,7 @@ async def test_sse_ids_are_utf16_offsets_and_last_event_id_resumes_there(
         async for piece in resumed.body:
             events += [(e.data, e.id) for e in decoder.feed(piece)]
     assert "".join(data for data, _ in events) == slice16(FULL, INSIDE_PAIR)
-    assert events[-1][1] == str(units(FULL))
+    assert events[-1][1] == str(units16(FULL))
     at_end = await EventStream(workers.C, "s").prepare(headers={"last-event-id": "34"})
     assert at_end.status == 204
 
@@ -201,7 +199,7 @@ async def test_a_late_reader_with_a_cursor_gets_the_tail_from_the_lingering_prod
     assert await workers.C.resume_existing_stream("s") is None  # no cursor: finished
     tail = await workers.C.resume_existing_stream("s", INSIDE_PAIR)
     assert await read(tail) == slice16(FULL, INSIDE_PAIR)
-    assert await workers.C.resume_existing_stream("s", units(FULL)) is None
+    assert await workers.C.resume_existing_stream("s", units16(FULL)) is None
 
 
 @pytest.mark.parametrize("workers", [{**COMPAT, "linger": 0}], indirect=True)
@@ -476,31 +474,6 @@ async def test_a_producer_without_listeners_sends_nothing_per_chunk() -> None:
         "set": 2,  # the outcome, then "DONE"
         "unsubscribe": 1,
     }
-
-
-class DroppingDone:
-    """A backend whose connections never deliver the reference's DONE message."""
-
-    def __init__(self, backend: rs.Backend) -> None:
-        self._backend = backend
-
-    @asynccontextmanager
-    async def connect(self, on_message: Any, on_reconnect: Any = None) -> AsyncIterator[Any]:
-        async with self._backend.connect(on_message, on_reconnect) as connection:
-            yield _DroppingDone(connection)
-
-
-class _DroppingDone:
-    def __init__(self, connection: rs.Connection) -> None:
-        self._connection = connection
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._connection, name)
-
-    async def publish(self, channel: str, message: bytes) -> int:
-        if message == wire.DONE_BYTES:
-            return 1
-        return await self._connection.publish(channel, message)
 
 
 # The pure parts

@@ -31,6 +31,7 @@ from resumable_stream.redis import RedisBackend
 from resumable_stream.sse import SSEDecoder
 
 from .conftest import RedisServer
+from .helpers import DroppingDone, slice16, units16
 from .node_driver import NodeContext, Reference, node_context
 
 pytestmark = pytest.mark.anyio
@@ -56,21 +57,8 @@ HEAD = 4  # chunks written before the readers resume
 INSIDE_PAIR = 7  # between the halves of 😀
 
 
-def units(text: str) -> int:
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
-
-
-def slice16(text: str, start: int) -> str:
-    """JavaScript's `text.slice(start)` as the reference's clients send it: a lone low half of
-    a pair (a start inside it) arrives as U+FFFD."""
-    data = text.encode("utf-16-le", "surrogatepass")[2 * start :]
-    if len(data) >= 2 and 0xDC <= data[1] <= 0xDF:
-        data = b"\xfd\xff" + data[2:]
-    return data.decode("utf-16-le", "surrogatepass")
-
-
-OFFSETS = [0, 1, 2, 6, INSIDE_PAIR, units("".join(PARTS[:HEAD]))]
-assert units(FULL) == 34
+OFFSETS = [0, 1, 2, 6, INSIDE_PAIR, units16("".join(PARTS[:HEAD]))]
+assert units16(FULL) == 34
 assert len(FULL) == 30
 assert slice16(FULL, INSIDE_PAIR).startswith("\ufffd")
 
@@ -186,9 +174,9 @@ def check_events(events: list[tuple[str, str]], start: int) -> None:
     assert "".join(data for data, _ in events) == slice16(FULL, start)
     position = start
     for data, event_id in events:
-        position += units(data)
+        position += units16(data)
         assert event_id == str(position)
-    assert position == units(FULL)
+    assert position == units16(FULL)
 
 
 # Node producers, our readers
@@ -213,7 +201,7 @@ async def test_our_readers_resume_a_node_stream_at_utf16_offsets(
         readers = []
         # Every kind of offset, and one past the text so far: the reference would then send
         # the live text whole (ours asks for it all and drops what the reader has).
-        offsets = [*OFFSETS, units(head) + 3]
+        offsets = [*OFFSETS, units16(head) + 3]
         for index, offset in enumerate(offsets):
             if index % 2:
                 readers.append(await py.resume_existing_stream(stream_id, offset))
@@ -276,7 +264,7 @@ async def test_node_readers_resume_our_stream_at_utf16_offsets(
             assert await node.has(stream_id) is True
         # Every offset, one past the text so far too (this side then drops the units the
         # reader has from the live text, where the reference would send them twice).
-        offsets = [*OFFSETS, units(head) + 3]
+        offsets = [*OFFSETS, units16(head) + 3]
         handles = []
         for index, offset in enumerate(offsets):
             mode = "explicit" if reference.explicit and index % 2 else "idempotent"
@@ -354,7 +342,7 @@ async def test_large_chunks_cross_both_ways_exactly(
         produced = await node.produce(stream_id)
         await node.write(produced["source"], "head", big3)
         head = "head" + big3
-        assert (await node.read(produced["handle"], length=units(head))).done is False
+        assert (await node.read(produced["handle"], length=units16(head))).done is False
         follower = await py.resume_existing_stream(stream_id, 10)
         async with anyio.create_task_group() as tg:
             got: list[str] = []
@@ -374,7 +362,7 @@ async def test_large_chunks_cross_both_ways_exactly(
         await feed.write("start ", big5)
         expected = "start " + big5
         taken = ""
-        while units(taken) < units(expected):
+        while units16(taken) < units16(expected):
             taken += "".join(str(item) for item, _ in await own.next_batch())
         mode = "explicit" if reference.explicit else "idempotent"
         resumed = await node.resume(stream_id, 3, mode=mode)
@@ -440,7 +428,7 @@ async def test_a_failed_or_cancelled_stream_ends_node_readers_and_raises_for_our
                 assert follower is not None
                 resumed = await node.resume(stream_id, 2, mode=mode)
                 assert resumed["kind"] == "stream"
-                assert (await node.read(resumed["handle"], length=units(head) - 2)).text == (
+                assert (await node.read(resumed["handle"], length=units16(head) - 2)).text == (
                     slice16(head, 2)
                 )
                 if how == "fail":
@@ -550,7 +538,7 @@ async def test_a_lost_done_message_ends_our_reader_from_the_sentinel(
     ):
         produced = await producer.produce(stream_id)
         await producer.write(produced["source"], *PARTS[:HEAD])
-        await producer.read(produced["handle"], length=units("".join(PARTS[:HEAD])))
+        await producer.read(produced["handle"], length=units16("".join(PARTS[:HEAD])))
         follower = await py.resume_existing_stream(stream_id, INSIDE_PAIR)
         await producer.write(produced["source"], *PARTS[HEAD:])
         await producer.close(produced["source"])
@@ -627,31 +615,6 @@ async def test_node_readers_close_from_the_sentinel_when_our_done_message_is_los
         assert read.text == "bcdef"
 
 
-class DroppingDone:
-    """A backend whose connections never deliver the reference's DONE message."""
-
-    def __init__(self, backend: rs.Backend) -> None:
-        self._backend = backend
-
-    @asynccontextmanager
-    async def connect(self, on_message: Any, on_reconnect: Any = None) -> AsyncIterator[Any]:
-        async with self._backend.connect(on_message, on_reconnect) as connection:
-            yield _DroppingDone(connection)
-
-
-class _DroppingDone:
-    def __init__(self, connection: rs.Connection) -> None:
-        self._connection = connection
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._connection, name)
-
-    async def publish(self, channel: str, message: bytes) -> int:
-        if b"DONE_SENTINEL" in message:
-            return 1
-        return await self._connection.publish(channel, message)
-
-
 async def test_our_reader_asks_again_after_its_subscriber_reconnects(
     node_interop: Path, redis_server: RedisServer
 ) -> None:
@@ -670,7 +633,7 @@ async def test_our_reader_asks_again_after_its_subscriber_reconnects(
         with anyio.fail_after(STEP):
             produced = await node.produce(stream_id)
             await node.write(produced["source"], *PARTS[:HEAD])
-            await node.read(produced["handle"], length=units("".join(PARTS[:HEAD])))
+            await node.read(produced["handle"], length=units16("".join(PARTS[:HEAD])))
             follower = await py.resume_existing_stream(stream_id, INSIDE_PAIR)
             assert follower is not None
             got = "".join(str(item) for item, _ in await follower.next_batch())
@@ -705,7 +668,7 @@ async def test_text_lost_in_an_outage_is_asked_for_again(
             produced = await node.produce(stream_id)
             await node.write(produced["source"], *PARTS[:HEAD])
             head = "".join(PARTS[:HEAD])
-            await node.read(produced["handle"], length=units(head))
+            await node.read(produced["handle"], length=units16(head))
             follower = await py.resume_existing_stream(stream_id, INSIDE_PAIR)
             assert follower is not None
             got = "".join(str(item) for item, _ in await follower.next_batch())
@@ -953,7 +916,7 @@ async def test_an_event_source_cut_mid_stream_resumes_exactly_on_a_second_worker
         for part in PARTS[HEAD:]:
             yield part
 
-    head = units("".join(PARTS[:HEAD]))
+    head = units16("".join(PARTS[:HEAD]))
     assert head == 19
     assert len("".join(PARTS[:HEAD])) == 16
     url = redis_server.url
@@ -1002,10 +965,10 @@ async def test_an_event_source_cut_mid_stream_resumes_exactly_on_a_second_worker
     assert "".join(event["data"] for event in events) == FULL
     position = 0
     for event in events:
-        position += units(event["data"])
+        position += units16(event["data"])
         assert event["id"] == str(position)
     # The reconnect after the end: nothing more (204), which stops the browser.
-    assert app.requests[2:] == [("b", str(units(FULL)), 204)]
+    assert app.requests[2:] == [("b", str(units16(FULL)), 204)]
     assert read.done
     assert read.text == slice16(FULL, head)
 
