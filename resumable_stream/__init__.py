@@ -11,12 +11,15 @@ from ._exceptions import (
     ResumableStreamError,
     SlowReaderError,
     StreamCancelledError,
+    StreamExistsError,
     StreamFailedError,
     StreamIncompleteError,
     StreamNotCancellableError,
+    StreamRestartedError,
 )
 from ._protocol import new_stream_id
 from ._reader import ResumableStream
+from ._writer import StreamWriter
 
 __version__ = "0.1.0"
 
@@ -35,9 +38,12 @@ __all__ = [
     "ResumableStreamError",
     "SlowReaderError",
     "StreamCancelledError",
+    "StreamExistsError",
     "StreamFailedError",
     "StreamIncompleteError",
     "StreamNotCancellableError",
+    "StreamRestartedError",
+    "StreamWriter",
     "create_resumable_stream_context",
     "new_stream_id",
 ]

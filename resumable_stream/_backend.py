@@ -96,6 +96,22 @@ class Connection(Protocol):
     async def publish(self, channel: str, message: bytes) -> int:
         """Send `message`; returns how many connections are subscribed to `channel`."""
 
+    def notify(self, channel: str, message: bytes) -> None:
+        """Send `message` on `channel` without waiting for it (nor learning whether it was
+        sent): for a notice that nobody may be waiting for."""
+
+    async def numsub(self, channel: str) -> int:
+        """How many connections are subscribed to `channel` (`PUBSUB NUMSUB`, or on a cluster
+        `PUBSUB SHARDNUMSUB` on the channel's shard)."""
+
+    async def restart(
+        self, sentinel: str, restarts: str, text: str, expected: str, ttl: int
+    ) -> int | None:
+        """Start a stream again if `sentinel` still holds `expected`: atomically, set it running
+        ("1"), count one more restart in `restarts` and delete the stored text `text`, each key
+        living `ttl` s. Returns the new attempt (2 after the first restart), or None if the
+        sentinel changed meanwhile (somebody else restarted it)."""
+
     async def subscribe(self, *channels: str, wait: bool = True) -> None:
         """Subscribe to `channels` (of one stream: one hash slot); with `wait`, return only once
         messages published from now on arrive."""
@@ -266,6 +282,32 @@ class _MemoryConnection:
         self._backend.commands["publish"] += 1
         return self._deliver(channel, message)
 
+    def notify(self, channel: str, message: bytes) -> None:
+        self._backend.commands["publish"] += 1
+        self._deliver(channel, message)
+
+    async def numsub(self, channel: str) -> int:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["pubsub"] += 1
+        return len(self._backend._subscribers.get(channel, ()))
+
+    async def restart(
+        self, sentinel: str, restarts: str, text: str, expected: str, ttl: int
+    ) -> int | None:
+        await anyio.lowlevel.checkpoint()
+        backend = self._backend
+        backend.commands["eval"] += 1
+        entry = backend._lookup(sentinel)
+        if entry is None or entry[0] != expected:
+            return None
+        expiry = time.monotonic() + ttl
+        backend._values[sentinel] = ("1", expiry)
+        found = backend._lookup(restarts)
+        count = int(found[0]) + 1 if found else 1
+        backend._values[restarts] = (str(count), expiry)
+        backend._logs.pop(text, None)
+        return count + 1
+
     def _deliver(self, channel: str, message: bytes) -> int:
         subscribers = self._backend._subscribers.get(channel, ())
         for connection in tuple(subscribers):
@@ -286,12 +328,6 @@ class _MemoryConnection:
     async def begin_subscribe(self, *channels: str) -> Awaitable[None]:
         await self.subscribe(*channels)
         return READY
-
-    async def numsub(self, channel: str) -> int:
-        """How many connections are subscribed to `channel` (Redis' `PUBSUB NUMSUB`)."""
-        await anyio.lowlevel.checkpoint()
-        self._backend.commands["pubsub"] += 1
-        return len(self._backend._subscribers.get(channel, ()))
 
     async def unsubscribe(self, *channels: str) -> None:
         await anyio.lowlevel.checkpoint()
@@ -386,6 +422,20 @@ class CountedConnection:
         self._count("publish")
         return self._connection.publish(channel, message)
 
+    def notify(self, channel: str, message: bytes) -> None:
+        self._count("publish")
+        self._connection.notify(channel, message)
+
+    def numsub(self, channel: str) -> Coroutine[Any, Any, int]:
+        self._count("pubsub")
+        return self._connection.numsub(channel)
+
+    def restart(
+        self, sentinel: str, restarts: str, text: str, expected: str, ttl: int
+    ) -> Coroutine[Any, Any, int | None]:
+        self._count("eval")
+        return self._connection.restart(sentinel, restarts, text, expected, ttl)
+
     def subscribe(self, *channels: str, wait: bool = True) -> Coroutine[Any, Any, None]:
         self._count("subscribe")
         return self._connection.subscribe(*channels, wait=wait)
@@ -397,12 +447,6 @@ class CountedConnection:
     def unsubscribe(self, *channels: str) -> Coroutine[Any, Any, None]:
         self._count("unsubscribe")
         return self._connection.unsubscribe(*channels)
-
-    def numsub(self, channel: str) -> Coroutine[Any, Any, int]:
-        """`PUBSUB NUMSUB` (compat mode), where the wrapped connection has it."""
-        numsub = self._connection.numsub  # type: ignore[attr-defined]
-        self._count("pubsub")
-        return numsub(channel)  # type: ignore[no-any-return]
 
     def append(
         self,

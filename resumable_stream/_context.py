@@ -18,14 +18,21 @@ from anyio.abc import TaskGroup
 from . import _protocol as p
 from ._backend import Backend, Connection, CountedConnection, MemoryBackend
 from ._buffer import Signal
-from ._exceptions import BackendError, ResumableStreamError, single_exception_out
+from ._exceptions import (
+    BackendError,
+    ResumableStreamError,
+    StreamExistsError,
+    StreamRestartedError,
+    single_exception_out,
+)
 from ._follower import Follower
 from ._hub import Hub
-from ._options import Settings, check_make_stream, check_resume_at
+from ._options import Settings, check_make_stream, check_resume_at, check_seconds
 from ._producer import MakeStream, Producer
 from ._reader import ProducerReader, ResumableStream
 from ._telemetry import Resume, make_telemetry
 from ._vercel import Compat, VercelProducer, VercelStreams, check_compat
+from ._writer import StreamWriter
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -44,6 +51,8 @@ _NO_BRACES = str.maketrans("{}", "()")
 # How long leaving the context waits for its stopped producers' cleanup (each of its steps is
 # bounded by 15 s).
 _CLOSE_TIMEOUT = 40.0
+# Compare-and-set tries of a restart whose sentinel readers keep counting themselves into.
+_RESTART_TRIES = 5
 
 # What the context runs: a producer of this library's protocol, or of the reference's.
 _Hosted = Producer | VercelProducer
@@ -169,9 +178,10 @@ class ResumableStreamContext:
         self._last_reconnect: float | None = None
         # On asyncio, each producer runs in a task of the event loop's own (see
         # `_start_producer`); these are those producers, lingering or not, and through them
-        # their tasks (the loop holds its tasks weakly).
+        # their tasks (the loop holds its tasks weakly). A dict used as an ordered set: they
+        # are stopped in the order they started, the same on every run.
         self._native = False
-        self._hosted: set[_Hosted] = set()
+        self._hosted: dict[_Hosted, None] = {}
 
     def __repr__(self) -> str:
         return f"<ResumableStreamContext backend={self._backend!r}>"
@@ -267,17 +277,24 @@ class ResumableStreamContext:
     # Public API
 
     async def resumable_stream(
-        self, stream_id: str, make_stream: MakeStream, resume_at: int | None = None
+        self,
+        stream_id: str,
+        make_stream: MakeStream,
+        resume_at: int | None = None,
+        *,
+        attempt: int | None = None,
     ) -> ResumableStream | None:
         """Produce the stream if nobody does yet, else follow it; None if it already finished.
 
         With a `resume_at`, a finished stream whose producer still lingers sends its text from
-        there (None if there is none left).
+        there (None if there is none left). `attempt` is the attempt the offset was read from
+        (`stream.attempt`; the first by default): see `resume_existing_stream`.
         """
         if self._compat is not None:
-            return await self._compat.resumable_stream(stream_id, make_stream, resume_at)
+            return await self._compat.resumable_stream(stream_id, make_stream, resume_at, attempt)
         stream_id, offset = _validate(stream_id, make_stream, resume_at)
-        local = self._local_reader(stream_id, offset)
+        expected = _expected_attempt(resume_at, attempt)
+        local = self._local_reader(stream_id, offset, expected)
         if local is not None:
             return local
         hub = self._hub
@@ -299,8 +316,8 @@ class ResumableStreamContext:
             return ProducerReader(self._start_producer(stream_id, make_stream), offset)
         with self._telemetry.resume(stream_id, offset, started) as resume:
             if count is None:
-                return await self._finished(stream_id, offset, resume_at is not None, resume)
-            return await self._follow(stream_id, offset, resume)
+                return await self._finished(stream_id, offset, expected, resume)
+            return await self._follow(stream_id, offset, expected, resume)
 
     async def create_new_resumable_stream(
         self, stream_id: str, make_stream: MakeStream, resume_at: int | None = None
@@ -320,29 +337,146 @@ class ResumableStreamContext:
         return ProducerReader(self._start_producer(stream_id, make_stream), offset)
 
     async def resume_existing_stream(
-        self, stream_id: str, resume_at: int | None = None
+        self,
+        stream_id: str,
+        resume_at: int | None = None,
+        *,
+        wait: float | None = None,
+        attempt: int | None = None,
     ) -> ResumableStream | None:
         """Follow a running stream; None if there is no such stream or it already finished.
 
         With a `resume_at`, a finished stream whose producer still lingers sends its text from
-        there (None if there is none left).
+        there (None if there is none left). With `wait` (seconds), a stream that does not exist
+        yet (a job still queued) is waited for, that long: it costs a subscription to the
+        stream's channel, shared by every reader of it here, and no polling.
+
+        An offset is an offset into one attempt of the stream: the first, unless `attempt`
+        (`stream.attempt` of the reader it was read from) says otherwise. If the stream was
+        started again since (`ctx.writer(..., restart=True)`), a reader with an offset gets
+        `StreamRestartedError`, never the new attempt's text from that offset.
         """
         if self._compat is not None:
-            return await self._compat.resume_existing_stream(stream_id, resume_at)
+            return await self._compat.resume_existing_stream(stream_id, resume_at, wait, attempt)
         stream_id = p.validate_stream_id(stream_id)
         offset = check_resume_at(resume_at)
-        local = self._local_reader(stream_id, offset)
+        expected = _expected_attempt(resume_at, attempt)
+        if wait is not None:
+            wait = check_seconds("wait", wait, zero=True)
+        local = self._local_reader(stream_id, offset, expected)
         if local is not None:
             return local
         with self._telemetry.resume(stream_id, offset) as resume:
             state = await self._hub.state(stream_id)
+            if state is None and wait:
+                state = await self._wait_for_start(stream_id, wait)
+                local = self._local_reader(stream_id, offset, expected)
+                if local is not None:
+                    return local
             if state is None:
                 resume.answered("not_found")
                 return None
             if state != p.RUNNING:
-                has_cursor = resume_at is not None
-                return await self._finished(stream_id, offset, has_cursor, resume, state)
-            return await self._follow(stream_id, offset, resume)
+                return await self._finished(stream_id, offset, expected, resume, state)
+            return await self._follow(stream_id, offset, expected, resume)
+
+    def writer(self, stream_id: str, *, restart: bool = False) -> StreamWriter:
+        """A writer of a new stream `stream_id`, for code that pushes its text (a background
+        job): `async with ctx.writer(stream_id) as w: await w.write(chunk)`. See `StreamWriter`.
+
+        Entering it starts the stream as a producer starts (the same election); raises
+        `StreamExistsError` if a stream of that id exists, running or ended. With `restart=True`
+        (a retried job), a stream that ended failed, cancelled or lost, or runs with no live
+        writer (its process died), is started again as its next attempt: readers never get two
+        attempts' texts joined, and a reader with a cursor into an earlier attempt gets
+        `StreamRestartedError`. One that ended done, or whose writer is alive, is still
+        `StreamExistsError`. A backend error raises `BackendError` (a writer has no reader of
+        its own to degrade for).
+
+        Not with `compat="vercel"` (the reference has no writer of its own; `ValueError`).
+        """
+        if self._compat is not None:
+            raise ValueError("ctx.writer is not available with compat='vercel'")
+        stream_id = p.validate_stream_id(stream_id)
+        if not isinstance(restart, bool):
+            raise ValueError(f"restart must be True or False, got {restart!r}")
+        return StreamWriter(stream_id, lambda: self._start_writer(stream_id, restart))
+
+    async def _start_writer(self, stream_id: str, restart: bool) -> Producer:
+        if self._tg is None:
+            raise RuntimeError("the context is not open: use `async with ctx:` first")
+        hub = self._hub
+        keys = hub.keys
+        connection = hub.connection
+        count = await connection.incr(keys.sentinel(stream_id), self._settings.ttl)
+        if count == 1:
+            return self._start_producer(stream_id, None)
+        if not restart:
+            raise StreamExistsError(f"stream {stream_id!r} exists already")
+        if stream_id in self._local:
+            raise StreamExistsError(f"stream {stream_id!r} runs, written in this process")
+        for _ in range(_RESTART_TRIES):
+            value = await connection.get(keys.sentinel(stream_id))
+            state = p.stream_state(value)
+            if state is None:
+                # Gone meanwhile (its keys expired): a new stream, if nobody took it first.
+                if await connection.incr(keys.sentinel(stream_id), self._settings.ttl) == 1:
+                    return self._start_producer(stream_id, None)
+                continue
+            if state == p.DONE:
+                raise StreamExistsError(f"stream {stream_id!r} ended well already")
+            if state == p.RUNNING and not await self._writer_gone(stream_id):
+                raise StreamExistsError(f"stream {stream_id!r} runs, and its writer is alive")
+            assert value is not None
+            attempt = await connection.restart(
+                keys.sentinel(stream_id),
+                keys.restarts(stream_id),
+                keys.text(stream_id),
+                value,
+                self._settings.ttl,
+            )
+            if attempt is not None:
+                return self._start_producer(stream_id, None, attempt=attempt)
+            # Its state changed meanwhile (a reader counted itself in, another writer won).
+        raise StreamExistsError(f"stream {stream_id!r} was started again by somebody else")
+
+    async def _writer_gone(self, stream_id: str) -> bool:
+        """Whether the producer of a running stream is gone: nobody listens for its requests,
+        for as long as a follower would need to declare it lost (`Hub.may_declare_lost`)."""
+        hub = self._hub
+        channel = hub.keys.request(stream_id)
+        nobody_since: float | None = None
+        delays = p.retry_delays()
+        while True:
+            if await hub.connection.numsub(channel):
+                return False
+            now = anyio.current_time()
+            if nobody_since is None:
+                nobody_since = now
+            if hub.may_declare_lost(nobody_since, self._settings.resume_timeout):
+                return True
+            if now - nobody_since >= hub.lost_bound:
+                return False  # this side's connection cannot tell: alive, as far as we know
+            await anyio.sleep(next(delays))
+
+    async def _wait_for_start(self, stream_id: str, wait: float) -> str | None:
+        """Wait up to `wait` seconds for `stream_id` to start; its state once it did (None if
+        it did not): one subscription to its live channel (a starting producer announces
+        itself there), then its state read once, and again only after a reconnect."""
+        hub = self._hub
+        waiter = _StartWaiter(stream_id)
+        with anyio.move_on_after(wait):
+            subscribed = await hub.follow(waiter)
+            try:
+                await subscribed
+                while True:
+                    state = await hub.state(stream_id)
+                    if state is not None:
+                        return state
+                    await waiter.wait()
+            finally:
+                await hub.unfollow(waiter)
+        return None
 
     async def cancel_stream(self, stream_id: str) -> None:
         """Stop a stream from any process: its generator is cancelled and every reader ends
@@ -411,11 +545,15 @@ class ResumableStreamContext:
     # Producers
 
     def _start_producer(
-        self, stream_id: str, make_stream: MakeStream, offline: bool = False
+        self,
+        stream_id: str,
+        make_stream: MakeStream | None,
+        offline: bool = False,
+        attempt: int = 1,
     ) -> Producer:
         if self._tg is None:
             raise RuntimeError("the context is not open: use `async with ctx:` first")
-        producer = Producer(self._hub, stream_id, make_stream, offline)
+        producer = Producer(self._hub, stream_id, make_stream, offline, attempt)
         if not offline:
             self._local[stream_id] = producer
         self._launch(producer)
@@ -439,13 +577,13 @@ class ResumableStreamContext:
         # `_over` rather than a done callback on the task: 0.3 KiB less per stream.
         coroutine = self._run(producer)
         producer.run_in(asyncio.get_running_loop().create_task(coroutine, name=name))
-        self._hosted.add(producer)
+        self._hosted[producer] = None
 
     def _over(self, producer: _Hosted) -> None:
         """A producer is over, lingering included."""
         self._lingering -= 1
         if producer in self._hosted:  # it ran in a task of the loop's own
-            self._hosted.discard(producer)
+            del self._hosted[producer]
             self._running_changed.notify()
 
     async def _close_hosted(self) -> None:
@@ -472,7 +610,9 @@ class ResumableStreamContext:
         self._running_changed.notify()
         self._lingering += 1
 
-    def _local_reader(self, stream_id: str, offset: int) -> ResumableStream | None:
+    def _local_reader(
+        self, stream_id: str, offset: int, attempt: int | None
+    ) -> ResumableStream | None:
         """A reader of `stream_id` straight from its producer, when it runs in this context.
 
         No backend command is needed: the producer's buffer has the whole text.
@@ -480,6 +620,8 @@ class ResumableStreamContext:
         producer = self._local.get(stream_id)
         if producer is None:
             return None
+        if attempt is not None and attempt != producer.attempt:
+            raise _restarted(stream_id, producer.attempt)
         with self._telemetry.resume(stream_id, offset) as resume:
             replayed = max(0, producer.buffer.length - offset)
             resume.answered("replayed" if replayed else "live", replayed)
@@ -487,11 +629,13 @@ class ResumableStreamContext:
 
     # Followers
 
-    async def _follow(self, stream_id: str, offset: int, resume: Resume) -> ResumableStream | None:
-        follower = Follower(self._hub, stream_id, offset)
+    async def _follow(
+        self, stream_id: str, offset: int, attempt: int | None, resume: Resume
+    ) -> ResumableStream | None:
+        follower = Follower(self._hub, stream_id, offset, attempt)
         state = await follower.join()
         if state == p.RUNNING:
-            return _following(follower, offset, resume)
+            return await _following(follower, offset, resume)
         resume.answered("not_found" if state is None else "finished")
         _raise_if_failed(stream_id, state)
         return None
@@ -500,16 +644,21 @@ class ResumableStreamContext:
         self,
         stream_id: str,
         offset: int,
-        has_cursor: bool,
+        attempt: int | None,
         resume: Resume,
         state: str | None = None,
     ) -> ResumableStream | None:
         """A finished stream: its tail from a lingering producer, None, or its error."""
-        if has_cursor:
-            follower = Follower(self._hub, stream_id, offset)
+        if attempt is not None:  # a reader with a cursor
+            follower = Follower(self._hub, stream_id, offset, attempt)
             state = await follower.join(after_end=True)
             if state == p.RUNNING:
-                return _following(follower, offset, resume)
+                return await _following(follower, offset, resume)
+            if state is not None and not follower.acked.is_set():
+                # Nobody lingered to say which attempt ended: the backend says.
+                current = await self._hub.attempt(stream_id)
+                if current != attempt:
+                    raise _restarted(stream_id, current)
         elif state is None:
             state = await self._hub.state(stream_id)
         resume.answered("finished")
@@ -517,12 +666,63 @@ class ResumableStreamContext:
         return None
 
 
-def _following(follower: Follower, offset: int, resume: Resume) -> Follower:
-    """A follower handed to its reader: counted as active, its resume answered."""
+async def _following(follower: Follower, offset: int, resume: Resume) -> Follower:
+    """A follower handed to its reader: counted as active, its resume answered; or, if the
+    stream it found is a later attempt than its cursor's, `StreamRestartedError`."""
+    restarted = follower.restarted
+    if restarted is not None:
+        await follower.aclose()
+        raise restarted
     replayed = follower.received - offset
     resume.answered("replayed" if replayed else "live", replayed)
     follower.activate()
     return follower
+
+
+def _restarted(stream_id: str, attempt: int) -> StreamRestartedError:
+    return StreamRestartedError(
+        f"stream {stream_id!r} was started again (attempt {attempt}): read it from its start",
+        attempt,
+    )
+
+
+def _expected_attempt(resume_at: int | None, attempt: object) -> int | None:
+    """The attempt a reader's offset belongs to: none without an offset (it reads whichever
+    attempt runs, from its start); the first, unless `attempt` says otherwise."""
+    if attempt is not None and (
+        isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1
+    ):
+        raise ValueError(f"attempt must be an int >= 1, got {attempt!r}")
+    if resume_at is None:
+        return attempt
+    return 1 if attempt is None else attempt
+
+
+class _StartWaiter:
+    """What a reader waiting for a stream to start hears on its live channel."""
+
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self._signal = Signal()
+        self._heard = False
+
+    async def wait(self) -> None:
+        while not self._heard:
+            await self._signal.wait()
+        self._heard = False
+
+    def _wake(self) -> None:
+        self._heard = True
+        self._signal.notify()
+
+    def deliver(self, message: p.Message) -> None:
+        self._wake()  # a producer announced itself, or speaks already
+
+    def fail(self, error: ResumableStreamError) -> None:
+        self._wake()  # the context is closing: the state read says what there is
+
+    def resync(self) -> None:
+        self._wake()  # a reconnect may have lost the announcement: read the state again
 
 
 def _raise_if_failed(stream_id: str, state: str | None) -> None:

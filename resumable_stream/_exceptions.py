@@ -4,6 +4,8 @@ Invalid arguments (a bad stream id or offset) raise the builtin `ValueError`. Ev
 derives from one base class:
 
     ResumableStreamError
+    ├── StreamExistsError          a writer asked for an id that a stream has already
+    ├── StreamRestartedError       a newer attempt replaced the stream a cursor was taken from
     ├── StreamFailedError          the producer's generator raised
     ├── StreamCancelledError       the stream was stopped before it finished
     ├── StreamNotCancellableError  cancel_stream: its producer cannot be stopped (a Node
@@ -37,14 +39,33 @@ __all__ = [
     "ResumableStreamError",
     "SlowReaderError",
     "StreamCancelledError",
+    "StreamExistsError",
     "StreamFailedError",
     "StreamIncompleteError",
     "StreamNotCancellableError",
+    "StreamRestartedError",
 ]
 
 
 class ResumableStreamError(Exception):
     """Base class of every error the library raises (other than `ValueError` for bad input)."""
+
+
+class StreamExistsError(ResumableStreamError):
+    """Raised by `ctx.writer(stream_id)` when a stream with that id exists already (running or
+    ended; with `restart=True`, one that ended well or whose writer is alive)."""
+
+
+class StreamRestartedError(ResumableStreamError):
+    """Raised to a reader whose cursor was taken from an earlier attempt of the stream: a
+    retried job started it again (`ctx.writer(stream_id, restart=True)`). The text at the
+    cursor's offset in the new attempt is not the text the reader had: read the new attempt
+    from its start (`resume_at=0, attempt=error.attempt`, or no cursor at all)."""
+
+    def __init__(self, message: str, attempt: int) -> None:
+        super().__init__(message)
+        self.attempt = attempt
+        """The attempt the stream is at now (the first is 1)."""
 
 
 class StreamFailedError(ResumableStreamError):

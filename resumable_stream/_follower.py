@@ -34,6 +34,7 @@ from ._exceptions import (
     ResumableStreamError,
     SlowReaderError,
     StreamIncompleteError,
+    StreamRestartedError,
     one_error,
 )
 from ._hub import Hub
@@ -51,17 +52,16 @@ _MAX_PAGE = 1024
 _MAX_UNANSWERED = 3
 
 
-def _lost_bound(hub: Hub) -> float:
-    """How long requests may reach nobody before a reader gives up, even without proof that
-    the producer is gone (`Hub.may_declare_lost`): then it is only unavailable."""
-    settings = hub.settings
-    return settings.resume_timeout + settings.liveness_timeout + settings.heartbeat
-
-
 class Follower:
-    def __init__(self, hub: Hub, stream_id: str, resume_at: int) -> None:
+    def __init__(
+        self, hub: Hub, stream_id: str, resume_at: int, attempt: int | None = None
+    ) -> None:
         self._hub = hub
         self.stream_id = stream_id
+        # The attempt the reader's offset is from (None: whichever it finds first). A producer
+        # of a later attempt is a restart, never text to take from that offset.
+        self._attempt = attempt
+        self.restarted: StreamRestartedError | None = None
         self.listener: str | None = None  # the id of the request whose answers count
         self.acked = anyio.Event()  # the producer answered the first request
         self.ended = anyio.Event()  # the end of the stream (or an error) arrived
@@ -287,7 +287,7 @@ class Follower:
                         f"the producer of stream {self.stream_id!r} is gone: nobody listened "
                         f"for {now - nobody_since:.1f}s"
                     )
-                elif now - nobody_since >= _lost_bound(hub):
+                elif now - nobody_since >= hub.lost_bound:
                     raise ProducerUnavailableError(
                         f"nobody listened for the producer of stream {self.stream_id!r}, while "
                         "the connection to the backend was not settled enough to tell whether "
@@ -381,7 +381,7 @@ class Follower:
         hub = self._hub
         request = self._new_request()
         nobody_since = anyio.current_time()
-        bound = max(deadline, nobody_since + _lost_bound(hub))
+        bound = max(deadline, nobody_since + hub.lost_bound)
         delays = p.retry_delays()
         while True:
             if await self._send(request):
@@ -463,6 +463,8 @@ class Follower:
         if self._overflowed or self._detached:
             return
         kind = type(message)
+        if kind is p.Started:
+            return  # for readers waiting for the stream to start
         try:
             if kind is p.Replay:
                 assert isinstance(message, p.Replay)
@@ -481,9 +483,8 @@ class Follower:
     def _replay(self, replay: p.Replay) -> None:
         if replay.listener != self.listener:
             return  # the answer to an earlier request
-        if self._producer is None:
-            self._producer = replay.producer
-        elif not self._same_producer(replay.producer):
+        if not self._same_producer(replay.producer):
+            self.acked.set()  # answered, by a producer whose text is not this reader's
             return
         self.acked.set()
         self._answered = True
@@ -509,17 +510,45 @@ class Follower:
             self._apply(message)
 
     def _same_producer(self, token: str) -> bool:
+        """Whether `token` names the producer whose text this follower reads (the first one it
+        hears of, of the attempt it expects); a later attempt ends it (restarted), an earlier
+        one's stray messages are ignored, another of the same attempt is a conflict."""
         if token == self._producer:
             return True
+        attempt = p.attempt_of(token)
         if self._producer is None:
-            self._producer = token  # the first we hear of (a durable stream's log was empty)
-            return True
-        if self._error is None:
+            if self._attempt is None or attempt == self._attempt:
+                self._producer = token  # the first we hear of
+                self._attempt = attempt
+                return True
+            if attempt < self._attempt:
+                return False  # an older attempt's last words
+            self._restart(attempt)
+            return False
+        mine = p.attempt_of(self._producer)
+        if attempt > mine:
+            self._restart(attempt)
+        elif attempt == mine and self._error is None:
             self._error = ProducerConflictError(
                 f"stream {self.stream_id!r} has two producers: the backend lost its state "
                 "(Redis evicting keys under memory pressure?), so another caller started it again"
             )
         return False
+
+    def _restart(self, attempt: int) -> None:
+        if self.restarted is None:
+            self.restarted = StreamRestartedError(
+                f"stream {self.stream_id!r} was started again (attempt {attempt}): read it "
+                "from its start",
+                attempt,
+            )
+        if self._error is None:
+            self._error = self.restarted
+
+    @property
+    def attempt(self) -> int:
+        """The attempt of the stream this follower reads."""
+        return self._attempt or 1
 
     def _apply(self, message: p.Message) -> None:
         kind = type(message)

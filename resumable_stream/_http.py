@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl
 
+from . import _protocol as p
 from ._buffer import Entry
 from ._context import ResumableStreamContext
 from ._event import Event
@@ -22,6 +23,7 @@ from ._exceptions import (
     StreamCancelledError,
     StreamFailedError,
     StreamIncompleteError,
+    StreamRestartedError,
 )
 from .sse import encode_event
 
@@ -62,10 +64,12 @@ END_ID: Final = "end"
 
 @dataclass(frozen=True, slots=True)
 class Cursor:
-    """Where a request resumes: the character offset, or just after the stream's end frame."""
+    """Where a request resumes: the character offset (in the stream's `attempt`), or just
+    after the stream's end frame."""
 
     offset: int
     seen_end: bool = False
+    attempt: int = 1
 
 
 def context_of(
@@ -148,7 +152,8 @@ def parse_cursor(headers: RequestHeaders, query: Query, id_prefix: str = "") -> 
     """The request's cursor: `Last-Event-ID`, else `?resumeAt=`; None if it has none.
 
     Both hold an event id this library sent: `<id_prefix><offset>`, or `<id_prefix>end` for
-    the frame that ends a stream badly (the offset alone is accepted too).
+    the frame that ends a stream badly (the offset alone is accepted too); in a stream's later
+    attempts (a writer's `restart=True`) the offset or `end` comes after `<attempt>.`.
     """
     raw = find_cursor(headers, query)
     if raw is None:
@@ -156,14 +161,20 @@ def parse_cursor(headers: RequestHeaders, query: Query, id_prefix: str = "") -> 
     name, value = raw
     if id_prefix and value.startswith(id_prefix):
         value = value[len(id_prefix) :]
+    shown = value if len(value) <= 40 else value[:40] + "..."
+    try:
+        attempt, value = p.split_cursor(value)
+    except ValueError:
+        raise ValueError(
+            f"{name} must be a character offset (the id of an event of this stream), got {shown!r}"
+        ) from None
     if value == END_ID:
-        return Cursor(0, seen_end=True)
+        return Cursor(0, seen_end=True, attempt=attempt)
     if not (value.isascii() and value.isdigit()) or len(value) > _MAX_CURSOR_DIGITS:
-        shown = value if len(value) <= 40 else value[:40] + "..."
         raise ValueError(
             f"{name} must be a character offset (the id of an event of this stream), got {shown!r}"
         )
-    return Cursor(int(value))
+    return Cursor(int(value), attempt=attempt)
 
 
 def cursor_value(scope: Scope) -> tuple[str, str] | None:
@@ -258,13 +269,28 @@ def error_info(exc: ResumableStreamError) -> tuple[str, str]:
     return "error", "the stream ended with an error"
 
 
-def error_frame(exc: ResumableStreamError, id_prefix: str = "") -> bytes:
+def error_frame(exc: ResumableStreamError, id_prefix: str = "", attempt: int = 1) -> bytes:
     """The frame that ends a stream badly. Its own id makes the reconnect that follows it (an
-    `EventSource` always reconnects) answer 204, which stops the client."""
+    `EventSource` always reconnects) answer 204, which stops the client.
+
+    A restart (a newer attempt replaced the one being read) is `restart_frame` instead."""
+    if isinstance(exc, StreamRestartedError):
+        return restart_frame(exc, id_prefix)
+    id_prefix += p.attempt_prefix(attempt)
     code, message = error_info(exc)
     logger.info("stream ended with %s: %s", code, exc)
     data = json.dumps({"code": code, "message": message})
     return encode_event(data, event="error", id=f"{id_prefix}{END_ID}").encode()
+
+
+def restart_frame(exc: StreamRestartedError, id_prefix: str = "") -> bytes:
+    """The frame that tells a reader that the stream was started again: `event: restart`,
+    `data: {"attempt": n}`, and the id of the new attempt's start, so that the reconnect that
+    follows (an `EventSource` reconnects by itself) reads the new attempt from there."""
+    logger.info("stream restarted: %s", exc)
+    data = json.dumps({"attempt": exc.attempt})
+    start = f"{id_prefix}{p.attempt_prefix(exc.attempt)}0"
+    return encode_event(data, event="restart", id=start).encode()
 
 
 async def body(send: Send, body: bytes) -> None:

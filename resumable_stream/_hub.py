@@ -42,6 +42,8 @@ class RequestHandler(Protocol):
 
     def resync(self) -> None: ...
 
+    def superseded(self) -> None: ...
+
 
 class MessageSink(Protocol):
     """A follower, as far as message routing goes."""
@@ -66,7 +68,10 @@ class Hub:
         self._connection: Connection | None = None
         self._tg: TaskGroup | None = None
         self._producers: dict[str, RequestHandler] = {}  # by request channel
-        self._live: dict[str, set[MessageSink]] = {}  # by live channel
+        # By live channel; each channel's followers in a dict used as an ordered set: messages
+        # reach them in the order they joined, the same on every run (a set of objects would
+        # iterate in an order that depends on their addresses).
+        self._live: dict[str, dict[MessageSink, None]] = {}
         self._listeners: dict[str, MessageSink] = {}  # by the listener id of a request
         # fast_acquire: an uncontended lock costs no loop turn (every resume takes it).
         self._live_lock = anyio.Lock(fast_acquire=True)
@@ -104,7 +109,13 @@ class Hub:
     # Producers
 
     def add_producer(self, producer: RequestHandler) -> None:
-        self._producers[self.keys.request(producer.stream_id)] = producer
+        channel = self.keys.request(producer.stream_id)
+        earlier = self._producers.get(channel)
+        if earlier is not None and earlier is not producer:
+            # A new attempt of a stream whose earlier producer lingers here: the request
+            # channel (one subscription) is the new one's now.
+            earlier.superseded()
+        self._producers[channel] = producer
 
     def remove_producer(self, producer: RequestHandler) -> None:
         channel = self.keys.request(producer.stream_id)
@@ -151,8 +162,8 @@ class Hub:
                 confirmation = await self.connection.begin_subscribe(
                     *self._stream_channels(stream_id)
                 )
-                followers = self._live[channel] = set()
-            followers.add(follower)
+                followers = self._live[channel] = {}
+            followers[follower] = None
         return confirmation
 
     async def unfollow(self, follower: MessageSink) -> None:
@@ -164,7 +175,7 @@ class Hub:
                 followers = self._live.get(channel)
                 if followers is None or follower not in followers:
                     return
-                followers.discard(follower)
+                del followers[follower]
                 if followers:
                     return
                 del self._live[channel]
@@ -223,6 +234,21 @@ class Hub:
         settled = up_since + self.settings.liveness_timeout
         now = anyio.current_time()
         return now >= settled and now - max(nobody_since, settled) >= span
+
+    @property
+    def lost_bound(self) -> float:
+        """How long requests may reach nobody before a reader gives up even without proof that
+        the producer is gone (`may_declare_lost`): then it is only unavailable."""
+        settings = self.settings
+        return settings.resume_timeout + settings.liveness_timeout + settings.heartbeat
+
+    async def attempt(self, stream_id: str) -> int:
+        """Which attempt of `stream_id` the backend knows (1 if it was never restarted)."""
+        restarts = await self.connection.get(self.keys.restarts(stream_id))
+        try:
+            return 1 + max(0, int(restarts or 0))
+        except ValueError:
+            return 1
 
     async def lingering(self, stream_id: str) -> bool:
         """Whether the producer of `stream_id`, which ended well, should still keep its text

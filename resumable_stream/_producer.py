@@ -52,6 +52,7 @@ class Producer:
         "_listening",
         "_live_index",
         "_make_stream",
+        "_on_stop",
         "_published",
         "_publishing",
         "_recorded",
@@ -60,7 +61,11 @@ class Producer:
         "_stop",
         "_stopping",
         "_store",
+        "_superseded",
         "_task",
+        "_write_error",
+        "_written",
+        "attempt",
         "buffer",
         "changed",
         "error",
@@ -72,15 +77,26 @@ class Producer:
     )
 
     def __init__(
-        self, hub: Hub, stream_id: str, make_stream: MakeStream, offline: bool = False
+        self,
+        hub: Hub,
+        stream_id: str,
+        make_stream: MakeStream | None,
+        offline: bool = False,
+        attempt: int = 1,
     ) -> None:
         # Offline: started while the backend was unreachable, so it never won the election;
         # it serves its own reader only and leaves the backend alone.
         self.offline = offline
         self._hub = hub
         self.stream_id = stream_id
-        self.token = p.new_producer_token()
+        self.attempt = attempt
+        self.token = p.new_producer_token(attempt)
+        # No `make_stream`: a writer's stream (`_writer.StreamWriter`), whose text is appended
+        # to the buffer by the writer's own task; the producer waits for its end.
         self._make_stream = make_stream
+        self._written: anyio.Event | None = None if make_stream is not None else anyio.Event()
+        self._write_error: BaseException | None = None
+        self._on_stop: Callable[[], None] | None = None
         self.buffer = ChunkBuffer()
         self.changed = BatchSignal()
         self.state: str | None = None
@@ -104,6 +120,7 @@ class Producer:
         # Leaving the context: no more lingering (`close`); the scope of the linger meanwhile.
         self._closing = False
         self._lingering: anyio.CancelScope | None = None
+        self._superseded = False  # a newer attempt of its stream id took over here
         # Live publishing: on while somebody follows, from chunk `_live_index` on. `_epoch`
         # counts requests so a publish that reached nobody only turns it off if no follower
         # joined while that publish was in flight.
@@ -155,46 +172,56 @@ class Producer:
                     try:
                         if not self.offline:
                             await hub.connection.subscribe(self._request_channel, wait=False)
+                            # For readers waiting for this stream to exist (not awaited).
+                            started = p.Started(self.token).pack()
+                            hub.connection.notify(hub.keys.live(self.stream_id), started)
                         if self._store is not None:
                             store = self._store
                             hub.spawn(self.stream_id, store.run, lambda: self.state is not None)
-                        # The source's loop, here rather than in a coroutine of its own: an idle
-                        # stream holds one frame less.
-                        buffer = self.buffer
-                        # Readers and the live publisher wake once per batch of chunks.
-                        notify = self.changed.notify_soon
-                        count = 0
-                        source = self._make_stream()
-                        if not hasattr(source, "__aiter__"):
-                            raise TypeError(
-                                f"make_stream() must return an async iterable, not {source!r}"
-                            )
-                        iterator = source.__aiter__()
-                        try:
-                            async for chunk in iterator:
-                                if type(chunk) is not str:
-                                    if isinstance(chunk, Event):
-                                        buffer.append_event(chunk)
-                                        notify()
-                                    elif isinstance(chunk, str):
-                                        if chunk:
-                                            buffer.append(str(chunk))
+                        if self._written is not None:
+                            # A writer's stream: its text comes from `StreamWriter.write`.
+                            await self._written.wait()
+                            if self._write_error is not None:
+                                raise self._write_error
+                        else:
+                            # The source's loop, here rather than in a coroutine of its own:
+                            # an idle stream holds one frame less.
+                            buffer = self.buffer
+                            # Readers and the live publisher wake once per batch of chunks.
+                            notify = self.changed.notify_soon
+                            count = 0
+                            assert self._make_stream is not None
+                            source = self._make_stream()
+                            if not hasattr(source, "__aiter__"):
+                                raise TypeError(
+                                    f"make_stream() must return an async iterable, not {source!r}"
+                                )
+                            iterator = source.__aiter__()
+                            try:
+                                async for chunk in iterator:
+                                    if type(chunk) is not str:
+                                        if isinstance(chunk, Event):
+                                            buffer.append_event(chunk)
                                             notify()
-                                    else:
-                                        raise TypeError(
-                                            "streams yield str or Event chunks, not "
-                                            f"{type(chunk).__name__}"
-                                        )
-                                elif chunk:
-                                    buffer.append(chunk)
-                                    notify()
-                                count += 1
-                                if count == 1 or count % _CHECKPOINT_EVERY == 0:
-                                    await anyio.lowlevel.checkpoint()
-                        finally:
-                            aclose = getattr(iterator, "aclose", None)
-                            if aclose is not None:
-                                await aclose()
+                                        elif isinstance(chunk, str):
+                                            if chunk:
+                                                buffer.append(str(chunk))
+                                                notify()
+                                        else:
+                                            raise TypeError(
+                                                "streams yield str or Event chunks, not "
+                                                f"{type(chunk).__name__}"
+                                            )
+                                    elif chunk:
+                                        buffer.append(chunk)
+                                        notify()
+                                    count += 1
+                                    if count == 1 or count % _CHECKPOINT_EVERY == 0:
+                                        await anyio.lowlevel.checkpoint()
+                            finally:
+                                aclose = getattr(iterator, "aclose", None)
+                                if aclose is not None:
+                                    await aclose()
                     finally:
                         # Before any other await: a stop from now on cancels nothing.
                         self._in_source = False
@@ -295,6 +322,9 @@ class Producer:
     async def _record(self, state: str, *, retry: bool = False) -> bool:
         if self._store is not None:
             recorded = await self._store.write_end(state, self.error_type, retry=retry)
+            if recorded:
+                with contextlib.suppress(BackendError):  # its TTL was set when it restarted
+                    await self._keep_attempt()
             if recorded and retry:
                 logger.warning(
                     "recorded the end of stream %r at last", self.stream_id, extra=self._log
@@ -304,6 +334,7 @@ class Producer:
         key = hub.keys.sentinel(self.stream_id)
         try:
             await hub.connection.set(key, p.sentinel_value(state), hub.settings.ttl)
+            await self._keep_attempt()
         except BackendError as exc:
             level = logging.DEBUG if retry else logging.WARNING
             logger.log(
@@ -318,13 +349,20 @@ class Producer:
             logger.warning("recorded the end of stream %r at last", self.stream_id, extra=self._log)
         return True
 
+    async def _keep_attempt(self) -> None:
+        """A restarted stream's count of restarts lives as long as its end state."""
+        if self.attempt > 1:
+            hub = self._hub
+            restarts = str(self.attempt - 1)
+            await hub.connection.set(hub.keys.restarts(self.stream_id), restarts, hub.settings.ttl)
+
     async def _record_later(self, state: str) -> None:
         # Until it lands, the backend says the stream runs; once the keys' TTL has passed it
         # no longer matters.
         deadline = self._started + self._hub.settings.ttl
         try:
             for delay in itertools.chain(_RECORD_DELAYS, itertools.repeat(_RECORD_DELAYS[-1])):
-                if anyio.current_time() + delay >= deadline:
+                if anyio.current_time() + delay >= deadline or self._superseded:
                     break
                 await anyio.sleep(delay)
                 if await self._record(state, retry=True):
@@ -342,6 +380,23 @@ class Producer:
             self._stop.cancel()
         elif self._task is not None and self._in_source:
             self._task.cancel()
+        if self._on_stop is not None and self.state is None:
+            self._on_stop()  # a writer: its block is stopped too
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the stream was stopped (cancelled) before it ended."""
+        return self._stopping
+
+    def write_from(self, on_stop: Callable[[], None]) -> None:
+        """A writer writes this stream; `on_stop` is called if the stream is stopped."""
+        self._on_stop = on_stop
+
+    def written(self, error: BaseException | None = None) -> None:
+        """The writer is done: the stream ends done, or failed with `error`."""
+        assert self._written is not None
+        self._write_error = error
+        self._written.set()
 
     def run_in(self, task: asyncio.Task[None]) -> None:
         """`task`, a task of the loop's own, runs this producer: a stop cancels it (while in
@@ -353,6 +408,15 @@ class Producer:
         context's task group does to a producer that runs in it)."""
         self._closing = True
         self.stop()
+        if self._lingering is not None:
+            self._lingering.cancel()
+
+    def superseded(self) -> None:
+        """A newer producer of this stream id (a restart) took over its request channel in this
+        context: stop lingering, and leave the subscription to the newer one."""
+        self._listening = False
+        self._closing = True
+        self._superseded = True  # nor write an end that is no longer its stream's
         if self._lingering is not None:
             self._lingering.cancel()
 

@@ -9,6 +9,7 @@ off the wire, so nothing elsewhere reads a message by position:
     Replay     R  producer -> the follower's reply channel: a window of text from the offset
     Live       L  producer -> the stream's live channel: chunks as they are produced
     Heartbeat  H  producer -> the live channel, when idle: still alive, at `length`
+    Started    S  producer -> the live channel, once: it started (for readers that wait)
     End        E  producer -> the live channel (or a reply channel): how the stream ended
 
 Every message from a producer names it (`producer`, a random token per producer), so a follower
@@ -95,6 +96,11 @@ class Keys:
     def text(self, stream_id: str) -> str:
         """A durable stream's log: its text, in entries of whole chunks."""
         return f"{self._tag(stream_id)}:text"
+
+    def restarts(self, stream_id: str) -> str:
+        """How many times the stream was started again (`ctx.writer(..., restart=True)`):
+        absent for a stream never restarted, so its attempt is the first."""
+        return f"{self._tag(stream_id)}:restarts"
 
     def alias(self, name: str) -> str:
         """A name that points to a stream (a chat's active stream, say): tagged by the name, so
@@ -190,8 +196,41 @@ def retry_delays() -> Iterator[float]:
         delay = min(delay * 2, 0.1)
 
 
-def new_producer_token() -> str:
-    return secrets.token_hex(8)
+def new_producer_token(attempt: int = 1) -> str:
+    """A producer's name on the wire: random, and for a stream's later attempts (a restarted
+    writer) prefixed by the attempt (`2.<hex>`), so that a follower tells "a newer attempt"
+    from "two producers at once" with no field of its own (the first attempt's tokens are as
+    they always were)."""
+    token = secrets.token_hex(8)
+    return token if attempt == 1 else f"{attempt}.{token}"
+
+
+def attempt_of(token: str) -> int:
+    """The attempt of the producer that `token` names (see `new_producer_token`)."""
+    attempt, dot, _ = token.partition(".")
+    if not dot:
+        return 1
+    try:
+        return max(1, int(attempt))
+    except ValueError:
+        return 1
+
+
+def attempt_prefix(attempt: int) -> str:
+    """What goes before an offset in a cursor of `attempt` (nothing for the first): an SSE id
+    `2.15` is offset 15 of the second attempt."""
+    return "" if attempt == 1 else f"{attempt}."
+
+
+def split_cursor(value: str) -> tuple[int, str]:
+    """(attempt, the offset's text) of a cursor written as `attempt_prefix(n) + offset`."""
+    attempt, dot, offset = value.partition(".")
+    if not dot:
+        return 1, value
+    # The first attempt is written without one: `1.5` is no cursor this library sent.
+    if not (attempt.isascii() and attempt.isdigit()) or len(attempt) > 9 or int(attempt) < 2:
+        raise ValueError(f"not an attempt: {attempt[:20]!r}")
+    return int(attempt), offset
 
 
 def end_error(stream_id: str, state: str, detail: str | None) -> Exception | None:
@@ -396,6 +435,22 @@ class Heartbeat(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Started(_Message):
+    """A producer started: for readers that wait for a stream that did not exist yet."""
+
+    TAG: ClassVar[bytes] = b"S"
+    producer: str
+
+    def fields(self) -> list[Any]:
+        return [self.producer]
+
+    @classmethod
+    def parse(cls, fields: list[Any]) -> Started:
+        (producer,) = fields
+        return cls(_str(producer))
+
+
+@dataclass(frozen=True, slots=True)
 class End(_Message):
     """The stream ended in `state` at `length` characters; `detail` names a failure's type.
 
@@ -426,10 +481,10 @@ class End(_Message):
         )
 
 
-Message = Request | Cancel | Replay | Live | Heartbeat | End
+Message = Request | Cancel | Replay | Live | Heartbeat | Started | End
 
 _TYPES: Final[dict[bytes, Any]] = {
-    kind.TAG: kind for kind in (Request, Cancel, Replay, Live, Heartbeat, End)
+    kind.TAG: kind for kind in (Request, Cancel, Replay, Live, Heartbeat, Started, End)
 }
 
 

@@ -30,6 +30,12 @@ class ResumableStream(Protocol):
     needs); a chunk yielded as an `Event` comes out as that `Event`.
     """
 
+    @property
+    def attempt(self) -> int:
+        """Which attempt of the stream this reads: 1, or more for a stream a writer started
+        again (`restart=True`). An offset into it is resumed with `attempt=` this."""
+        ...
+
     def __aiter__(self) -> AsyncIterator[str]: ...
 
     async def __anext__(self) -> str: ...
@@ -54,6 +60,7 @@ class Produced(Protocol):
     """What a producer's own reader reads: a producer, as far as its readers go."""
 
     stream_id: str
+    attempt: int
     buffer: ChunkBuffer
     changed: BatchSignal
     # Readers end only once the stream ended and its end was announced (and its recording
@@ -77,6 +84,10 @@ class ProducerReader:
         self._index: int | None = None  # next chunk to take, once the buffer reached the offset
         self._head: Entry | None = None  # the first chunk, trimmed when resumed mid-chunk
         self._closed = False
+
+    @property
+    def attempt(self) -> int:
+        return self._producer.attempt
 
     def __aiter__(self) -> ProducerReader:
         return self

@@ -21,9 +21,14 @@ import anyio
 
 from . import _protocol as p
 from ._backend import Connection
-from ._exceptions import BackendError, ResumableStreamError, StreamNotCancellableError
+from ._exceptions import (
+    BackendError,
+    ResumableStreamError,
+    StreamNotCancellableError,
+    StreamRestartedError,
+)
 from ._hub import Hub
-from ._options import check_make_stream, check_resume_at
+from ._options import check_make_stream, check_resume_at, check_seconds
 from ._reader import ResumableStream
 from ._telemetry import Resume
 from ._vercel_follower import FINISHED, VercelFollower
@@ -130,9 +135,14 @@ class VercelStreams:
     # The public API
 
     async def resumable_stream(
-        self, stream_id: str, make_stream: MakeStream, resume_at: int | None
+        self,
+        stream_id: str,
+        make_stream: MakeStream,
+        resume_at: int | None,
+        attempt: int | None = None,
     ) -> ResumableStream | None:
         stream_id, offset = _validate(stream_id, make_stream, resume_at)
+        _check_attempt(stream_id, attempt)
         local = self._local_reader(stream_id, offset)
         if local is not None:
             return local
@@ -191,16 +201,35 @@ class VercelStreams:
         return LocalReader(self._start(producer), offset)
 
     async def resume_existing_stream(
-        self, stream_id: str, resume_at: int | None
+        self,
+        stream_id: str,
+        resume_at: int | None,
+        wait: float | None = None,
+        attempt: int | None = None,
     ) -> ResumableStream | None:
         stream_id = validate_stream_id(stream_id)
         offset = check_resume_at(resume_at)  # UTF-16 units
+        _check_attempt(stream_id, attempt)
+        if wait is not None:
+            wait = check_seconds("wait", wait, zero=True)
         local = self._local_reader(stream_id, offset)
         if local is not None:
             return local
         hub = self._hub
         with hub.telemetry.resume(stream_id, offset) as resume:
             value = await hub.connection.get(hub.names.sentinel(stream_id))
+            if value is None and wait:
+                # The reference announces no start: the sentinel is polled, with backoff
+                # (from 2 ms to 100 ms between reads).
+                with anyio.move_on_after(wait):
+                    for delay in p.retry_delays():
+                        await anyio.sleep(delay)
+                        local = self._local_reader(stream_id, offset)
+                        if local is not None:
+                            return local
+                        value = await hub.connection.get(hub.names.sentinel(stream_id))
+                        if value is not None:
+                            break
             if value is None:
                 resume.answered("not_found")
                 return None
@@ -249,7 +278,7 @@ class VercelStreams:
                     return
                 # Running, with no Python producer listening (yet).
                 await anyio.sleep(delay)
-        if await hub.numsub(names.request(stream_id)):
+        if await connection.numsub(names.request(stream_id)):
             raise StreamNotCancellableError(
                 f"stream {stream_id!r} is produced by a peer that cannot be cancelled (a Node "
                 "resumable-stream producer: the reference has no cancellation)"
@@ -308,6 +337,18 @@ def _following(follower: VercelFollower, offset: int, resume: Resume) -> VercelF
     resume.answered("replayed" if replayed else "live", replayed)
     follower.activate()
     return follower
+
+
+def _check_attempt(stream_id: str, attempt: object) -> None:
+    """A compat stream has one attempt (the reference starts nothing again): a cursor from
+    another one is told to read this one from its start, as a restart would be."""
+    if attempt is None or attempt == 1:
+        return
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"attempt must be an int >= 1, got {attempt!r}")
+    raise StreamRestartedError(
+        f"stream {stream_id!r} has one attempt (compat='vercel'): read it from its start", 1
+    )
 
 
 def _validate(stream_id: object, make_stream: object, resume_at: object) -> tuple[str, int]:

@@ -47,7 +47,6 @@ from ._exceptions import (
     StreamIncompleteError,
     one_error,
 )
-from ._options import Settings
 from ._reader import CHECKPOINT_MASK
 from ._telemetry import outcome_of
 from ._vercel_hub import VercelHub
@@ -70,12 +69,6 @@ _UNSUBSCRIBE_TIMEOUT = 2.0
 # Asking again after reconnects, in a row, without any text arriving in between (a replay too
 # large for Redis' pub/sub output buffer gets the subscriber dropped every time).
 _MAX_ASKS = 3
-
-
-def _lost_bound(settings: Settings) -> float:
-    """How long requests may reach nobody before a reader gives up, even without proof that
-    the producer is gone (`VercelHub.may_declare_lost`): then it is only unavailable."""
-    return settings.resume_timeout + settings.liveness_timeout + settings.heartbeat
 
 
 def end_error(stream_id: str, outcome: Outcome | None, position: int) -> Exception | None:
@@ -181,8 +174,7 @@ class VercelFollower:
                 if receivers > 1 and not late:
                     # PUBLISH counts pattern subscribers too (a monitoring tap): the
                     # channel's own subscribers are the producers.
-                    counted = await hub.numsub(target)
-                    receivers = receivers if counted is None else counted
+                    receivers = await connection.numsub(target)
                 if receivers > 1 and not late:
                     value = await connection.get(sentinel)
                     if not running(value):
@@ -233,7 +225,7 @@ class VercelFollower:
                         f"the producer of stream {self.stream_id!r} is gone: nobody listens "
                         "to its requests"
                     )
-                if now - nobody_since >= _lost_bound(settings):
+                if now - nobody_since >= hub.lost_bound:
                     raise ProducerUnavailableError(
                         f"nobody listened for the producer of stream {self.stream_id!r}, while "
                         "the connection to the backend was not settled enough to tell whether "
@@ -374,6 +366,11 @@ class VercelFollower:
 
     # Reading
 
+    @property
+    def attempt(self) -> int:
+        """A compat stream has one attempt."""
+        return 1
+
     def __aiter__(self) -> VercelFollower:
         return self
 
@@ -436,7 +433,7 @@ class VercelFollower:
             found[0] = await hub.connection.get(hub.names.sentinel(self.stream_id))
 
         async def count_producers() -> None:
-            found[1] = await hub.numsub(hub.names.request(self.stream_id))
+            found[1] = await hub.connection.numsub(hub.names.request(self.stream_id))
 
         now = self.heard = anyio.current_time()  # the next check a heartbeat from now
         try:

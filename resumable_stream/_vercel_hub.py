@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from ._backend import Connection
 from ._exceptions import ResumableStreamError
@@ -19,18 +19,9 @@ from ._options import Settings
 from ._telemetry import Telemetry
 from ._vercel_wire import Request, VercelNames, parse_request
 
-__all__ = ["ChunkSink", "CountsSubscribers", "RequestHandler", "VercelHub"]
+__all__ = ["ChunkSink", "RequestHandler", "VercelHub"]
 
 logger = logging.getLogger("resumable_stream")
-
-
-@runtime_checkable
-class CountsSubscribers(Protocol):
-    """A connection that can say how many connections are subscribed to a channel (Redis'
-    `PUBSUB NUMSUB`): how a follower learns that a producer's process died. Both built-in
-    backends can; on a backend that cannot, that detection is off."""
-
-    async def numsub(self, channel: str) -> int: ...
 
 
 class RequestHandler(Protocol):
@@ -82,15 +73,11 @@ class VercelHub:
         (see `Hub.may_declare_lost`: only once this side's connection has been up a while)."""
         return self._hub.may_declare_lost(nobody_since, span)
 
-    async def numsub(self, channel: str) -> int | None:
-        """How many connections are subscribed to `channel`; None if the backend cannot say."""
-        connection = self._hub.connection
-        if not isinstance(connection, CountsSubscribers):
-            return None
-        try:
-            return await connection.numsub(channel)
-        except AttributeError:  # a counting wrapper of a connection that cannot
-            return None
+    @property
+    def lost_bound(self) -> float:
+        """How long requests may reach nobody before a reader gives up without proof that
+        the producer is gone: then it is only unavailable (see `Hub.lost_bound`)."""
+        return self._hub.lost_bound
 
     # Producers
 

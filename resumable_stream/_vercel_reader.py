@@ -66,6 +66,11 @@ class LocalReader:
         self._index: int | None = None  # the next chunk to take, once the offset was reached
         self._closed = False
 
+    @property
+    def attempt(self) -> int:
+        """A compat stream has one attempt."""
+        return 1
+
     def __aiter__(self) -> LocalReader:
         return self
 

@@ -41,6 +41,7 @@ from ._http import (
     resume_cursor,
     send_whole,
 )
+from ._options import check_seconds
 from .http import EventStream, Frames, PreparedResponse, prepare_stop
 
 __all__ = [
@@ -179,7 +180,8 @@ class EventStreamApp:
 
     `context` is the context or a function of the ASGI scope returning it (for a context made
     in the lifespan: `lambda scope: scope["state"]["streams"]`). `make_stream(stream_id, scope)`
-    returns the generator for a new stream; without it the app only resumes. `stream_id(scope)`
+    returns the generator for a new stream; without it the app only follows (with `wait`, a
+    stream not started yet is waited for: see `EventStream`). `stream_id(scope)`
     picks the id (default: the last segment of the path). `authorize(scope, stream_id)` is
     asked before anything is created or read (403 if it says no). Other options are those of
     `EventStreamResponse`.
@@ -196,9 +198,12 @@ class EventStreamApp:
         retry: int | None = None,
         headers: Headers | None = None,
         authorize: Authorize | None = None,
+        wait: float | None = None,
     ) -> None:
         check_options(keepalive, retry)
         check_callables(make_stream=make_stream, stream_id=stream_id, authorize=authorize)
+        if wait is not None:
+            check_seconds("wait", wait, zero=True)
         self._context = context
         self._make_stream = make_stream
         self._stream_id = stream_id or last_path_segment
@@ -208,6 +213,7 @@ class EventStreamApp:
             "retry": retry,
             "headers": check_headers(headers),
             "authorize": authorize,
+            "wait": wait,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -49,6 +49,7 @@ async def stream_response(
     authorize: Authorize | None = None,
     keepalive_frame: bytes = DEFAULT_KEEPALIVE_FRAME,
     id_prefix: str = "",
+    wait: float | None = None,
 ) -> HttpResponseBase:
     """Create or resume `stream_id` for this request: the options of
     `resumable_stream.http.EventStream` (checked before anything else happens)."""
@@ -63,6 +64,7 @@ async def stream_response(
         authorize=authorize,
         keepalive_frame=keepalive_frame,
         id_prefix=id_prefix,
+        wait=wait,
     )
     prepared = await stream.prepare(
         method=request.method or "GET",

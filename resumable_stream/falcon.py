@@ -78,6 +78,7 @@ async def stream_response(
     authorize: Authorize | None = None,
     keepalive_frame: bytes = DEFAULT_KEEPALIVE_FRAME,
     id_prefix: str = "",
+    wait: float | None = None,
 ) -> None:
     """Create or resume `stream_id` for `req`, into `resp`: the options of
     `resumable_stream.http.EventStream` (checked before anything else happens)."""
@@ -92,6 +93,7 @@ async def stream_response(
         authorize=authorize,
         keepalive_frame=keepalive_frame,
         id_prefix=id_prefix,
+        wait=wait,
     )
     prepared = await stream.prepare(
         method=req.method,

@@ -45,6 +45,7 @@ from ._exceptions import (
     StreamFailedError,
     StreamIncompleteError,
     StreamNotCancellableError,
+    StreamRestartedError,
 )
 from ._http import (
     DEFAULT_KEEPALIVE_FRAME,
@@ -60,8 +61,10 @@ from ._http import (
     error_info,
     parse_cursor,
     raw_body,
+    restart_frame,
     sse_body,
 )
+from ._options import check_seconds
 from ._producer import MakeStream
 
 __all__ = [
@@ -131,15 +134,19 @@ class EventStream:
     """An endpoint's response of `stream_id` on `context`, for any framework.
 
     With `make_stream`, the first request for the id produces the stream and later ones follow
-    it; without, it only resumes (204 if there is nothing to resume). A request that carries a
-    cursor only continues a stream, it never starts one. `raw=True` sends the plain text from
-    the cursor instead of SSE, for fetch-based clients that count characters themselves.
-    `keepalive` is the idle time (seconds) after which `keepalive_frame` (a comment) is sent so
-    proxies keep the connection open; `retry` (milliseconds) is sent to `EventSource`s as their
-    reconnection delay. `headers` (a mapping or `(name, value)` pairs) are added to a 200's.
-    `authorize(request, stream_id)` is asked before anything is created or read (403 if it
-    says no). `id_prefix` goes before every event id (and is expected before a cursor). Every
-    argument is checked here (`TypeError`, `ValueError`), never once a request is answered.
+    it; without, it only follows (204 if there is nothing to resume), and with `wait` (seconds)
+    it waits that long for a stream that does not exist yet (a job still queued): 404 if none
+    appeared, 204 for one that finished. A request that carries a cursor only continues a
+    stream, it never starts one; a cursor into an earlier attempt of a stream a writer started
+    again gets an `event: restart` frame whose id starts the new attempt. `raw=True` sends the
+    plain text from the cursor instead of SSE, for fetch-based clients that count characters
+    themselves. `keepalive` is the idle time (seconds) after which `keepalive_frame` (a comment)
+    is sent so proxies keep the connection open; `retry` (milliseconds) is sent to
+    `EventSource`s as their reconnection delay. `headers` (a mapping or `(name, value)` pairs)
+    are added to a 200's. `authorize(request, stream_id)` is asked before anything is created or
+    read (403 if it says no). `id_prefix` goes before every event id (and is expected before a
+    cursor). Every argument is checked here (`TypeError`, `ValueError`), never once a request is
+    answered.
     """
 
     def __init__(
@@ -155,9 +162,11 @@ class EventStream:
         authorize: Authorize | None = None,
         keepalive_frame: bytes = DEFAULT_KEEPALIVE_FRAME,
         id_prefix: str = "",
+        wait: float | None = None,
     ) -> None:
         # Checked here: once the response runs, a bad argument could only be a 500.
         check_options(keepalive, retry)
+        self.wait = None if wait is None else check_seconds("wait", wait, zero=True)
         check_callables(make_stream=make_stream, authorize=authorize)
         self.keepalive_frame = check_frame(keepalive_frame)
         if not isinstance(id_prefix, str) or any(c in id_prefix for c in "\r\n\0"):
@@ -234,12 +243,29 @@ class EventStream:
                     no_content() if state is None else PreparedResponse(200, self.stream_headers())
                 )
             resume_at = None if cursor is None else cursor.offset
+            attempt = None if cursor is None else cursor.attempt
             # A request with a cursor continues a stream it saw; it never starts a new one
             # (that would serve the new stream's text from an offset into the old one).
             if self.make_stream is not None and resume_at is None:
                 stream = await self.context.resumable_stream(stream_id, self.make_stream)
             else:
-                stream = await self.context.resume_existing_stream(stream_id, resume_at)
+                stream = await self.context.resume_existing_stream(
+                    stream_id, resume_at, wait=self.wait, attempt=attempt
+                )
+            # Nothing within `wait`: a stream that never appeared (404), or one that finished.
+            follow_only = self.wait is not None and self.make_stream is None
+            if (
+                follow_only
+                and stream is None
+                and not await self.context.has_existing_stream(stream_id)
+            ):
+                return plain(404, "no such stream")
+        except StreamRestartedError as exc:
+            if self.raw:
+                return plain(409, f"the stream was started again: resume at {exc.attempt}.0")
+            return PreparedResponse(
+                200, [("content-type", _SSE_MEDIA)], restart_frame(exc, self.id_prefix)
+            )
         except (StreamFailedError, StreamCancelledError, ProducerLostError) as exc:
             return self._ended(exc)
         except StreamIncompleteError as exc:
@@ -274,13 +300,15 @@ class EventStream:
 
     def _frames(self, reader: ResumableStream, new_reader: bool) -> Frames:
         head = None
+        # Ids of a later attempt carry it: `2.15` (see `resumable_stream._http.parse_cursor`).
+        prefix = self.id_prefix + p.attempt_prefix(reader.attempt)
         if not self.raw:
             # A new reader's first frame gives it a cursor (an id-only block dispatches
             # nothing), so its reconnect resumes even before the first chunk: a stream that
             # ended meanwhile still sends it everything, and how it ended.
             text = f"retry: {self.retry}\n" if self.retry is not None else ""
             if new_reader:
-                text += f"id: {self.id_prefix}0\n"
+                text += f"id: {prefix}0\n"
             if text:
                 head = f"{text}\n".encode()
         return Frames(reader, self.raw, self.id_prefix, head)
@@ -300,7 +328,8 @@ class Frames:
         self._prefix = id_prefix
         self._head = head
         self._ended = False
-        self._encode = raw_body if raw else functools.partial(sse_body, id_prefix=id_prefix)
+        ids = id_prefix + p.attempt_prefix(reader.attempt)
+        self._encode = raw_body if raw else functools.partial(sse_body, id_prefix=ids)
 
     def ready(self) -> bytes | None:
         """The next frames if they are there now (no await), else None."""
@@ -325,7 +354,7 @@ class Frames:
             self._ended = True
             if self._raw:
                 raise StopAsyncIteration from None  # a raw body just ends
-            return error_frame(exc, self._prefix)
+            return error_frame(exc, self._prefix, reader.attempt)
         # No extra loop turns to let more chunks join this send: a producer wakes its readers
         # once per batch already (a chunk per loop turn comes as one batch), and a follower
         # gets a batch per message; for a model's tokens every turn waited was wasted.

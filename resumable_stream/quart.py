@@ -55,6 +55,7 @@ async def stream_response(
     authorize: Authorize | None = None,
     keepalive_frame: bytes = DEFAULT_KEEPALIVE_FRAME,
     id_prefix: str = "",
+    wait: float | None = None,
 ) -> Response:
     """Create or resume `stream_id` for the current request: the options of
     `resumable_stream.http.EventStream` (checked before anything else happens)."""
@@ -69,6 +70,7 @@ async def stream_response(
         authorize=authorize,
         keepalive_frame=keepalive_frame,
         id_prefix=id_prefix,
+        wait=wait,
     )
     current = _request()
     prepared = await stream.prepare(

@@ -54,6 +54,7 @@ class EventStreamResponse(Response):
         authorize: Authorize | None = None,
         keepalive_frame: bytes = DEFAULT_KEEPALIVE_FRAME,
         id_prefix: str = "",
+        wait: float | None = None,
         background: BackgroundTask | None = None,
     ) -> None:
         self._response = asgi.EventStreamResponse(
@@ -67,6 +68,7 @@ class EventStreamResponse(Response):
             authorize=authorize,
             keepalive_frame=keepalive_frame,
             id_prefix=id_prefix,
+            wait=wait,
         )
         self.status_code = 200
         self.background = background

@@ -28,9 +28,12 @@ def test_public_names_are_pinned() -> None:
         "ResumableStreamError",
         "SlowReaderError",
         "StreamCancelledError",
+        "StreamExistsError",
         "StreamFailedError",
         "StreamIncompleteError",
         "StreamNotCancellableError",
+        "StreamRestartedError",
+        "StreamWriter",
         "create_resumable_stream_context",
         "new_stream_id",
     ]

@@ -78,24 +78,28 @@ async def chunks(n: int) -> AsyncIterator[str]:
 
 
 @pytest.mark.parametrize("n_chunks", [3, 1000])
-async def test_uncontended_stream_costs_five_commands_and_none_per_chunk(
+async def test_uncontended_stream_costs_six_commands_and_none_per_chunk(
     redis_server: RedisServer, admin: redis.asyncio.Redis, n_chunks: int
 ) -> None:
     P, _ = contexts(redis_server.url)
     async with P, Meter(admin) as meter:
         stream = await P.resumable_stream("s", lambda: chunks(n_chunks))
         assert len(await read_chunks(stream)) == n_chunks
-    assert meter.delta == {"incr": 1, "expire": 1, "subscribe": 1, "set": 1, "unsubscribe": 1}
+    # The PUBLISH announces the start, for readers that wait (`wait=`); nobody awaits it.
+    assert meter.delta == {
+        **{"incr": 1, "expire": 1, "subscribe": 1, "publish": 1},
+        **{"set": 1, "unsubscribe": 1},
+    }
 
 
-async def test_explicit_api_costs_four_commands(
+async def test_explicit_api_costs_five_commands(
     redis_server: RedisServer, admin: redis.asyncio.Redis
 ) -> None:
     P, _ = contexts(redis_server.url)
     async with P, Meter(admin) as meter:
         stream = await P.create_new_resumable_stream("s", lambda: chunks(100))
         assert len(await read_chunks(stream)) == 100
-    assert meter.delta == {"subscribe": 1, "set": 2, "unsubscribe": 1}
+    assert meter.delta == {"subscribe": 1, "publish": 1, "set": 2, "unsubscribe": 1}
 
 
 @pytest.mark.parametrize("n_followers", [1, 20])
@@ -274,7 +278,7 @@ async def test_nothing_is_published_while_nobody_follows(
 
 async def test_one_round_trip_before_the_generator_starts() -> None:
     """Only INCR (pipelined with EXPIRE) is awaited before make_stream runs; SUBSCRIBE is sent
-    without waiting for its confirmation."""
+    without waiting for its confirmation, and the start's notice without waiting at all."""
     calls: list[str] = []
     seen_at_start: list[str] = []
 
@@ -293,7 +297,7 @@ async def test_one_round_trip_before_the_generator_starts() -> None:
     async with ctx:
         calls.clear()
         assert await read(await ctx.resumable_stream("s", source)) == "x"
-    assert seen_at_start == ["incr", "subscribe(wait=False)"]
+    assert seen_at_start == ["incr", "subscribe(wait=False)", "notify(not awaited)"]
 
 
 def _recording(backend: rs.MemoryBackend, on_message, calls: list[str]):
@@ -306,6 +310,13 @@ def _recording(backend: rs.MemoryBackend, on_message, calls: list[str]):
             class Proxy:
                 def __getattr__(self, name: str):
                     method = getattr(inner, name)
+                    if name == "notify":  # sent, never awaited
+
+                        def send(*args, **kwargs):
+                            calls.append(name + "(not awaited)")
+                            return method(*args, **kwargs)
+
+                        return send
 
                     async def call(*args, **kwargs):
                         suffix = "(wait=False)" if kwargs.get("wait") is False else ""

@@ -41,6 +41,10 @@ class Tracked:
         self.inner = inner
         self.closed = False
 
+    @property
+    def attempt(self) -> int:
+        return self.inner.attempt
+
     def __aiter__(self) -> Tracked:
         return self
 
@@ -71,11 +75,15 @@ class TrackingContext:
         self.readers.append(Tracked(reader))
         return self.readers[-1]
 
-    async def resumable_stream(self, stream_id: str, make: Any, resume_at: Any = None) -> Any:
-        return self._track(await self.inner.resumable_stream(stream_id, make, resume_at))
+    async def resumable_stream(
+        self, stream_id: str, make: Any, resume_at: Any = None, **options: Any
+    ) -> Any:
+        return self._track(await self.inner.resumable_stream(stream_id, make, resume_at, **options))
 
-    async def resume_existing_stream(self, stream_id: str, resume_at: Any = None) -> Any:
-        return self._track(await self.inner.resume_existing_stream(stream_id, resume_at))
+    async def resume_existing_stream(
+        self, stream_id: str, resume_at: Any = None, **options: Any
+    ) -> Any:
+        return self._track(await self.inner.resume_existing_stream(stream_id, resume_at, **options))
 
     async def has_existing_stream(self, stream_id: str) -> Any:
         return await self.inner.has_existing_stream(stream_id)

@@ -136,10 +136,12 @@ class _RedisConnection:
         self.swap = self._commands.swap
         self.create = self._commands.create
         self.publish = self._commands.publish
+        self.notify = self._commands.notify
+        self.numsub = self._commands.numsub
+        self.restart = self._commands.restart
         self.append = self._commands.append
         self.read = self._commands.read
         self.delete = self._commands.delete
-        self.numsub = self._commands.numsub
 
     @property
     def connected(self) -> bool:

@@ -426,17 +426,6 @@ class Commands:
         )
         return bool(created)
 
-    async def numsub(self, channel: str) -> int:
-        """How many connections are subscribed to the classic channel `channel`."""
-        answer = await self._call(
-            lambda pipe: pipe.execute_command("PUBSUB NUMSUB", channel), key=channel
-        )
-        # RESP2 gives [name, count], RESP3 a map; redis-py may have paired it already.
-        if isinstance(answer, dict):
-            return int(next(iter(answer.values()), 0))
-        flat = [item for pair in answer for item in (pair if isinstance(pair, tuple) else [pair])]
-        return int(flat[1]) if len(flat) > 1 else 0
-
     async def publish(self, channel: str, message: bytes) -> int:
         command = self._publish
         return int(
@@ -444,6 +433,32 @@ class Commands:
                 lambda pipe: pipe.execute_command(command, channel, message), key=channel
             )
         )
+
+    def notify(self, channel: str, message: bytes) -> None:
+        command = self._publish
+        # Queued with the other commands; its answer (or error) is nobody's.
+        self._enqueue(lambda pipe: pipe.execute_command(command, channel, message), key=channel)
+
+    async def numsub(self, channel: str) -> int:
+        command = "PUBSUB SHARDNUMSUB" if self._publish == "SPUBLISH" else "PUBSUB NUMSUB"
+        answer = await self._call(lambda pipe: pipe.execute_command(command, channel), key=channel)
+        # [name, count] flat (RESP2), a map (RESP3), or pairs redis-py made of them.
+        if isinstance(answer, dict):
+            return int(next(iter(answer.values()), 0))
+        flat = [item for pair in answer for item in (pair if isinstance(pair, tuple) else [pair])]
+        return int(flat[1]) if len(flat) > 1 else 0
+
+    async def restart(
+        self, sentinel: str, restarts: str, text: str, expected: str, ttl: int
+    ) -> int | None:
+        answer = await self._call(
+            lambda pipe: pipe.execute_command(
+                "EVAL", _RESTART, 3, sentinel, restarts, text, expected, ttl
+            ),
+            idempotent=False,
+            key=sentinel,
+        )
+        return None if answer is None else int(answer)
 
     # Durable streams: a Redis Stream per stream, entry ids `<offset>-<seq>`.
 
@@ -525,6 +540,21 @@ for i = 7, #ARGV, 3 do
   redis.call(ARGV[3], KEYS[2], ARGV[i])
 end
 return previous
+"""
+
+
+# Starts a stream again if its state is still the one read: the sentinel set running, one more
+# restart counted, the stored text deleted; every key with the TTL. Returns the new attempt, or
+# nothing if the state changed. KEYS: sentinel, restarts, text. ARGV: expected state, ttl.
+_RESTART = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return false
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+local restarts = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[3])
+return restarts + 1
 """
 
 
