@@ -631,3 +631,44 @@ async def test_a_stream_started_while_the_backend_fails_runs_for_its_caller_only
     ) as ctx:
         with pytest.raises(rs.BackendError):
             await ctx.resumable_stream("s", never_called)
+
+
+@pytest.mark.parametrize("flavor", ["memory", "memory-trio"])
+async def test_wait_attempts_and_writers_in_compat_mode() -> None:
+    """`wait=` waits for a stream that starts later (the sentinel is polled: the reference
+    announces no start); a compat stream has one attempt; `ctx.writer` is native only."""
+    backend = rs.MemoryBackend()
+    async with (
+        rs.ResumableStreamContext(backend=backend, compat="vercel") as producer_side,
+        rs.ResumableStreamContext(backend=backend, compat="vercel") as reader_side,
+    ):
+        assert await reader_side.resume_existing_stream("none", wait=0.05) is None
+        source = TestingSource()
+        found: list[rs.ResumableStream | None] = []
+
+        async def wait_for_it() -> None:
+            found.append(await reader_side.resume_existing_stream("s", 2, wait=5))
+
+        async def gets() -> int:
+            return backend.commands["get"]
+
+        async with anyio.create_task_group() as tg:
+            before = backend.commands["get"]
+            tg.start_soon(wait_for_it)
+            await poll_until(gets, before + 2)  # it read the sentinel twice: it waits
+            own = await producer_side.resumable_stream("s", source.make)
+            source.write("abc😀")
+        source.close()
+        assert await read(own) == "abc😀"
+        assert found[0] is not None
+        assert found[0].attempt == 1
+        assert await read(found[0]) == "c😀"
+        tail = await reader_side.resume_existing_stream("s", 1, attempt=1)
+        assert await read(tail) == "bc😀"
+        with pytest.raises(rs.StreamRestartedError) as restarted:
+            await reader_side.resume_existing_stream("s", 1, attempt=2)
+        assert restarted.value.attempt == 1
+        with pytest.raises(ValueError, match="attempt"):
+            await reader_side.resumable_stream("s", never_called, 1, attempt=0)
+        with pytest.raises(ValueError, match="compat"):
+            reader_side.writer("w")
