@@ -53,10 +53,10 @@ from ._vercel_hub import VercelHub
 from ._vercel_wire import (
     DONE_MESSAGE,
     Outcome,
-    cut16,
     drop_unit,
     encode_request,
     running,
+    skip16,
     utf16_len,
 )
 
@@ -337,12 +337,7 @@ class VercelFollower:
 
     def _take(self, text: str) -> None:
         if self._trim:
-            units = utf16_len(text)
-            if units <= self._trim:
-                self._trim -= units
-                return
-            text = cut16(text, self._trim)
-            self._trim = 0
+            text, self._trim = skip16(text, self._trim)
         if not text:
             return
         self._asks = 0

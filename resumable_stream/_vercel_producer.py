@@ -38,10 +38,9 @@ from ._vercel_wire import (
     DONE_VALUE,
     Outcome,
     Request,
-    cut16,
     messages,
+    skip16,
     slice_start,
-    utf16_len,
     well_formed,
 )
 
@@ -363,14 +362,9 @@ class VercelProducer:
         if listener.skip:
             kept = []
             for chunk in new:
-                if listener.skip:
-                    units = utf16_len(chunk)
-                    if units <= listener.skip:
-                        listener.skip -= units
-                        continue
-                    chunk = cut16(chunk, listener.skip)
-                    listener.skip = 0
-                kept.append(chunk)
+                chunk, listener.skip = skip16(chunk, listener.skip)
+                if chunk:
+                    kept.append(chunk)
             new = kept
         if len(new) == 1:
             return list(messages(new[0], limit))

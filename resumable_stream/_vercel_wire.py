@@ -47,6 +47,7 @@ __all__ = [
     "messages",
     "parse_request",
     "running",
+    "skip16",
     "slice_start",
     "utf16_len",
     "validate_stream_id",
@@ -157,6 +158,17 @@ def cut16(text: str, units: int) -> str:
     if len(data) >= 2 and 0xDC <= data[1] <= 0xDF:
         data = b"\xfd\xff" + data[2:]
     return data.decode("utf-16-le", "surrogatepass")
+
+
+def skip16(text: str, units: int) -> tuple[str, int]:
+    """`text` without its first `units` UTF-16 units (`cut16`), and how many units are still
+    to be skipped after it: what drops an offset's worth of a run of texts."""
+    if units <= 0:
+        return text, 0
+    length = utf16_len(text)
+    if length <= units:
+        return "", units - length
+    return cut16(text, units), 0
 
 
 def drop_unit(text: str) -> str:

@@ -485,6 +485,10 @@ def test_utf16_helpers() -> None:
     assert wire.utf16_len("héllo") == 5
     assert [wire.cut16(text, n) for n in range(9)] == [slice16(text, n) for n in range(9)]
     assert wire.cut16(text, 2) == "\ufffdb😀c"
+    assert wire.skip16("a😀b", 2) == ("\ufffdb", 0)
+    assert wire.skip16("a😀b", 4) == ("", 0)
+    assert wire.skip16("a😀b", 6) == ("", 2)
+    assert wire.skip16("ab", 0) == ("ab", 0)
     assert wire.drop_unit("😀x") == "\ufffdx"
     assert wire.drop_unit("éx") == "x"
     assert wire.well_formed("x\ud83dy\udc00") == "x\ufffdy\ufffd"

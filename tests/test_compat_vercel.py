@@ -631,12 +631,7 @@ async def test_our_reader_asks_again_after_its_subscriber_reconnects(
         node_context(node_interop, REFERENCES[0], redis_server.url, prefix) as node,
     ):
         with anyio.fail_after(STEP):
-            produced = await node.produce(stream_id)
-            await node.write(produced["source"], *PARTS[:HEAD])
-            await node.read(produced["handle"], length=units16("".join(PARTS[:HEAD])))
-            follower = await py.resume_existing_stream(stream_id, INSIDE_PAIR)
-            assert follower is not None
-            got = "".join(str(item) for item, _ in await follower.next_batch())
+            produced, follower, got = await follow_node_stream(node, py, stream_id)
             client = redis.asyncio.Redis.from_url(redis_server.url)
             try:
                 await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
@@ -665,14 +660,7 @@ async def test_text_lost_in_an_outage_is_asked_for_again(
         node_context(node_interop, REFERENCES[0], redis_server.url, prefix) as node,
     ):
         with anyio.fail_after(STEP):
-            produced = await node.produce(stream_id)
-            await node.write(produced["source"], *PARTS[:HEAD])
-            head = "".join(PARTS[:HEAD])
-            await node.read(produced["handle"], length=units16(head))
-            follower = await py.resume_existing_stream(stream_id, INSIDE_PAIR)
-            assert follower is not None
-            got = "".join(str(item) for item, _ in await follower.next_batch())
-            assert got == slice16(head, INSIDE_PAIR)
+            produced, follower, got = await follow_node_stream(node, py, stream_id)
             lossy.dropping = True
             await node.write(produced["source"], PARTS[HEAD])
             while not lossy.dropped:
@@ -682,6 +670,22 @@ async def test_text_lost_in_an_outage_is_asked_for_again(
             await node.close(produced["source"])
             got += await read_all(follower)
             assert got == slice16(FULL, INSIDE_PAIR)
+
+
+async def follow_node_stream(
+    node: NodeContext, py: rs.ResumableStreamContext, stream_id: str
+) -> tuple[dict[str, Any], rs.ResumableStream, str]:
+    """A Node producer of `stream_id` that wrote the first chunks, and our reader of it from
+    inside a pair, with what it read of them."""
+    produced = await node.produce(stream_id)
+    await node.write(produced["source"], *PARTS[:HEAD])
+    head = "".join(PARTS[:HEAD])
+    await node.read(produced["handle"], length=units16(head))
+    follower = await py.resume_existing_stream(stream_id, INSIDE_PAIR)
+    assert follower is not None
+    got = "".join(str(item) for item, _ in await follower.next_batch())
+    assert got == slice16(head, INSIDE_PAIR)
+    return produced, follower, got
 
 
 class Lossy:
