@@ -14,6 +14,7 @@ from ._exceptions import (
     StreamExistsError,
     StreamFailedError,
     StreamIncompleteError,
+    StreamNotCancellableError,
     StreamRestartedError,
 )
 from ._protocol import new_stream_id
@@ -40,6 +41,7 @@ __all__ = [
     "StreamExistsError",
     "StreamFailedError",
     "StreamIncompleteError",
+    "StreamNotCancellableError",
     "StreamRestartedError",
     "StreamWriter",
     "create_resumable_stream_context",

@@ -27,10 +27,11 @@ from ._exceptions import (
 )
 from ._follower import Follower
 from ._hub import Hub
-from ._options import Settings, check_seconds
+from ._options import Settings, check_make_stream, check_resume_at, check_seconds
 from ._producer import MakeStream, Producer
 from ._reader import ProducerReader, ResumableStream
 from ._telemetry import Resume, make_telemetry
+from ._vercel import Compat, VercelProducer, VercelStreams, check_compat
 from ._writer import StreamWriter
 
 if TYPE_CHECKING:
@@ -46,11 +47,15 @@ __all__ = [
 logger = logging.getLogger("resumable_stream")
 
 _DEFAULTS = Settings()
+_NO_BRACES = str.maketrans("{}", "()")
 # How long leaving the context waits for its stopped producers' cleanup (each of its steps is
 # bounded by 15 s).
 _CLOSE_TIMEOUT = 40.0
 # Compare-and-set tries of a restart whose sentinel readers keep counting themselves into.
 _RESTART_TRIES = 5
+
+# What the context runs: a producer of this library's protocol, or of the reference's.
+_Hosted = Producer | VercelProducer
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,11 @@ class ResumableStreamContext:
     metrics and spans (see the README's table) through `meter_provider` and `tracer_provider`,
     by default the global ones; `trace_stream_ids=False` keeps stream ids out of span
     attributes. Without the API, nothing of it is imported or run.
+
+    With `compat="vercel"`, every stream of the context speaks the wire protocol of npm
+    `resumable-stream` 2.x under `key_prefix` (its `keyPrefix`), so that a Next.js app on that
+    package and this one share streams on one Redis; offsets then count UTF-16 code units
+    (see the README's "Next.js and Python on one Redis").
     """
 
     def __init__(
@@ -120,7 +130,9 @@ class ResumableStreamContext:
         meter_provider: Any = None,
         tracer_provider: Any = None,
         trace_stream_ids: bool = True,
+        compat: Compat | None = None,
     ) -> None:
+        compat = check_compat(compat)
         if not isinstance(key_prefix, str) or not key_prefix:
             raise ValueError("key_prefix must be a non-empty str")
         if on_backend_error not in ("degrade", "raise"):
@@ -146,11 +158,18 @@ class ResumableStreamContext:
             telemetry, meter_provider, tracer_provider, trace_stream_ids
         )
         self._backend = backend
-        self._hub = Hub(self._settings, p.Keys(key_prefix), self._telemetry)
+        # A compat context uses none of this protocol's names; the reference allows braces in
+        # its prefix, which these names cannot take (they would be unused anyway).
+        native_prefix = key_prefix if compat is None else key_prefix.translate(_NO_BRACES)
+        self._hub = Hub(self._settings, p.Keys(native_prefix), self._telemetry)
         self._degrade = on_backend_error == "degrade"
+        # compat="vercel": every public call goes to the reference protocol's streams.
+        self._compat: VercelStreams | None = None
+        if compat is not None:
+            self._compat = VercelStreams(self._hub, key_prefix, self._launch, self._degrade)
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
-        self._running: set[Producer] = set()  # producers whose generator has not ended
+        self._running: set[_Hosted] = set()  # producers whose generator has not ended
         self._running_changed = Signal()
         self._local: dict[str, Producer] = {}  # the running producers, by stream id
         self._lingering = 0  # finished producers still answering late resumes
@@ -162,24 +181,33 @@ class ResumableStreamContext:
         # their tasks (the loop holds its tasks weakly). A dict used as an ordered set: they
         # are stopped in the order they started, the same on every run.
         self._native = False
-        self._hosted: dict[Producer, None] = {}
+        self._hosted: dict[_Hosted, None] = {}
 
     def __repr__(self) -> str:
         return f"<ResumableStreamContext backend={self._backend!r}>"
+
+    @property
+    def compat(self) -> Compat | None:
+        """The other library whose wire protocol this context speaks ("vercel"), or None."""
+        return None if self._compat is None else "vercel"
 
     async def __aenter__(self) -> ResumableStreamContext:
         if self._stack is not None:
             raise RuntimeError("this context is already open")
         async with AsyncExitStack() as stack:
             hub = self._hub
+            compat = self._compat
+            dispatch = hub.dispatch if compat is None else compat.dispatch
             connection = await stack.enter_async_context(
-                self._backend.connect(hub.dispatch, self._reconnected)
+                self._backend.connect(dispatch, self._reconnected)
             )
             self._connection = connection
+            if compat is not None:
+                compat.opened(connection)  # before the task group, which would wrap its error
             if self._telemetry.enabled:
                 connection = CountedConnection(connection, self._telemetry.command)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
-            await self._hub.open(connection, self._tg)
+            await self._hub.open(connection, self._tg, inbox=compat is None)
             if self._telemetry.enabled:
                 self._tg.start_soon(self._telemetry.run, name="resumable_stream telemetry")
             try:
@@ -212,6 +240,8 @@ class ResumableStreamContext:
             self._tg.cancel_scope.cancel()
             for follower in self._hub.followers():
                 follower.fail(ResumableStreamError("the stream context was closed"))
+            if self._compat is not None:
+                self._compat.close()
             # What cancelling the task group does to the producers it runs, for those that run
             # in tasks of their own: stop them, end their linger, wait for their cleanup.
             await self._close_hosted()
@@ -232,13 +262,16 @@ class ResumableStreamContext:
         self._last_reconnect = time.time()
         self._telemetry.reconnect()
         self._hub.resync()
+        if self._compat is not None:
+            self._compat.resync()
 
     def stats(self) -> ContextStats:
         """A snapshot of this context (no backend command): for a health endpoint."""
         connection = self._connection
         return ContextStats(
             producers=len(self._running),
-            followers=self._hub.follower_count(),
+            followers=self._hub.follower_count()
+            + (0 if self._compat is None else self._compat.follower_count()),
             lingering=self._lingering,
             backend_connected=connection is not None and getattr(connection, "connected", True),
             reconnects=self._reconnects,
@@ -261,6 +294,8 @@ class ResumableStreamContext:
         there (None if there is none left). `attempt` is the attempt the offset was read from
         (`stream.attempt`; the first by default): see `resume_existing_stream`.
         """
+        if self._compat is not None:
+            return await self._compat.resumable_stream(stream_id, make_stream, resume_at, attempt)
         stream_id, offset = _validate(stream_id, make_stream, resume_at)
         expected = _expected_attempt(resume_at, attempt)
         local = self._local_reader(stream_id, offset, expected)
@@ -295,6 +330,8 @@ class ResumableStreamContext:
 
         Raises `ResumableStreamError` if a stream with this id is still running.
         """
+        if self._compat is not None:
+            return await self._compat.create_new_resumable_stream(stream_id, make_stream, resume_at)
         stream_id, offset = _validate(stream_id, make_stream, resume_at)
         hub = self._hub
         key = hub.keys.sentinel(stream_id)
@@ -323,8 +360,10 @@ class ResumableStreamContext:
         started again since (`ctx.writer(..., restart=True)`), a reader with an offset gets
         `StreamRestartedError`, never the new attempt's text from that offset.
         """
+        if self._compat is not None:
+            return await self._compat.resume_existing_stream(stream_id, resume_at, wait, attempt)
         stream_id = p.validate_stream_id(stream_id)
-        offset = _validate_resume_at(resume_at)
+        offset = check_resume_at(resume_at)
         expected = _expected_attempt(resume_at, attempt)
         if wait is not None:
             wait = check_seconds("wait", wait, zero=True)
@@ -357,7 +396,11 @@ class ResumableStreamContext:
         `StreamRestartedError`. One that ended done, or whose writer is alive, is still
         `StreamExistsError`. A backend error raises `BackendError` (a writer has no reader of
         its own to degrade for).
+
+        Not with `compat="vercel"` (the reference has no writer of its own; `ValueError`).
         """
+        if self._compat is not None:
+            raise ValueError("ctx.writer is not available with compat='vercel'")
         stream_id = p.validate_stream_id(stream_id)
         if not isinstance(restart, bool):
             raise ValueError(f"restart must be True or False, got {restart!r}")
@@ -443,7 +486,12 @@ class ResumableStreamContext:
         """Stop a stream from any process: its generator is cancelled and every reader ends
         with `StreamCancelledError`. A stream about to start is prevented; one that already
         ended is left as it is. Idempotent.
+
+        In compat mode a stream that a Node producer runs cannot be stopped: it raises
+        `StreamNotCancellableError`.
         """
+        if self._compat is not None:
+            return await self._compat.cancel_stream(stream_id)
         stream_id = p.validate_stream_id(stream_id)
         producer = self._local.get(stream_id)
         if producer is not None:
@@ -473,6 +521,8 @@ class ResumableStreamContext:
 
     async def has_existing_stream(self, stream_id: str) -> Literal[True, "DONE"] | None:
         """None if there is no such stream, "DONE" if it finished, else True."""
+        if self._compat is not None:
+            return await self._compat.has_existing_stream(stream_id)
         stream_id = p.validate_stream_id(stream_id)
         state = await self._hub.state(stream_id)
         if state is None:
@@ -483,12 +533,16 @@ class ResumableStreamContext:
         """Make `name` point to `stream_id`, from any process, for as long as a stream's keys
         live (`ttl`): how an endpoint that knows a chat, not its current stream, finds it
         again (`resumable_stream.ai_sdk`). A later call replaces the pointer."""
+        if self._compat is not None:
+            return await self._compat.set_alias(name, stream_id)
         name = p.validate_stream_id(name)
         stream_id = p.validate_stream_id(stream_id)
         await self._hub.connection.set(self._hub.keys.alias(name), stream_id, self._settings.ttl)
 
     async def resolve_alias(self, name: str) -> str | None:
         """The stream id `name` points to (`set_alias`), or None if it points nowhere."""
+        if self._compat is not None:
+            return await self._compat.resolve_alias(name)
         name = p.validate_stream_id(name)
         return await self._hub.connection.get(self._hub.keys.alias(name))
 
@@ -504,13 +558,21 @@ class ResumableStreamContext:
         if self._tg is None:
             raise RuntimeError("the context is not open: use `async with ctx:` first")
         producer = Producer(self._hub, stream_id, make_stream, offline, attempt)
-        self._running.add(producer)
         if not offline:
             self._local[stream_id] = producer
-        name = f"resumable_stream producer {stream_id!r}"
+        self._launch(producer)
+        return producer
+
+    def _launch(self, producer: _Hosted) -> None:
+        """Run `producer` in this context: it outlives the call that started it, and leaving
+        the context drains, then stops it."""
+        if self._tg is None:
+            raise RuntimeError("the context is not open: use `async with ctx:` first")
+        self._running.add(producer)
+        name = f"resumable_stream producer {producer.stream_id!r}"
         if not self._native:
             self._tg.start_soon(self._run, producer, name=name)
-            return producer
+            return
         # A task of the loop's own, not of the task group: an anyio task costs 3.4 KiB more
         # (its handle, cancel scope and events), which was a third of a live stream's memory.
         # The context still owns it: leaving the context stops it and waits for it
@@ -520,9 +582,8 @@ class ResumableStreamContext:
         coroutine = self._run(producer)
         producer.run_in(asyncio.get_running_loop().create_task(coroutine, name=name))
         self._hosted[producer] = None
-        return producer
 
-    def _over(self, producer: Producer) -> None:
+    def _over(self, producer: _Hosted) -> None:
         """A producer is over, lingering included."""
         self._lingering -= 1
         if producer in self._hosted:  # it ran in a task of the loop's own
@@ -541,12 +602,12 @@ class ResumableStreamContext:
         if self._hosted:
             logger.warning("%d producers were still cleaning up", len(self._hosted))
 
-    def _run(self, producer: Producer) -> Coroutine[Any, Any, None]:
+    def _run(self, producer: _Hosted) -> Coroutine[Any, Any, None]:
         # The producer's own coroutine, with no frame of ours around it (an idle stream's
         # memory): it calls `_ended` once its generator ended, lingers, then calls `_over`.
         return producer.run(self._ended, self._over)
 
-    def _ended(self, producer: Producer) -> None:
+    def _ended(self, producer: _Hosted) -> None:
         self._running.discard(producer)
         if self._local.get(producer.stream_id) is producer:
             del self._local[producer.stream_id]
@@ -680,20 +741,8 @@ def _raise_if_failed(stream_id: str, state: str | None) -> None:
 
 
 def _validate(stream_id: object, make_stream: object, resume_at: object) -> tuple[str, int]:
-    if not callable(make_stream):
-        raise ValueError("make_stream must be a callable returning an async iterable of str")
-    return p.validate_stream_id(stream_id), _validate_resume_at(resume_at)
-
-
-def _validate_resume_at(resume_at: object) -> int:
-    """The public API's offset: None (the start) or an int >= 0."""
-    if resume_at is None:
-        return 0
-    if isinstance(resume_at, bool) or not isinstance(resume_at, int):
-        raise ValueError(f"resume_at must be an int or None, not {type(resume_at).__name__}")
-    if resume_at < 0:
-        raise ValueError(f"resume_at must be >= 0, got {resume_at}")
-    return resume_at
+    check_make_stream(make_stream)
+    return p.validate_stream_id(stream_id), check_resume_at(resume_at)
 
 
 def create_resumable_stream_context(

@@ -8,6 +8,8 @@ derives from one base class:
     ├── StreamRestartedError       a newer attempt replaced the stream a cursor was taken from
     ├── StreamFailedError          the producer's generator raised
     ├── StreamCancelledError       the stream was stopped before it finished
+    ├── StreamNotCancellableError  cancel_stream: its producer cannot be stopped (a Node
+    │                              producer, in compat mode)
     ├── StreamIncompleteError      the stream ended but some of its text never arrived
     │   └── ProducerConflictError  two producers wrote under one id (the backend lost its state)
     ├── SlowReaderError            a reader fell too far behind and was ended
@@ -40,6 +42,7 @@ __all__ = [
     "StreamExistsError",
     "StreamFailedError",
     "StreamIncompleteError",
+    "StreamNotCancellableError",
     "StreamRestartedError",
 ]
 
@@ -75,6 +78,12 @@ class StreamFailedError(ResumableStreamError):
 
 class StreamCancelledError(ResumableStreamError):
     """Raised by a reader when the stream was stopped before its generator finished."""
+
+
+class StreamNotCancellableError(ResumableStreamError):
+    """Raised by `cancel_stream` in compat mode (`compat="vercel"`) when the stream runs but its
+    producer cannot be stopped: the npm `resumable-stream` package has no cancellation, so a
+    stream that a Node producer runs goes on to its end."""
 
 
 class StreamIncompleteError(ResumableStreamError):

@@ -77,9 +77,11 @@ class Hub:
         # fast_acquire: an uncontended lock costs no loop turn (every resume takes it).
         self._live_lock = anyio.Lock(fast_acquire=True)
 
-    async def open(self, connection: Connection, tg: TaskGroup) -> None:
+    async def open(self, connection: Connection, tg: TaskGroup, *, inbox: bool = True) -> None:
+        """Start serving on `connection`; without `inbox` (a compat context, whose streams
+        never use this protocol's names), nothing is subscribed."""
         self._connection, self._tg = connection, tg
-        if not connection.sharded:
+        if inbox and not connection.sharded:
             # Replies to every follower of this context come to one channel, subscribed for
             # the context's life: a resume then subscribes to one channel, not two.
             await connection.subscribe(self._inbox)

@@ -30,6 +30,22 @@ def check_optional_seconds(name: str, value: object) -> float | None:
     return None if value is None else check_seconds(name, value)
 
 
+def check_make_stream(make_stream: object) -> None:
+    if not callable(make_stream):
+        raise ValueError("make_stream must be a callable returning an async iterable of str")
+
+
+def check_resume_at(resume_at: object) -> int:
+    """The public API's offset: None (the start) or an int >= 0."""
+    if resume_at is None:
+        return 0
+    if isinstance(resume_at, bool) or not isinstance(resume_at, int):
+        raise ValueError(f"resume_at must be an int or None, not {type(resume_at).__name__}")
+    if resume_at < 0:
+        raise ValueError(f"resume_at must be >= 0, got {resume_at}")
+    return resume_at
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """A context's options, shared by every producer and follower it runs."""

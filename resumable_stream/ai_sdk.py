@@ -231,6 +231,13 @@ class ChatStreams:
     ) -> None:
         check_options(keepalive, None)
         check_callables(authorize=authorize)
+        if context.compat is not None:
+            # Each chunk is one JSON message, and the reference's protocol keeps no chunk
+            # boundaries (a follower may get several chunks as one message).
+            raise ValueError(
+                "ChatStreams needs a context of this library's own protocol, not "
+                f"compat={context.compat!r}"
+            )
         self.context = context
         self.authorize = authorize
         self.keepalive = keepalive

@@ -44,6 +44,7 @@ from ._exceptions import (
     StreamCancelledError,
     StreamFailedError,
     StreamIncompleteError,
+    StreamNotCancellableError,
     StreamRestartedError,
 )
 from ._http import (
@@ -533,8 +534,9 @@ async def prepare_stop(
 
     204 once the stop reached the producer (or was recorded, for a stream not started yet);
     405 unless `method` is POST or DELETE; 400 for a malformed id; 403 if `authorize(request,
-    stream_id)` says no; 503 if the store is unavailable. A client that disconnects from a
-    stream stops nothing; this does.
+    stream_id)` says no; 409 in compat mode for a stream a Node producer runs (it cannot be
+    stopped); 503 if the store is unavailable. A client that disconnects from a stream stops
+    nothing; this does.
     """
     check_callables(authorize=authorize)
     if method not in ("POST", "DELETE"):
@@ -547,6 +549,9 @@ async def prepare_stop(
         return plain(403, "not allowed")
     try:
         await context.cancel_stream(stream_id)
+    except StreamNotCancellableError:
+        # Compat mode: its producer (a Node one) has no cancellation; it runs to its end.
+        return plain(409, "this stream's producer cannot be stopped; it runs to its end")
     except BackendError as exc:
         logger.warning(
             "could not stop stream %r: %s", stream_id, exc, extra={"stream_id": stream_id}

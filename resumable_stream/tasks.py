@@ -200,6 +200,17 @@ def _task_id(headers: RequestHeaders, pairs: list[tuple[str, str]]) -> str:
     return p.new_stream_id()
 
 
+def _native(context: ResumableStreamContext) -> ResumableStreamContext:
+    """`context`, which must speak this library's own protocol: a task's outcome is a named
+    event, and the names do not cross the reference's protocol (`compat`)."""
+    if context.compat is not None:
+        raise ValueError(
+            f"task endpoints need a context of this library's own protocol, not "
+            f"compat={context.compat!r}"
+        )
+    return context
+
+
 class TaskEndpoint(_Tasks):
     """A task endpoint for any framework (see module docs): `await endpoint.prepare(...)` with
     the request's method, headers, query and body decides the answer, as `TaskApp` does.
@@ -225,7 +236,7 @@ class TaskEndpoint(_Tasks):
             max_input_size=max_input_size,
             authorize=authorize,
         )
-        self.context = context
+        self.context = _native(context)
 
     async def prepare(
         self,
@@ -268,7 +279,7 @@ class TaskApp:
         max_input_size: int = 1 << 20,
         authorize: Authorize | None = None,
     ) -> None:
-        self._context = context
+        self._context = _native(context) if isinstance(context, ResumableStreamContext) else context
         self._tasks = _Tasks(
             fn,
             wait_interval=wait_interval,
@@ -300,6 +311,6 @@ class TaskApp:
             await send_whole(decided, send)
             return
         task_id, make = decided
-        context = context_of(self._context, scope)
+        context = _native(context_of(self._context, scope))
         response = EventStreamResponse(context, task_id, make, **self._tasks._options(task_id))
         await response(scope, receive, send)

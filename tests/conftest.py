@@ -127,21 +127,38 @@ def pytest_report_header() -> str:
 AI_SDK_CLIENT = Path(__file__).parent / "ai_sdk_client"
 
 
-@pytest.fixture(scope="session")
-def ai_sdk_client() -> Path:
-    """The folder of the AI SDK client tests' npm package (the real `ai`, pinned by its
-    package-lock.json), installed once per session with `npm ci`."""
+def npm_ci(folder: Path, tests: str) -> Path:
+    """`folder`'s npm packages, pinned by its package-lock.json, installed with `npm ci`; the
+    `tests` that need them are skipped without Node.js (or fail, if all is required)."""
     npm, node = shutil.which("npm"), shutil.which("node")
     if npm is None or node is None:
-        missing("the AI SDK client tests need Node.js and npm (apt-get install nodejs npm)")
+        missing(f"{tests} need Node.js and npm (apt-get install nodejs npm)")
     subprocess.run(
         [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=AI_SDK_CLIENT,
+        cwd=folder,
         check=True,
         stdout=subprocess.DEVNULL,
         timeout=300,
     )
-    return AI_SDK_CLIENT
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ai_sdk_client() -> Path:
+    """The folder of the AI SDK client tests' npm package (the real `ai`, pinned by its
+    package-lock.json), installed once per session with `npm ci`."""
+    return npm_ci(AI_SDK_CLIENT, "the AI SDK client tests")
+
+
+NODE_INTEROP = Path(__file__).parent / "node_interop"
+
+
+@pytest.fixture(scope="session")
+def node_interop() -> Path:
+    """The folder of the reference package's versions (npm `resumable-stream` 2.x, and both
+    Redis clients it supports) that the compat tests drive in Node, pinned by its
+    package-lock.json and installed once per session with `npm ci`."""
+    return npm_ci(NODE_INTEROP, "the compat tests")
 
 
 @pytest.fixture(params=FLAVORS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -119,3 +119,49 @@ class Filtered:
                 on_message(channel, data)
 
         return self.inner.connect(filtered, on_reconnect)
+
+
+# compat="vercel": the reference's offsets, and a lost DONE message
+
+
+def units16(text: str) -> int:
+    """The length of `text` in UTF-16 code units (JavaScript's `length`)."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def slice16(text: str, start: int) -> str:
+    """JavaScript's `text.slice(start)` as the reference's clients send it: a lone low half of
+    a pair (a start inside it) arrives as U+FFFD. Written apart from the library's own."""
+    data = text.encode("utf-16-le", "surrogatepass")[2 * start :]
+    if len(data) >= 2 and 0xDC <= data[1] <= 0xDF:
+        data = b"\xfd\xff" + data[2:]
+    return data.decode("utf-16-le", "surrogatepass")
+
+
+DONE_MESSAGE = "\n\n\nDONE_SENTINEL_hasdfasudfyge374%$%^$EDSATRTYFtydryrte\n"  # the reference's
+
+
+class DroppingDone:
+    """A backend whose connections never deliver the reference's DONE message (they say it
+    reached somebody): a message lost on the way."""
+
+    def __init__(self, backend: rs.Backend) -> None:
+        self._backend = backend
+
+    @asynccontextmanager
+    async def connect(self, on_message: Any, on_reconnect: Any = None) -> AsyncIterator[Any]:
+        async with self._backend.connect(on_message, on_reconnect) as connection:
+            yield _DroppingDone(connection)
+
+
+class _DroppingDone:
+    def __init__(self, connection: rs.Connection) -> None:
+        self._connection = connection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        if message == DONE_MESSAGE.encode():
+            return 1
+        return await self._connection.publish(channel, message)

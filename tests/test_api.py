@@ -31,6 +31,7 @@ def test_public_names_are_pinned() -> None:
         "StreamExistsError",
         "StreamFailedError",
         "StreamIncompleteError",
+        "StreamNotCancellableError",
         "StreamRestartedError",
         "StreamWriter",
         "create_resumable_stream_context",

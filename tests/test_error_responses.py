@@ -59,6 +59,8 @@ CASES: list[tuple[rs.ResumableStreamError, str | None, int, object]] = [
     (rs.BackendError("x"), None, 503, 503),
     (rs.SlowReaderError("x"), None, 503, "frame"),
     (rs.ResumableStreamError("x"), None, 503, "frame"),
+    # Raised by cancel_stream only (compat mode): were a stream's open to raise it, as any.
+    (rs.StreamNotCancellableError("x"), None, 503, "frame"),
 ]
 IDS = [type(case[0]).__name__ for case in CASES]
 
