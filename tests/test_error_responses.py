@@ -61,6 +61,10 @@ CASES: list[tuple[rs.ResumableStreamError, str | None, int, object]] = [
     (rs.ResumableStreamError("x"), None, 503, "frame"),
     # Raised by cancel_stream only (compat mode): were a stream's open to raise it, as any.
     (rs.StreamNotCancellableError("x"), None, 503, "frame"),
+    # Raised by a writer only: were a stream's open to raise it, as any.
+    (rs.StreamExistsError("x"), None, 503, "frame"),
+    # A cursor into an earlier attempt: a frame that restarts the reader at the new one.
+    (rs.StreamRestartedError("x", 3), "restart", 409, "frame"),
 ]
 IDS = [type(case[0]).__name__ for case in CASES]
 
@@ -93,6 +97,9 @@ async def test_sse_and_raw(
     )
     if code is None:
         assert sse.status_code == 503
+    elif code == "restart":
+        assert sse.status_code == 200
+        assert sse.text == 'event: restart\nid: 3.0\ndata: {"attempt": 3}\n\n'
     else:
         assert sse.status_code == 200
         assert sse.text.startswith("event: error\nid: end\n")
