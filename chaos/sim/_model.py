@@ -62,7 +62,8 @@ False claims (each a violation of its own kind)
   call, its process alive and open, no `cancel_stream` of that id had started and nobody had
   written LOST into its sentinel.
 - `false-incomplete`: `StreamIncompleteError` (not a conflict) although no key of the stream
-  was evicted, expired or lost in a restart, no candidate's process died or closed, and either
+  was evicted, expired or lost in a restart, no candidate's process died or closed, no
+  candidate ended before the claim with `linger` 0 (its text went with its end), and either
   a candidate's producer still had the text at the claim (running, or within its `linger`
   after its end: it could have been asked again), or nothing could have lost a message on the
   way (no fault in the call's window on the reader's or a candidate's process: an outage of
@@ -346,6 +347,14 @@ class _Checker:
         call = record.plan
         if self.keys_lost(call.stream, at) or any(self.gone(i.proc, at) for i in candidates):
             return  # the stored text, or the producer's memory, is gone
+        if any(
+            self.proc(i.proc).plan.context.linger == 0 and self.ended_at(i) < at
+            for i in candidates
+        ):
+            # Without `linger` the text goes with the end: a follower that needs the producer
+            # after it (its live subscription took effect only after the end was published,
+            # or it was paging through a replay) has nobody left to ask.
+            return
         holding = [i for i in candidates if self.holds_text(i, at)]
         if not holding:
             procs = {call.proc, *(i.proc for i in candidates)}
