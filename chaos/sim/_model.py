@@ -46,8 +46,9 @@ False claims (each a violation of its own kind)
   whose reply was lost, a "ghost", before the claim); and neither its process's connections
   (down or restoring) nor the server (stalled, restarting) had an outage longer than two thirds
   of the reader's `liveness_timeout` (heartbeats come every third of it, so such an outage is a
-  silence of the whole timeout to a follower, as a death is) overlapping [call start - (resume_timeout + liveness_timeout),
-  claim]. A slow link is not an outage (Redis still answers, only later), unless a round trip
+  silence of the whole timeout to a follower, as a death is) overlapping
+  [call start - (resume_timeout + liveness_timeout), claim]. A slow link is not an outage
+  (Redis still answers, only later), unless a round trip
   on it (twice its added delay) takes the reader's `liveness_timeout` or more: a producer that
   is starting (or subscribing again) on it is not subscribed before a reader must give up, as
   if it were dead.
