@@ -467,8 +467,9 @@ class Producer:
                     await hub.connection.create(key, "1", ttl)
                 elif found == p.LOST:
                     # Somebody who could not reach this producer (it was on the other side of
-                    # the failover) took it for dead; it is not.
-                    await hub.connection.set(key, "1", ttl)
+                    # the failover) took it for dead; it is not. Compare-and-set: its own end,
+                    # written meanwhile, is not to be turned back into a running stream.
+                    await hub.connection.replace(key, p.sentinel_value(p.LOST), "1", ttl)
                 elif found == p.CANCELLED:
                     self.stop()  # a stop that could not reach this producer meanwhile
             if self._store is not None:

@@ -63,6 +63,10 @@ class KeyTimeline:
             expiry = new_expiry
         return expiry <= end
 
+    def written_before(self, end: float) -> bool:
+        """Whether the key was written (it existed) at some moment before `end`."""
+        return any(at <= end and expiry >= 0 for at, expiry in self.ops)
+
     def lost_before(self, end: float) -> bool:
         """Whether the key existed and then was lost (expired, evicted, restarted) before `end`."""
         expiry = -1.0

@@ -72,6 +72,8 @@ False claims (each a violation of its own kind)
   its connections, a failed, lost or late command; nor on the server: stall, restart).
 - `false-conflict`: `ProducerConflictError` with fewer than two instances (not offline) of the
   stream elected or started before the claim.
+- `false-exists`: `StreamExistsError` (a writer's) although no run of the stream was elected
+  before the claim and its sentinel was never written.
 - `false-restarted`: `StreamRestartedError` although the stream was never started again (a
   finished or cancelled one replaced as its next attempt) before the claim.
 - `false-slow`: `SlowReaderError` with no candidate whose text past o exceeds `max_backlog`.
@@ -333,12 +335,19 @@ class _Checker:
                 self.add("false-conflict", f"{said}, but only one producer ever ran", record)
         elif error == "StreamIncompleteError":
             self.check_incomplete(record, said, at, candidates)
+        elif error == "StreamExistsError":
+            # A writer's: the id was taken already (by any run: a reader's `resumable_stream`
+            # elects a producer too), or its sentinel was written (a stop before the start).
+            timeline = self.ledger.keys.get(KEYS.sentinel(stream))
+            runs = [i for i in self.instances(stream) if min(i.elected_at, i.started_at) <= at]
+            if not runs and (timeline is None or not timeline.written_before(at)):
+                self.add("false-exists", f"{said}, but nothing ever had that id", record)
         elif error == "StreamRestartedError":
             # A reader whose cursor is into an earlier run of the id, after a later one was
             # started (create_new_resumable_stream replacing a finished stream, a writer's
             # restart): it must be told, never given the new run's text from its offset.
-            sentinel = KEYS.sentinel(stream)
-            if not any(key == sentinel and t <= at + _EPS for t, key in self.ledger.restarts):
+            key_name = KEYS.sentinel(stream)
+            if not any(key == key_name and t <= at + _EPS for t, key in self.ledger.restarts):
                 self.add("false-restarted", f"{said}, but it was never started again", record)
         elif error == "SlowReaderError":
             offset = call.resume_at or 0
