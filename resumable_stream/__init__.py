@@ -19,9 +19,8 @@ from ._exceptions import (
 )
 from ._protocol import new_stream_id
 from ._reader import ResumableStream
+from ._version import __version__ as __version__
 from ._writer import StreamWriter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Backend",
