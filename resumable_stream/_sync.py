@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from ._backend import Backend
 from ._buffer import Entry
@@ -52,6 +53,9 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+# The most chunks a writer's loop appends before letting the loop's other tasks run.
+_BATCH = 1024
 
 # The contexts of this process, for the fork handler.
 _CONTEXTS: weakref.WeakSet[SyncResumableStreamContext] = weakref.WeakSet()
@@ -410,6 +414,7 @@ class SyncStreamWriter:
         "_end",
         "_entered",
         "_holder",
+        "_open",
         "_pending",
         "_runner",
         "_scheduled",
@@ -428,6 +433,8 @@ class SyncStreamWriter:
         # How the block ends: ("close",), ("fail", message) or ("exit", its exception).
         self._end: tuple[Any, ...] | None = None
         self._entered = False
+        # Entered, and neither ended nor stopped (as far as this side knows): `write`'s check.
+        self._open = False
         self._holder: concurrent.futures.Future[None] | None = None
         self._cancel_error: StreamCancelledError | None = None
 
@@ -456,6 +463,7 @@ class SyncStreamWriter:
             if not started.done():
                 self._holder.cancel()
             raise
+        self._open = True
         return self
 
     def __exit__(
@@ -475,7 +483,7 @@ class SyncStreamWriter:
         """Append `chunk` to the stream (an empty `str` adds nothing); never waits. Raises
         `StreamCancelledError` once the stream was stopped, `ResumableStreamError` once the
         writer ended it, `ValueError` for a chunk that is neither a `str` nor an `Event`."""
-        if self._end is not None or self._writer.cancelled or self._holder is None:
+        if not self._open:
             self._refuse()
         if type(chunk) is str:
             if not chunk:
@@ -518,6 +526,7 @@ class SyncStreamWriter:
         holder = self._holder
         if holder is None:
             raise RuntimeError("use the writer as `with ctx.writer(stream_id) as w:`")
+        self._open = False
         if self._end is None:
             self._end = end
             self._runner.call_soon(self._woken)
@@ -529,6 +538,15 @@ class SyncStreamWriter:
         self._scheduled = False
         if self._wake is not None:
             self._wake.set()
+
+    async def _append(self, pending: collections.deque[str | Event]) -> None:
+        """Append what `write` queued, in batches, letting the loop's other tasks run between
+        them (a writer's thread may keep the queue full)."""
+        writer = self._writer
+        while pending:
+            batch = [pending.popleft() for _ in range(min(len(pending), _BATCH))]
+            writer.write_many(batch)
+            await anyio.lowlevel.checkpoint()
 
     async def _hold(self, started: concurrent.futures.Future[None]) -> None:
         """The task that holds the async writer for the block's life: enters it, appends the
@@ -548,14 +566,10 @@ class SyncStreamWriter:
         pending = self._pending
         try:
             while True:
-                while pending:
-                    await writer.write(pending.popleft())
                 end = self._end
+                await self._append(pending)
                 if end is not None:
-                    # Set after the block's last write: what it queued is all there now.
-                    while pending:
-                        await writer.write(pending.popleft())
-                    break
+                    break  # set after the block's last write: what it queued is all there
                 await wake.wait()
                 wake.clear()
             if end[0] == "close":
@@ -566,6 +580,7 @@ class SyncStreamWriter:
                 error = block_error = end[1]
         except BaseException as exc:  # a stop (the writer's scope), or the loop shutting down
             error = exc
+        self._open = False  # what the block writes from now on is refused
         pending.clear()
         tb = None if error is None else error.__traceback__
         swallowed = await writer.__aexit__(None if error is None else type(error), error, tb)
