@@ -42,10 +42,15 @@ from resumable_stream.starlette import EventStreamResponse
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
 TOKEN_DELAY = float(os.environ.get("JOBS_TOKEN_DELAY", "0.05"))
+JOB_TIMEOUT = 300  # seconds (arq's default); arq runs a job again this long + 10 s after its
+# worker died
 STREAM_OPTIONS: dict[str, Any] = {
     "key_prefix": "jobs",
     "durable": True,  # readers never depend on the worker's process to get what it wrote
     "liveness_timeout": float(os.environ.get("JOBS_LIVENESS_TIMEOUT", "3")),
+    # A dead worker's stream keeps its id (and its attempt) until arq runs its job again, so
+    # that the new run's stream is the next attempt, not a new stream.
+    "lost_ttl": JOB_TIMEOUT + 10 + 60,
 }
 WAIT = 30.0  # how long a reader waits for a queued job to start
 
@@ -114,6 +119,7 @@ class WorkerSettings:
     on_startup = startup
     on_shutdown = shutdown
     redis_settings = RedisSettings.from_dsn(REDIS_URL)
+    job_timeout = JOB_TIMEOUT
     max_tries = 4
 
 

@@ -53,6 +53,9 @@ STREAM_OPTIONS: dict[str, Any] = {
     "key_prefix": "jobs",
     "durable": True,  # readers never depend on the worker's process to get what it wrote
     "liveness_timeout": float(os.environ.get("JOBS_LIVENESS_TIMEOUT", "3")),
+    # A dead worker's stream keeps its id (and its attempt) until its job is redelivered, so
+    # that the redelivered job's stream is the next attempt, not a new stream.
+    "lost_ttl": REDELIVER_AFTER + 60,
 }
 WAIT = 30.0  # how long a reader waits for a queued job to start
 
