@@ -134,6 +134,7 @@ class _RedisConnection:
         self.ttl = self._commands.ttl
         self.set = self._commands.set
         self.swap = self._commands.swap
+        self.replace = self._commands.replace
         self.create = self._commands.create
         self.publish = self._commands.publish
         self.notify = self._commands.notify
