@@ -266,6 +266,29 @@ def test_a_fast_writer_hands_over_batches_and_a_reader_takes_batches(pair: Pair)
     assert batches < count / 100
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_the_async_writers_write_many_appends_a_batch(anyio_backend: str) -> None:
+    """What the sync writer's loop calls: a batch at once, with `write`'s checks."""
+    async with rs.create_resumable_stream_context(backend=rs.MemoryBackend()) as ctx:
+        async with ctx.writer("batch") as w:
+            reader = await ctx.resume_existing_stream("batch", resume_at=0)
+            assert reader is not None
+            w.write_many(["a", "", rs.Event("b", event="named"), "c"])
+            with pytest.raises(ValueError, match="str or Event"):
+                w.write_many(["d", 42])  # type: ignore[list-item]
+            w.write_many([])
+        batch = await reader.next_batch()
+        assert batch == [("a", 1), (rs.Event("b", event="named"), 2), ("c", 3), ("d", 4)]
+        with pytest.raises(rs.ResumableStreamError, match="has ended it"):
+            w.write_many(["late"])
+        async with ctx.writer("stopped") as w:
+            await ctx.cancel_stream("stopped")
+            with pytest.raises(rs.StreamCancelledError):
+                w.write_many(["after the stop"])
+        assert w.cancelled
+
+
 def test_misuse_is_refused() -> None:
     with rs.create_sync_context(backend=rs.MemoryBackend()) as ctx:
         w = ctx.writer("x")
