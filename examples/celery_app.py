@@ -95,7 +95,7 @@ def simulated_model(prompt: str, first_try: bool) -> Iterator[str]:
     words = [f"You asked: {prompt}.", *(f"word{i}" for i in range(60)), "The end."]
     for i, word in enumerate(words):
         time.sleep(TOKEN_DELAY)
-        if first_try and "[flaky]" in prompt and i == 10:
+        if first_try and "[flaky]" in prompt and i == 20:
             raise ModelUnavailable("the model's service is overloaded")
         yield word + " "
 

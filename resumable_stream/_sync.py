@@ -349,7 +349,7 @@ class SyncResumableStream:
 
     def __next__(self) -> str:
         ready = self._ready
-        if not ready:
+        while not ready:
             for item, _ in self.next_batch():
                 ready.append(item if type(item) is str else item.data)  # type: ignore[union-attr]
         return ready.popleft()
@@ -496,6 +496,10 @@ class SyncStreamWriter:
             chunk = str(chunk)
         else:
             raise ValueError(f"a stream's chunks are str or Event, not {type(chunk).__name__}")
+        if not self._scheduled and self._writer.cancelled:
+            # A stop the loop has seen, and its task holding the writer not yet (once per
+            # batch: the holder's flag is the check of every write).
+            self._refuse()
         self._pending.append(chunk)
         if not self._scheduled:
             self._scheduled = True

@@ -440,8 +440,11 @@ async def test_a_killed_worker_is_lost_to_readers_and_its_redelivered_job_restar
                     await _read_into(stream, chunks)
                 lost_at.append(anyio.current_time())
             # Every word the worker wrote, then the loss, within the liveness timeout.
+            # Within the liveness timeout, as it was until main's 5638a01; since then a durable
+            # stream's followers take a resume's silence more (resume_timeout, 2 s): pinned by
+            # tests/test_issue23_findings.py, a strict xfail until that is fixed.
             for at in lost_at:
-                assert at - killed_at < LIVENESS + 1.0, at - killed_at
+                assert at - killed_at < LIVENESS + 2.0 + 1.0, at - killed_at
             stored = await ctx.resume_existing_stream(job_id, resume_at=0)
             assert stored is not None
             stored_chunks: list[str] = []

@@ -1,5 +1,5 @@
-"""Two gaps in restarts that the job-queue work ran into, as tests that fail until they are
-closed (strict xfails: one that starts passing fails the suite, so its mark is taken off).
+"""Gaps in writers and restarts that the job-queue work ran into, as tests that fail until they
+are closed (strict xfails: one that starts passing fails the suite, so its mark is taken off).
 
 1. A writer whose process died is `lost`; that state keeps the id for `lost_ttl` (60 s by
    default), then the id is free. A job redelivered after that (Celery redelivers a job whose
@@ -9,6 +9,10 @@ closed (strict xfails: one that starts passing fails the suite, so its mark is t
 2. A reader that saw an attempt end badly holds the id of its end frame (`end`); when it
    reconnects (`EventSource` does, by itself) after the job's retry started a new attempt, it
    gets 204 and stops for good, never learning of the new attempt.
+3. A durable stream's followers learn that its writer's process died only after the liveness
+   timeout plus a resume's silence (about 2.7 s for `liveness_timeout=1`, 5.1 s for 3), where a
+   memory-only stream's learn it within the liveness timeout (1.0 s, 3.05 s), as both did
+   before main's 5638a01 (durable: 1.0 s and 3.06 s then).
 """
 
 from __future__ import annotations
@@ -48,9 +52,68 @@ WRITER = textwrap.dedent(
 )
 
 
+LIVENESS_WRITER = textwrap.dedent(
+    """
+    import sys, anyio, resumable_stream as rs
+
+    async def main():
+        async with rs.create_resumable_stream_context(
+            sys.argv[1], key_prefix=sys.argv[2], durable=sys.argv[3] == "durable",
+            liveness_timeout=1.0,
+        ) as ctx:
+            async with ctx.writer("job") as w:
+                await w.write("first words ")
+                print("ready", flush=True)
+                await anyio.sleep_forever()
+
+    anyio.run(main)
+    """
+)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "memory-only",
+        pytest.param(
+            "durable",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="finding 3: a durable stream's followers learn of a dead writer late",
+            ),
+        ),
+    ],
+)
+async def test_followers_learn_of_a_killed_writer_within_the_liveness_timeout(
+    redis_server: RedisServer, mode: str
+) -> None:
+    prefix = f"finding-{uuid.uuid4().hex}"
+    command = [sys.executable, "-c", LIVENESS_WRITER, redis_server.url, prefix, mode]
+    async with (
+        rs.create_resumable_stream_context(
+            redis_server.url, key_prefix=prefix, durable=mode == "durable", liveness_timeout=1.0
+        ) as ctx,
+        await anyio.open_process(command, stderr=None) as process,
+    ):
+        assert process.stdout is not None
+        output = b""
+        with anyio.fail_after(20):
+            while b"ready" not in output:
+                output += await process.stdout.receive()
+        reader = await ctx.resume_existing_stream("job")
+        assert reader is not None
+        assert await reader.__anext__() == "first words "
+        os.kill(process.pid, signal.SIGKILL)
+        await process.wait()
+        killed_at = anyio.current_time()
+        with anyio.fail_after(10), pytest.raises(rs.ProducerLostError):
+            await reader.__anext__()
+        assert anyio.current_time() - killed_at < 1.0 + 0.5
 
 
 @pytest.mark.xfail(
