@@ -25,6 +25,7 @@ Defect 1 of issue 22 (not fixed yet on this base) shows as `false-none` in seeds
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import subprocess
@@ -38,6 +39,7 @@ from typing import Any
 import pytest
 
 from chaos.sim._batch import run_many
+from chaos.sim._plan import make_plan
 from chaos.sim._run import run_seed
 from resumable_stream import StreamIncompleteError
 from resumable_stream._follower import Follower
@@ -69,6 +71,33 @@ def test_the_ci_batch_violates_nothing() -> None:
         f"{len(failing)} seeds violate the model (replay one with "
         "`python -m chaos.sim replay SEED -v`):\n" + "\n".join(failing)
     )
+
+
+# The seeds that found defects, fixed since (each also acted out exactly, on every backend, in
+# `test_chaos_findings.py` or `test_chaos_regressions.py`), with a digest of the plan each
+# makes: a change to the plans (`chaos/sim/_plan.py`) gives them other workloads, and this test
+# says so, rather than replaying something else under their names.
+REGRESSION_SEEDS = {
+    3234: (
+        "23d9379bd4efa206",
+        "a durable follower the producer never answered declared it dead after a short silence",
+    ),
+    3847: ("49338934141358a8", "a stream replaced by create_new_resumable_stream: restart"),
+    5021: ("7d562528330933f4", "a cursor into a replaced stream answered None"),
+    5609: ("d6e907fa4c28f5da", "a producer's short outage taken for a death"),
+    6478: ("757d52502f5ad586", "requests held by a stalled Redis counted as reaching nobody"),
+    7089: ("3b7d3967c145d523", "LOST written over an end written meanwhile"),
+    9013: ("fb9b0e02f0de3885", "the end held aside while a recovery asked nobody"),
+}
+
+
+@pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
+def test_the_seeds_that_found_defects_run_clean(seed: int) -> None:
+    digest, defect = REGRESSION_SEEDS[seed]
+    plan = hashlib.sha256(repr(make_plan(seed)).encode()).hexdigest()[:16]
+    assert plan == digest, f"seed {seed} makes another plan now: find its defect's seed again"
+    violations = [v.line() for v in run_seed(seed).violations]
+    assert not violations, f"seed {seed} ({defect}):\n" + "\n".join(violations)
 
 
 # Determinism
