@@ -306,8 +306,18 @@ def test_a_context_used_before_it_is_opened_opens_itself() -> None:
         with ctx.writer("lazy") as w:
             w.write("opened on first use")
         assert ctx.has_existing_stream("lazy") == "DONE"
+        assert ctx.stats().backend_connected
     finally:
         ctx.close()
+
+
+def test_the_options_go_to_the_async_context_compat_included() -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        rs.create_sync_context(backend=rs.MemoryBackend(), ttl=0)
+    with rs.create_sync_context(backend=rs.MemoryBackend(), compat="vercel") as ctx:
+        with pytest.raises(ValueError, match="compat"):
+            ctx.writer("x")
+        assert ctx.resume_existing_stream("x", wait=0.05) is None
 
 
 # Forked processes
