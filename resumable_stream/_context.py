@@ -30,7 +30,8 @@ from ._hub import Hub
 from ._options import Settings, check_make_stream, check_resume_at, check_seconds
 from ._producer import MakeStream, Producer
 from ._reader import ProducerReader, ResumableStream
-from ._telemetry import Resume, make_telemetry
+from ._telemetry import Resume
+from ._telemetry_setup import make_telemetry
 from ._vercel import Compat, VercelProducer, VercelStreams, check_compat
 from ._writer import StreamWriter
 
