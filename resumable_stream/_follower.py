@@ -94,6 +94,7 @@ class Follower:
         # Durable streams: the text is read from the backend's log, a page at a time as the
         # reader takes it, and the producer is asked only for what the log lost.
         self._durable = hub.settings.durable
+        self._announced = False  # the producer was told a durable reader is here (`Follow`)
         self._store_pending = False  # the log may hold text from the position on, not read yet
         self._store_useless = False  # it did not hold what was missing: ask the producer
         self._after_store: ResumableStreamError | None = None  # raised once the log is read
@@ -122,6 +123,7 @@ class Follower:
         try:
             # What is written from now on is also published to us (before the log is read).
             await (await hub.follow(self))
+            self._announce()
             self._awaiting = True  # live batches wait until the log is read
             self._store_pending = True
             found: list[str | None] = []
@@ -311,6 +313,8 @@ class Follower:
                     return state
                 elif hub.may_declare_lost(nobody_since, hub.lost_after):
                     assert sentinel is not None
+                    if await self._send(request):
+                        return await self._answer(request, after_end)  # back just now
                     if not await hub.record_lost(self.stream_id, sentinel):
                         continue  # it changed meanwhile (ended, say): read it again
                     raise ProducerLostError(
@@ -430,10 +434,10 @@ class Follower:
                 # time at least, before the producer counts as gone.
                 nobody_since = now
                 deadline = max(deadline, now + hub.settings.heartbeat)
-                if not self.acked.is_set():
-                    # The producer never answered this follower (a durable stream's, which
-                    # reads the log): it sent no heartbeats to it, so silence says nothing;
-                    # only requests that reach nobody for as long as a resume's would do.
+                if not (self.acked.is_set() or self._announced):
+                    # The producer never heard of this follower: it sent no heartbeats to it,
+                    # so silence says nothing; only requests that reach nobody for as long as
+                    # a resume's would do.
                     deadline = max(deadline, now + hub.lost_after)
                 bound = max(deadline, now + hub.lost_bound)
             if now >= deadline and hub.may_declare_lost(nobody_since, deadline - nobody_since):
@@ -473,6 +477,9 @@ class Follower:
                     )
                 )
                 return False
+            if await self._send(request):  # back just now: the state read took a while
+                self._progress = anyio.current_time()
+                return True
             # Compare-and-set: never over an end written meanwhile; a reader's INCR may change
             # a running sentinel's count meanwhile, so it is read again a few times.
             for _ in range(_RECORD_TRIES):
@@ -528,7 +535,23 @@ class Follower:
     def resync(self) -> None:
         """Messages may have been lost (the subscriber reconnected): ask from the position."""
         if not (self._detached or self.ended.is_set()):
+            if self._durable:
+                self._announce()  # its heartbeats may have stopped, reaching nobody meanwhile
             self._recover_soon()
+
+    def _announce(self) -> None:
+        """Tell a durable stream's producer that this follower reads the log (it asks the
+        producer nothing): it heartbeats its followers while idle, so that silence means
+        what it means to any follower. In the background: nobody waits for it."""
+        self._hub.spawn(self.stream_id, self._announcing)
+
+    async def _announcing(self) -> None:
+        channel = self._hub.keys.request(self.stream_id)
+        try:
+            # Only a notice that reached the producer makes its silence count for a death.
+            self._announced = bool(await self._hub.connection.publish(channel, p.Follow().pack()))
+        except BackendError:
+            self._announced = False
 
     def _recover_soon(self) -> None:
         """Ask again, in the background: after a gap, or for the next window of a replay.

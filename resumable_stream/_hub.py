@@ -39,6 +39,8 @@ class RequestHandler(Protocol):
 
     def on_request(self, request: p.Request) -> None: ...
 
+    def on_follow(self) -> None: ...
+
     def stop(self) -> None: ...
 
     def resync(self) -> None: ...
@@ -313,6 +315,10 @@ class Hub:
             producer = self._producers.get(channel)
             if producer is not None:
                 producer.stop()
+        elif type(message) is p.Follow:
+            producer = self._producers.get(channel)
+            if producer is not None:
+                producer.on_follow()
         elif type(message) is p.Replay or (type(message) is p.End and message.listener):
             follower = self._listeners.get(message.listener)  # type: ignore[arg-type]
             if follower is not None:
