@@ -322,3 +322,56 @@ async def test_a_follower_takes_an_end_that_came_while_it_recorded_its_producer_
             assert await read(follower) == "world"
             assert await read(own) == "hello world"
     assert not silent[0]  # it did try to record the producer dead
+
+
+# A durable producer writes its end even when it ends past its keys' first TTL (seed 72531: a
+# stalled Redis did not answer its end's write; the retries gave up at start + TTL, though its
+# later writes had given the keys their TTL again, and a late write made them again, running:
+# a stream that failed was taken, by its readers, for one whose producer died).
+
+
+async def test_a_durable_end_that_failed_once_is_written_after_the_first_ttl(
+    workers: Workers,
+) -> None:
+    refused: list[str] = []
+
+    async def append(command: Any, *args: Any) -> Any:
+        state = args[-1]
+        if state is not None and not refused:
+            refused.append(state)  # the end's write: no reply in time (Redis stalled)
+            raise rs.BackendError("append: no reply in time")
+        return await command(*args)
+
+    source = TestingSource()
+    options: dict[str, Any] = dict(
+        durable=True, ttl=1, linger=0, flush_interval=0, liveness_timeout=0.3, resume_timeout=0.3
+    )
+    faulty = Faulty(workers.backends[0], append=append)
+    async with workers.context(backend=faulty, **options) as P:
+        own = await P.resumable_stream("s", source.make)
+        source.write("first ")
+        assert await read(own, 1) == "first "
+        await anyio.sleep(1.2)  # the workload: a stream that runs longer than its keys' TTL
+        source.write("second")
+        assert await read(own, 1) == "second"  # stored: the keys live for a TTL from now
+        source.fail(RuntimeError("the model failed"))
+        with pytest.raises(rs.StreamFailedError):
+            await read(own)
+        assert len(refused) == 1  # its first write of the end got no answer
+        async with workers.context(1, **options) as C:
+            with anyio.fail_after(10):
+                reader = await C.resume_existing_stream("s", resume_at=0)
+                assert reader is not None
+                text, error = await read_to_error(reader)
+                assert text == "first second"
+                assert isinstance(error, rs.StreamFailedError), error  # not ProducerLostError
+
+
+async def read_to_error(stream: rs.ResumableStream) -> tuple[str, BaseException | None]:
+    text = ""
+    try:
+        async for chunk in stream:
+            text += chunk
+    except rs.ResumableStreamError as exc:
+        return text, exc
+    return text, None

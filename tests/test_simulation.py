@@ -89,6 +89,7 @@ REGRESSION_SEEDS = {
     32126: "an end that came while the follower recorded a live producer dead",
     44196: "an end that came while the follower recorded a live producer dead",
     50188: "a cursor's reader read running after LOST, its producer back: None",
+    72531: "a durable end given up at start + TTL, a late write making the keys again",
 }
 
 
