@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -471,9 +472,20 @@ class ResumableStreamContext:
         keys = self._hub.keys
         connection = self._hub.connection
         ttl = self._settings.ttl
-        if restart and await connection.get(keys.restarts(stream_id)) is not None:
-            restarts = await connection.incr(keys.restarts(stream_id), ttl)
-            return self._start_producer(stream_id, None, attempt=1 + (restarts or 0))
+        if restart:
+            try:
+                if await connection.get(keys.restarts(stream_id)) is not None:
+                    restarts = await connection.incr(keys.restarts(stream_id), ttl)
+                    return self._start_producer(stream_id, None, attempt=1 + (restarts or 0))
+            except BaseException:  # a backend error, or the job cancelled meanwhile
+                # Elected, and never started: nobody writes this stream. Recorded at once (if
+                # nobody counted in meanwhile), so that its readers and the job's next retry
+                # need not wait a liveness timeout to learn it.
+                # Bounded by the backend's deadlines. If it fails, readers find the stream dead
+                # a liveness timeout later.
+                with anyio.CancelScope(shield=True), contextlib.suppress(BackendError):
+                    await self._hub.record_lost(stream_id, "1")
+                raise
         producer = self._start_producer(stream_id, None)
         # Not awaited: the writer starts at once (a retry would come long after this).
         self._hub.spawn(stream_id, _mark_first_attempt, connection, keys.restarts(stream_id), ttl)
@@ -748,6 +760,10 @@ class ResumableStreamContext:
                     raise _restarted(stream_id, current)
         elif state is None:
             state = await self._hub.state(stream_id)
+            if state == p.RUNNING:
+                # It runs again since its INCR found it ended: a LOST its producer, back from
+                # an outage, took back (or its next attempt). Not "nothing to resume".
+                return await self._follow(stream_id, offset, None, resume)
         resume.answered("finished")
         _raise_if_failed(stream_id, state)
         return None

@@ -22,7 +22,15 @@ from resumable_stream._options import Settings
 from resumable_stream._protocol import Keys
 
 from .conftest import Workers
-from .helpers import Faulty, Filtered, TestingSource, poll_until, read, read_entries
+from .helpers import (
+    Faulty,
+    Filtered,
+    TestingSource,
+    never_called,
+    poll_until,
+    read,
+    read_entries,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -375,3 +383,66 @@ async def read_to_error(stream: rs.ResumableStream) -> tuple[str, BaseException 
     except rs.ResumableStreamError as exc:
         return text, exc
     return text, None
+
+
+# A retried job's writer that won its election and failed before it started records its
+# stream dead at once (seed 103807: its count of attempts could not be read; the stream was
+# left running with nobody writing it, and its readers learned only a liveness timeout later).
+
+
+async def test_a_writer_that_failed_after_its_election_records_its_stream_lost(
+    workers: Workers,
+) -> None:
+    restarts = workers.keys.restarts("job")
+    await workers.write(restarts, "0")  # the job ran before: its retry counts as attempt 2
+
+    async def get(command: Any, key: str) -> Any:
+        if key == restarts:
+            raise rs.BackendError("get: no reply in time")
+        return await command(key)
+
+    options: dict[str, Any] = dict(liveness_timeout=30.0, resume_timeout=30.0)
+    async with workers.context(backend=Faulty(workers.backends[0], get=get), **options) as W:
+        with pytest.raises(rs.BackendError):
+            async with W.writer("job", restart=True):
+                pytest.fail("the writer started")
+    async with workers.context(1, **options) as C:
+        with anyio.fail_after(5):  # not after a liveness timeout (30 s)
+            with pytest.raises(rs.ProducerLostError):
+                await C.resume_existing_stream("job")
+            # The job's next retry starts at once, as the next attempt.
+            async with C.writer("job", restart=True) as w:
+                assert w.attempt == 2
+                await w.write("done")
+
+
+# A reader whose election found its stream ended, and then found it running, follows it (seed
+# 105076: its INCR met a LOST that the producer, back from an outage, took back right after;
+# it answered None, "nothing to resume", for a running stream).
+
+
+async def test_a_reader_that_found_its_stream_ended_then_running_follows_it(
+    workers: Workers,
+) -> None:
+    sentinel = workers.keys.sentinel("s")
+    met_lost: list[str] = []
+
+    async def incr(command: Any, key: str, ttl: int) -> Any:
+        if key == sentinel and not met_lost:
+            met_lost.append(key)
+            return None  # what INCR answers on LOST (not a number): an ended stream
+        return await command(key, ttl)
+
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("hello ")
+    async with workers.context(backend=Faulty(workers.backends[1], incr=incr)) as C:
+        with anyio.fail_after(10):
+            follower = await C.resumable_stream("s", never_called)
+            assert follower is not None
+            assert await read(follower, 1) == "hello "
+            source.write("world")
+            source.close()
+            assert await read(follower) == "world"
+    assert await read(own) == "hello world"
+    assert met_lost
