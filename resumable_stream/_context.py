@@ -585,7 +585,8 @@ class ResumableStreamContext:
 
         With `newer_than` and `wait` (seconds), waits that long for an attempt newer than
         `newer_than` to start (a job's retry, after a reader saw its attempt fail): one
-        subscription, as `resume_existing_stream(wait=)`, and no polling.
+        subscription, as `resume_existing_stream(wait=)`, and no polling. An attempt that was
+        stopped (`cancel_stream`) or ended well is not waited on: nothing retries it.
         """
         stream_id = p.validate_stream_id(stream_id)
         if newer_than is not None:
@@ -594,6 +595,12 @@ class ResumableStreamContext:
             wait = check_seconds("wait", wait, zero=True)
         attempt = await self._current_attempt(stream_id)
         if newer_than is None or not wait or (attempt is not None and attempt > newer_than):
+            return attempt
+        if (
+            self._compat is None
+            and attempt == newer_than
+            and await self._hub.state(stream_id) in (p.DONE, p.CANCELLED)
+        ):
             return attempt
         hub = self._hub
         waiter = _StartWaiter(stream_id)
