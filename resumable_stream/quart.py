@@ -1,6 +1,6 @@
 """Quart views that stream, stop and run resumable streams, as `resumable_stream.http` decides.
 
-The context lives while the app serves::
+The context lives while the app serves:
 
     app = Quart(__name__)
     streams = create_resumable_stream_context()  # REDIS_URL, else in memory
