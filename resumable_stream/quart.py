@@ -39,7 +39,7 @@ __all__ = ["response_of", "stop_response", "stream_response", "task_response"]
 
 def _request() -> Request:
     """The current request itself, not Quart's proxy of it (what `authorize` keeps)."""
-    current: Request = request._get_current_object()  # type: ignore[attr-defined]
+    current: Request = request._get_current_object()  # type: ignore[attr-defined, unused-ignore]
     return current
 
 

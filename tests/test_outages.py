@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -128,7 +129,7 @@ async def test_a_resume_during_a_subscriber_blip_waits_for_the_reconnection() ->
     server = start_redis_server()
     admin = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
     try:
-        options = {"key_prefix": "blip"}
+        options: dict[str, Any] = {"key_prefix": "blip"}
         async with rs.create_resumable_stream_context(server.url, **options) as producer:
             source = TestingSource()
             own = await producer.resumable_stream("s", source.make)
