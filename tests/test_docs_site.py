@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import http.server
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -14,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 
@@ -173,3 +176,34 @@ async def test_the_diagrams_render_with_no_network(
         assert participant in drawn, participant
     assert not errors, errors
     assert not external, external
+
+
+def test_the_charts_are_drawn_from_the_recorded_results(tmp_path: Path) -> None:
+    """benchmarks/charts.py draws every chart the Benchmarks page shows from the results files,
+    and the page shows every chart it draws."""
+    charts = _charts_module()
+    assert charts.main(["--out", str(tmp_path)]) == 0
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    for chart in charts.CHARTS:
+        svg = (tmp_path / f"{chart.name}.svg").read_text()
+        ElementTree.fromstring(svg)  # a whole SVG document
+        assert f"(assets/charts/{chart.name}.svg)" in page, chart.name
+        assert (ROOT / "docs" / "assets" / "charts" / f"{chart.name}.svg").is_file(), chart.name
+    # The figures are the recorded ones: the Node comparison's ratios, say.
+    versus = (tmp_path / "versus-node.svg").read_text()
+    data = json.loads((ROOT / "benchmarks" / "results" / "compare.json").read_text())
+    for figure, ratio in charts.versus_node(data):
+        assert f"{ratio:.2f}x" in versus, figure
+
+
+def _charts_module() -> Any:
+    spec = importlib.util.spec_from_file_location("charts", ROOT / "benchmarks" / "charts.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["charts"] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["charts"]
+    return module
