@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -498,9 +499,20 @@ class ResumableStreamContext:
         keys = self._hub.keys
         connection = self._hub.connection
         ttl = self._settings.ttl
-        if restart and await connection.get(keys.restarts(stream_id)) is not None:
-            restarts = await connection.incr(keys.restarts(stream_id), ttl)
-            return self._start_producer(stream_id, None, attempt=1 + (restarts or 0))
+        if restart:
+            try:
+                if await connection.get(keys.restarts(stream_id)) is not None:
+                    restarts = await connection.incr(keys.restarts(stream_id), ttl)
+                    return self._start_producer(stream_id, None, attempt=1 + (restarts or 0))
+            except BaseException:  # a backend error, or the job cancelled meanwhile
+                # Elected, and never started: nobody writes this stream. Recorded at once (if
+                # nobody counted in meanwhile), so that its readers and the job's next retry
+                # need not wait a liveness timeout to learn it.
+                # Bounded by the backend's deadlines. If it fails, readers find the stream dead
+                # a liveness timeout later.
+                with anyio.CancelScope(shield=True), contextlib.suppress(BackendError):
+                    await self._hub.record_lost(stream_id, "1")
+                raise
         producer = self._start_producer(stream_id, None)
         # Not awaited: the writer starts at once (a retry would come long after this).
         self._hub.spawn(stream_id, _mark_first_attempt, connection, keys.restarts(stream_id), ttl)
@@ -600,7 +612,8 @@ class ResumableStreamContext:
 
         With `newer_than` and `wait` (seconds), waits that long for an attempt newer than
         `newer_than` to start (a job's retry, after a reader saw its attempt fail): one
-        subscription, as `resume_existing_stream(wait=)`, and no polling.
+        subscription, as `resume_existing_stream(wait=)`, and no polling. An attempt that was
+        stopped (`cancel_stream`) or ended well is not waited on: nothing retries it.
         """
         stream_id = p.validate_stream_id(stream_id)
         if newer_than is not None:
@@ -609,6 +622,12 @@ class ResumableStreamContext:
             wait = check_seconds("wait", wait, zero=True)
         attempt = await self._current_attempt(stream_id)
         if newer_than is None or not wait or (attempt is not None and attempt > newer_than):
+            return attempt
+        if (
+            self._compat is None
+            and attempt == newer_than
+            and await self._hub.state(stream_id) in (p.DONE, p.CANCELLED)
+        ):
             return attempt
         hub = self._hub
         waiter = _StartWaiter(stream_id)
@@ -775,6 +794,10 @@ class ResumableStreamContext:
                     raise _restarted(stream_id, current)
         elif state is None:
             state = await self._hub.state(stream_id)
+            if state == p.RUNNING:
+                # It runs again since its INCR found it ended: a LOST its producer, back from
+                # an outage, took back (or its next attempt). Not "nothing to resume".
+                return await self._follow(stream_id, offset, None, resume)
         resume.answered("finished")
         _raise_if_failed(stream_id, state)
         return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import anyio
@@ -291,14 +291,20 @@ class Follower:
                 state = p.stream_state(sentinel)
                 if after_end:
                     if state == p.RUNNING:
-                        # A new stream under this id: its text is not this reader's.
                         attempt = await hub.attempt(self.stream_id)
                         if self._attempt is not None and attempt != self._attempt:
+                            # A new attempt under this id: its text is not this reader's.
                             self._restart(attempt)
                             assert self.restarted is not None
                             raise self.restarted
-                        await self.aclose()
-                        return None
+                        if self._attempt is None:
+                            await self.aclose()
+                            return None
+                        # The reader's own attempt runs: the end it found was a LOST that its
+                        # producer, back from an outage, took back (it was alive). Follow it.
+                        after_end = False
+                        request = self._new_request()
+                        continue
                     if state != p.DONE or not await hub.lingering(self.stream_id):
                         # Gone, or ended badly (the reader learns how), or no longer lingering.
                         await self.aclose()
@@ -450,23 +456,7 @@ class Follower:
         sentinel = await hub.sentinel(self.stream_id)
         state = p.stream_state(sentinel)
         if state == p.DONE and await hub.lingering(self.stream_id):
-            # Its producer still keeps the text, but is not subscribed right now (subscribing
-            # again after an outage): it may come back before the bound.
-            while anyio.current_time() < bound:
-                await anyio.sleep(next(delays))
-                if await self._send(request):
-                    self._progress = anyio.current_time()
-                    return True
-                if self._early_fills():
-                    self._release_early()
-                    return True
-            self._fail_after_store(
-                ProducerUnavailableError(
-                    f"stream {self.stream_id!r} ended and its producer, which should still keep "
-                    "its text, did not answer"
-                )
-            )
-            return False
+            return await self._await_lingering(request, bound, delays)
         if state == p.RUNNING:
             if not lost:
                 self._fail_after_store(
@@ -493,6 +483,14 @@ class Follower:
                     break
             if state == p.RUNNING:
                 state = p.LOST  # nobody listens for it: dead, as far as this reader can tell
+            elif state != p.LOST:
+                # It ended meanwhile (its producer was alive, its end on its way): the end may
+                # have come while the state was read, or its producer may linger with it.
+                if self._early_fills():
+                    self._release_early()
+                    return True
+                if state == p.DONE and await hub.lingering(self.stream_id):
+                    return await self._await_lingering(request, bound, delays)
         if state is None:
             self._fail_after_store(StreamIncompleteError(f"stream {self.stream_id!r} is gone"))
             return False
@@ -503,6 +501,27 @@ class Follower:
                 f"stream {self.stream_id!r} ended but its end never arrived, and its "
                 f"producer no longer has the text: what came after offset {self._position} "
                 "is unknown"
+            )
+        )
+        return False
+
+    async def _await_lingering(
+        self, request: p.Request, bound: float, delays: Iterator[float]
+    ) -> bool:
+        """A producer that ended well still keeps its text, but is not subscribed right now
+        (subscribing again after an outage): it may come back before the bound."""
+        while anyio.current_time() < bound:
+            await anyio.sleep(next(delays))
+            if await self._send(request):
+                self._progress = anyio.current_time()
+                return True
+            if self._early_fills():
+                self._release_early()
+                return True
+        self._fail_after_store(
+            ProducerUnavailableError(
+                f"stream {self.stream_id!r} ended and its producer, which should still keep "
+                "its text, did not answer"
             )
         )
         return False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -129,13 +128,14 @@ async def test_a_resume_during_a_subscriber_blip_waits_for_the_reconnection() ->
     server = start_redis_server()
     admin = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
     try:
-        options: dict[str, Any] = {"key_prefix": "blip"}
-        async with rs.create_resumable_stream_context(server.url, **options) as producer:
+        async with rs.create_resumable_stream_context(server.url, key_prefix="blip") as producer:
             source = TestingSource()
             own = await producer.resumable_stream("s", source.make)
             source.write("before ")
             before = {int(c["id"]) for c in await admin.client_list() if int(c["sub"]) > 0}
-            async with rs.create_resumable_stream_context(server.url, **options) as follower:
+            async with rs.create_resumable_stream_context(
+                server.url, key_prefix="blip"
+            ) as follower:
                 (subscriber,) = {
                     int(c["id"]) for c in await admin.client_list() if int(c["sub"]) > 0
                 } - before

@@ -85,6 +85,13 @@ REGRESSION_SEEDS = {
     6478: "requests held by a stalled Redis counted as reaching nobody",
     7089: "LOST written over an end written meanwhile",
     9013: "the end held aside while a recovery asked nobody",
+    28093: "a helper started under a cancelled scope spun, holding the loop",
+    32126: "an end that came while the follower recorded a live producer dead",
+    44196: "an end that came while the follower recorded a live producer dead",
+    50188: "a cursor's reader read running after LOST, its producer back: None",
+    72531: "a durable end given up at start + TTL, a late write making the keys again",
+    103807: "a writer elected and failed before it started, its stream left running",
+    105076: "an election that met LOST, then running again, answered None",
 }
 
 
