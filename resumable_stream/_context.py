@@ -102,14 +102,41 @@ class ResumableStreamContext:
     say) come out as a `BaseExceptionGroup`.
 
     With `opentelemetry-api` installed (and `telemetry=True`, the default), the context reports
-    metrics and spans (see the README's table) through `meter_provider` and `tracer_provider`,
-    by default the global ones; `trace_stream_ids=False` keeps stream ids out of span
-    attributes. Without the API, nothing of it is imported or run.
+    metrics and spans (see the documentation's Metrics and traces) through `meter_provider` and
+    `tracer_provider`, by default the global ones; `trace_stream_ids=False` keeps stream ids out
+    of span attributes. Without the API, nothing of it is imported or run.
 
     With `compat="vercel"`, every stream of the context speaks the wire protocol of npm
     `resumable-stream` 2.x under `key_prefix` (its `keyPrefix`), so that a Next.js app on that
     package and this one share streams on one Redis; offsets then count UTF-16 code units
-    (see the README's "Next.js and Python on one Redis").
+    (see the documentation's "Next.js and Python on one Redis").
+
+    Args:
+        backend: The backend every stream of the context lives on (`MemoryBackend`, or
+            `resumable_stream.redis.RedisBackend`; `create_resumable_stream_context` makes one).
+        key_prefix: Isolates apps sharing one Redis (no braces).
+        ttl: Seconds every key of a stream lives (default 86400, 24 hours).
+        resume_timeout: Seconds a resume waits for the producer's answer (default 2).
+        max_message_size: Characters per pub/sub message (default 1 MiB); replays of any size
+            are split.
+        drain_timeout: Seconds leaving the context waits for running producers (default 30).
+        linger: Seconds a finished producer keeps its text for readers that resume with an
+            offset (default 30; 0 keeps nothing after the end).
+        liveness_timeout: Seconds within which a follower learns that its producer died
+            (default 3).
+        lost_ttl: Seconds a dead stream keeps its id (default 60).
+        max_backlog: Unread characters a follower may hold before it is ended (default 64 Mi).
+        on_backend_error: `"degrade"` (the default) or `"raise"`, for a stream started while
+            the backend is unreachable.
+        durable: Keep every stream's text in the backend too (default False).
+        flush_interval: Seconds a durable stream's text may wait before it is written
+            (default 0.02, at most 1).
+        telemetry: Report metrics and spans when `opentelemetry-api` is installed (default
+            True).
+        meter_provider: Where the instruments come from (default: the global provider).
+        tracer_provider: Where the spans go (default: the global provider).
+        trace_stream_ids: Put stream ids in span attributes (default True).
+        compat: `"vercel"` to speak npm `resumable-stream` 2.x's wire protocol (default None).
     """
 
     def __init__(
