@@ -628,7 +628,10 @@ class Follower:
         self._progress = anyio.current_time()
         self._unanswered = 0
         if replay.start > self._position:
-            raise ValueError("a replay from past the requested offset")
+            # A piece of the answer before this one was lost on the way (this side's
+            # subscriber dropped meanwhile): ask again from the position.
+            self._recover_soon()
+            return
         self._take(replay.start, replay.chunks, replay.cont)
         if replay.more:
             self._recover_soon()  # this window is complete: ask for the next one
