@@ -60,6 +60,7 @@ class Producer:
         "_request_channel",
         "_requested",
         "_started",
+        "_state_written",
         "_stop",
         "_stopping",
         "_store",
@@ -106,6 +107,7 @@ class Producer:
         # the end and asks the backend next finds the stream finished.
         self.settled = False
         self._recorded = offline  # the terminal state is in the backend
+        self._state_written = False  # its sentinel, of a memory-only stream (retries skip it)
         self.error: BaseException | None = None
         self._started = anyio.current_time()
         self._request_channel = hub.keys.request(stream_id)
@@ -345,6 +347,12 @@ class Producer:
             self._hub.spawn(self.stream_id, self._record_later, state)
 
     async def _record(self, state: str, *, retry: bool = False) -> bool:
+        if retry:
+            try:
+                if await self._started_again():
+                    return True  # the state is the newer attempt's now, not this one's to write
+            except BackendError:
+                return False
         if self._store is not None:
             recorded = await self._store.write_end(state, self.error_type, retry=retry)
             if recorded:
@@ -358,7 +366,9 @@ class Producer:
         hub = self._hub
         key = hub.keys.sentinel(self.stream_id)
         try:
-            await hub.connection.set(key, p.sentinel_value(state), hub.settings.ttl)
+            if not self._state_written:  # not again once it landed: only what failed after it
+                await hub.connection.set(key, p.sentinel_value(state), hub.settings.ttl)
+                self._state_written = True
             await self._keep_attempt()
         except BackendError as exc:
             level = logging.DEBUG if retry else logging.WARNING
@@ -375,11 +385,19 @@ class Producer:
         return True
 
     async def _keep_attempt(self) -> None:
-        """A written or restarted stream's count of restarts lives as long as its end state."""
+        """A written or restarted stream's count of restarts lives as long as its end state;
+        never lowered: a newer attempt's count (a retry that started meanwhile) stays."""
         if self.attempt > 1 or self._written is not None:
             hub = self._hub
-            restarts = str(self.attempt - 1)
-            await hub.connection.set(hub.keys.restarts(self.stream_id), restarts, hub.settings.ttl)
+            key = hub.keys.restarts(self.stream_id)
+            ours, ttl = str(self.attempt - 1), hub.settings.ttl
+            if not await hub.connection.replace(key, ours, ours, ttl):
+                await hub.connection.create(key, ours, ttl)  # gone: this attempt's, again
+
+    async def _started_again(self) -> bool:
+        """Whether a newer attempt of this stream started (a retried job's, elsewhere): an
+        end this attempt writes late must not overwrite that one's state."""
+        return await self._hub.attempt(self.stream_id) > self.attempt
 
     async def _record_later(self, state: str) -> None:
         # Until it lands, the backend says the stream runs; once the keys' TTL has passed it

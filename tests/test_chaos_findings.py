@@ -486,3 +486,74 @@ async def test_a_follower_missing_the_first_piece_of_an_answer_asks_again(
             assert await read(follower) == "456789ab"
     assert [type(message) for message in lost] == [p.Live, p.Replay]
     assert await read(own) == "89ab"
+
+
+# An attempt whose end was retried after a newer attempt of its stream started elsewhere
+# leaves the newer one be (seed 144529: the old attempt's first write of its end landed with
+# its reply lost; a retried job started attempt 2 on that; the old attempt's retry then wrote
+# its end over attempt 2's running state, and its count of restarts back to 0).
+
+
+async def test_an_end_retried_after_a_newer_attempt_started_leaves_that_attempt(
+    workers: Workers,
+) -> None:
+    sentinel = workers.keys.sentinel("job")
+    restarts = workers.keys.restarts("job")
+    started = anyio.Event()  # attempt 2 started: from here on the old attempt's writes land
+    ends: list[str] = []  # the old attempt's writes of its end
+    asked: list[str] = []  # ... and its reads of the count of attempts after attempt 2 began
+
+    async def land(command: Any, *args: Any) -> Any:
+        if not ends:
+            await command(*args)  # the first lands, and its reply is lost
+        elif started.is_set():
+            result = await command(*args)
+            ends.append("landed")
+            return result
+        ends.append("refused")
+        raise rs.BackendError("no reply in time")
+
+    async def set_(command: Any, key: str, *args: Any) -> Any:
+        if key == sentinel:
+            return await land(command, key, *args)
+        return await command(key, *args)
+
+    async def append(command: Any, *args: Any) -> Any:
+        if args[-1] is not None:  # the end's write, a durable stream's
+            return await land(command, *args)
+        return await command(*args)
+
+    async def get(command: Any, key: str) -> Any:
+        if key == restarts and started.is_set():
+            asked.append(key)
+        return await command(key)
+
+    faulty = Faulty(workers.backends[0], set=set_, append=append, get=get)
+    options: dict[str, Any] = dict(ttl=60, liveness_timeout=30.0)
+    async with workers.context(backend=faulty, **options) as W:
+
+        async def first_attempt() -> None:
+            async with W.writer("job") as first:
+                await first.write("one")
+                raise RuntimeError("the job failed")
+
+        with pytest.raises(RuntimeError):
+            await first_attempt()
+        assert len(ends) == 1
+        async with workers.context(1, **options) as C:
+            async with C.writer("job", restart=True) as second:
+                assert second.attempt == 2
+                await second.write("two ")
+                started.set()
+
+                async def retried() -> bool:
+                    return len(ends) > 1 or bool(asked)
+
+                # The old attempt tries again (0.1 s, 0.2 s, ... after its first try).
+                await poll_until(retried, True, timeout=10)
+                assert await C.has_existing_stream("job") is True  # attempt 2 still runs
+                assert await C.current_attempt("job") == 2
+                reader = await C.resume_existing_stream("job")
+                await second.write("done")
+            assert await read(reader) == "two done"
+            assert await C.has_existing_stream("job") == "DONE"
