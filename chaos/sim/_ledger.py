@@ -98,6 +98,8 @@ class Ledger:
     lost_writes: list[tuple[float, str]] = field(default_factory=list)
     # Slow links: (process, start, end, added one-way delay).
     slow_links: list[tuple[str, float, float, float]] = field(default_factory=list)
+    # Latency spikes: one item of a process's link late (process, sent, arrives, delay).
+    spikes: list[tuple[str, float, float, float]] = field(default_factory=list)
     # Keys lost by a fault: (time, key, reason), reason "evicted" or "restart".
     losses: list[tuple[float, str, str]] = field(default_factory=list)
     # Every key's writes and losses, for the keys the model asks about.

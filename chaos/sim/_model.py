@@ -51,7 +51,9 @@ False claims (each a violation of its own kind)
   [call start - (resume_timeout + liveness_timeout), claim]. A slow link is not an outage
   (Redis still answers, only later), unless a round trip on it (twice its added delay) takes
   the reader's `liveness_timeout` or more: a producer that is starting (or subscribing again)
-  on it is not subscribed before a reader must give up, as if it were dead.
+  on it is not subscribed before a reader must give up, as if it were dead. Nor is a latency
+  spike, unless one item of the producer's link was late by two thirds of that timeout or more
+  (its SUBSCRIBE as it started, a heartbeat): a silence as long as an outage's.
 - `false-none`: `None` ("nothing to resume") from `resumable_stream` or
   `resume_existing_stream` while the stream's sentinel key existed throughout the call, and
   the latest instance elected before the call (none elected during it) was either still
@@ -195,6 +197,12 @@ class _Checker:
         return any(
             p == proc and delay >= delay_over and s <= end + _EPS and e >= start - _EPS
             for p, s, e, delay in self.ledger.slow_links
+        )
+
+    def spiked(self, proc: str, start: float, end: float, delay_over: float) -> bool:
+        return any(
+            p == proc and delay >= delay_over and s <= end + _EPS and e >= start - _EPS
+            for p, s, e, delay in self.ledger.spikes
         )
 
     def candidates(self, record: CallRecord, text: str) -> list[Instance]:
@@ -417,6 +425,10 @@ class _Checker:
             if self.long_outage(instance.proc, start, at, options.liveness_timeout * 2 / 3):
                 return
             if self.slow_link(instance.proc, start, at, options.liveness_timeout / 2):
+                return
+            # One item late by as much (its SUBSCRIBE as it starts, a heartbeat) is a silence
+            # of the whole timeout too, or a producer not yet subscribed when a reader asks.
+            if self.spiked(instance.proc, start, at, options.liveness_timeout * 2 / 3):
                 return
             excuses.append(f"{instance.name} on {instance.proc} (alive, {self.ended(instance)})")
         if not candidates:

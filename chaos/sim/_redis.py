@@ -549,6 +549,8 @@ class SimConnection:
         delay = link.latency + rng.random() * link.jitter
         if link.spike_p and rng.random() < link.spike_p:
             delay = rng.uniform(link.latency, link.spike)
+            now = self._loop.time()
+            self.server.ledger.spikes.append((self.proc, now, now + delay, delay))
         if self._loop.time() < self.slow_until:
             delay += self.slow_delay
         return delay
