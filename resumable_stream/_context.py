@@ -350,7 +350,7 @@ class ResumableStreamContext:
         with self._telemetry.resume(stream_id, offset, started) as resume:
             if count is None:
                 return await self._finished(stream_id, offset, expected, resume)
-            return await self._follow(stream_id, offset, expected, resume)
+            return await self._follow(stream_id, offset, expected, resume, str(count))
 
     async def create_new_resumable_stream(
         self, stream_id: str, make_stream: MakeStream, resume_at: int | None = None
@@ -416,7 +416,8 @@ class ResumableStreamContext:
         if local is not None:
             return local
         with self._telemetry.resume(stream_id, offset) as resume:
-            state = await self._hub.state(stream_id)
+            sentinel = await self._hub.sentinel(stream_id)
+            state = p.stream_state(sentinel)
             if state is None and wait:
                 state = await self._wait_for_start(stream_id, wait)
                 local = self._local_reader(stream_id, offset, expected)
@@ -427,7 +428,7 @@ class ResumableStreamContext:
                 return None
             if state != p.RUNNING:
                 return await self._finished(stream_id, offset, expected, resume, state)
-            return await self._follow(stream_id, offset, expected, resume)
+            return await self._follow(stream_id, offset, expected, resume, sentinel)
 
     def writer(self, stream_id: str, *, restart: bool = False) -> StreamWriter:
         """A writer of a new stream `stream_id`, for code that pushes its text (a background
@@ -759,9 +760,15 @@ class ResumableStreamContext:
     # Followers
 
     async def _follow(
-        self, stream_id: str, offset: int, attempt: int | None, resume: Resume
+        self,
+        stream_id: str,
+        offset: int,
+        attempt: int | None,
+        resume: Resume,
+        sentinel: str | None = None,
     ) -> ResumableStream | None:
-        follower = Follower(self._hub, stream_id, offset, attempt)
+        """Follow a running stream from another context; `sentinel`: its value as found."""
+        follower = Follower(self._hub, stream_id, offset, attempt, sentinel)
         state = await follower.join()
         if state == p.RUNNING:
             return await _following(follower, offset, resume)

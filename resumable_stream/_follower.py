@@ -54,12 +54,28 @@ _MAX_UNANSWERED = 3
 _RECORD_TRIES = 3
 
 
+def _count(sentinel: str | None) -> int:
+    """The count of elections a running sentinel holds (0 for any other value)."""
+    return (
+        int(sentinel) if sentinel is not None and sentinel.isascii() and sentinel.isdigit() else 0
+    )
+
+
 class Follower:
     def __init__(
-        self, hub: Hub, stream_id: str, resume_at: int, attempt: int | None = None
+        self,
+        hub: Hub,
+        stream_id: str,
+        resume_at: int,
+        attempt: int | None = None,
+        sentinel: str | None = None,
     ) -> None:
         self._hub = hub
         self.stream_id = stream_id
+        # The highest count of elections its sentinel was seen to hold (the value the reader
+        # found it at, `sentinel`, and every read since): a lower one is another run's.
+        self._count = 0
+        self._saw(sentinel)
         # The attempt the reader's offset is from (None: whichever it finds first). A producer
         # of a later attempt is a restart, never text to take from that offset.
         self._attempt = attempt
@@ -289,6 +305,7 @@ class Follower:
                     nobody_since = now
                 sentinel = await hub.sentinel(self.stream_id)
                 state = p.stream_state(sentinel)
+                replaced = self._replaced(sentinel)
                 if after_end:
                     if state == p.RUNNING:
                         attempt = await hub.attempt(self.stream_id)
@@ -317,7 +334,7 @@ class Follower:
                 elif state != p.RUNNING:
                     await self.aclose()
                     return state
-                elif hub.may_declare_lost(nobody_since, hub.lost_after):
+                elif hub.may_declare_lost(nobody_since, hub.lost_after) and not replaced:
                     assert sentinel is not None
                     if await self._send(request):
                         return await self._answer(request, after_end)  # back just now
@@ -458,6 +475,8 @@ class Follower:
         if state == p.DONE and await hub.lingering(self.stream_id):
             return await self._await_lingering(request, bound, delays)
         if state == p.RUNNING:
+            if self._replaced(sentinel):
+                return self._unsure()
             if not lost:
                 self._fail_after_store(
                     ProducerUnavailableError(
@@ -481,6 +500,8 @@ class Follower:
                 state = p.stream_state(sentinel)
                 if state != p.RUNNING:
                     break
+                if self._replaced(sentinel):
+                    return self._unsure()
             if state == p.RUNNING:
                 state = p.LOST  # nobody listens for it: dead, as far as this reader can tell
             elif state != p.LOST:
@@ -501,6 +522,31 @@ class Follower:
                 f"stream {self.stream_id!r} ended but its end never arrived, and its "
                 f"producer no longer has the text: what came after offset {self._position} "
                 "is unknown"
+            )
+        )
+        return False
+
+    def _saw(self, sentinel: str | None) -> None:
+        count = _count(sentinel)
+        if count > self._count:
+            self._count = count
+
+    def _replaced(self, sentinel: str | None) -> bool:
+        """Whether the sentinel counts fewer elections than it was seen to: its keys were made
+        again since (evicted or expired, and elected anew; or its LOST taken back), and
+        whoever is elected now may be starting, not dead."""
+        count = _count(sentinel)
+        self._saw(sentinel)
+        return 0 < count < self._count
+
+    def _unsure(self) -> bool:
+        """Nobody listens, but the sentinel is another run's than the one this follower read:
+        never recorded LOST on such evidence."""
+        self._fail_after_store(
+            ProducerUnavailableError(
+                f"nobody listened for the producer of stream {self.stream_id!r}, and its "
+                "sentinel was made again since this reader found it: whether its producer is "
+                "gone cannot be told"
             )
         )
         return False

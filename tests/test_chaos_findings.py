@@ -557,3 +557,57 @@ async def test_an_end_retried_after_a_newer_attempt_started_leaves_that_attempt(
                 await second.write("done")
             assert await read(reader) == "two done"
             assert await C.has_existing_stream("job") == "DONE"
+
+
+# A follower never records LOST over a sentinel that counts fewer elections than it found
+# (seed 120465: its producer's end was lost on the way, the sentinel evicted, and a reader's
+# INCR made it again, "1", for a new run whose INCR reply was slow; the follower, hearing
+# nobody, wrote LOST over that new run and said its own producer, which ended well, died).
+
+
+@pytest.mark.not_durable  # a durable follower reads the end from the log
+async def test_a_follower_never_records_lost_over_a_sentinel_made_again(
+    workers: Workers,
+) -> None:
+    request = workers.keys.request("s")
+    live = workers.keys.live("s")
+    sentinel = workers.keys.sentinel("s")
+    source = TestingSource()
+    silent = [False]  # what the producer publishes does not reach the follower
+    replaced: list[str] = []
+
+    def drop(channel: str, message: p.Message) -> bool:
+        return channel == live and silent[0]
+
+    async def publish(command: Any, channel: str, message: bytes) -> Any:
+        if channel == request and silent[0]:
+            return 0  # nobody subscribed: the new run's producer has not started yet
+        return await command(channel, message)
+
+    async def replace(command: Any, key: str, *args: Any) -> Any:
+        if key == sentinel:
+            replaced.append(key)
+        return await command(key, *args)
+
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("hello ")
+    options: dict[str, Any] = dict(resume_timeout=0.2, liveness_timeout=0.2)
+    faulty = Faulty(Filtered(workers.backends[1], drop), publish=publish, replace=replace)
+    async with workers.context(backend=faulty, **options) as C:
+        with anyio.fail_after(10):
+            follower = await C.resumable_stream("s", never_called)  # its INCR: 2
+            assert follower is not None
+            assert await read(follower, 1) == "hello "
+            silent[0] = True
+            # The producer ends; its end does not reach the follower. Its sentinel is evicted
+            # and a reader's INCR makes it again for a new run (not started yet).
+            source.write("world")
+            source.close()
+            assert await read(own) == "hello world"
+            await workers.write(sentinel, "1")  # as INCR makes it, evicted
+            with pytest.raises(rs.ProducerUnavailableError) as raised:
+                await read(follower)
+            assert not isinstance(raised.value, rs.ProducerLostError)
+    assert not replaced  # no LOST written over the new run
+    async with workers.backends[0].connect(lambda channel, data: None) as connection:
+        assert await connection.get(sentinel) == "1"

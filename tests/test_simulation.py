@@ -92,6 +92,8 @@ REGRESSION_SEEDS = {
     72531: "a durable end given up at start + TTL, a late write making the keys again",
     103807: "a writer elected and failed before it started, its stream left running",
     105076: "an election that met LOST, then running again, answered None",
+    120465: "LOST written over a sentinel made again (evicted) for a run just elected",
+    140919: "a producer's SUBSCRIBE late by a latency spike (the model's excuse)",
     144529: "an old attempt's late end written over a retried job's running attempt",
     163941: "an answer's later piece without the first: 'malformed message'",
 }
