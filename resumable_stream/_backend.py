@@ -42,6 +42,14 @@ ReconnectHandler = Callable[[], None]
 meanwhile was lost. Must not block."""
 
 
+def _restarts(value: str) -> int:
+    """A count of restarts as stored (anything else counts as none, as in the scripts)."""
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
 class _Ready:
     """An awaitable that is done already (on any event loop), and that need not be awaited."""
 
@@ -96,6 +104,13 @@ class Connection(Protocol):
 
     async def create(self, key: str, value: str, ttl: int) -> bool:
         """Set `key` only if it does not exist; True if it was set."""
+
+    async def finish(
+        self, sentinel: str, restarts: str, value: str, attempt: int, ttl: int
+    ) -> bool:
+        """Set `sentinel` to `value` (living `ttl` s) unless a newer attempt than `attempt` of
+        its stream started (the count in `restarts` is `attempt` or more), atomically; True if
+        it was set. An attempt's end that lands late never overwrites the next attempt's state."""
 
     async def publish(self, channel: str, message: bytes) -> int:
         """Send `message`; returns how many connections are subscribed to `channel`."""
@@ -290,6 +305,18 @@ class _MemoryConnection:
         self._backend._values[key] = (value, time.monotonic() + ttl)
         return True
 
+    async def finish(
+        self, sentinel: str, restarts: str, value: str, attempt: int, ttl: int
+    ) -> bool:
+        await anyio.lowlevel.checkpoint()
+        backend = self._backend
+        backend.commands["eval"] += 1
+        found = backend._lookup(restarts)
+        if found is not None and _restarts(found[0]) >= attempt:
+            return False
+        backend._values[sentinel] = (value, time.monotonic() + ttl)
+        return True
+
     async def publish(self, channel: str, message: bytes) -> int:
         await anyio.lowlevel.checkpoint()
         self._backend.commands["publish"] += 1
@@ -434,6 +461,12 @@ class CountedConnection:
     def create(self, key: str, value: str, ttl: int) -> Coroutine[Any, Any, bool]:
         self._count("set")
         return self._connection.create(key, value, ttl)
+
+    def finish(
+        self, sentinel: str, restarts: str, value: str, attempt: int, ttl: int
+    ) -> Coroutine[Any, Any, bool]:
+        self._count("eval")
+        return self._connection.finish(sentinel, restarts, value, attempt, ttl)
 
     def publish(self, channel: str, message: bytes) -> Coroutine[Any, Any, int]:
         self._count("publish")

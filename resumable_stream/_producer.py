@@ -363,11 +363,10 @@ class Producer:
                     "recorded the end of stream %r at last", self.stream_id, extra=self._log
                 )
             return recorded
-        hub = self._hub
-        key = hub.keys.sentinel(self.stream_id)
         try:
             if not self._state_written:  # not again once it landed: only what failed after it
-                await hub.connection.set(key, p.sentinel_value(state), hub.settings.ttl)
+                if not await self._write_end(state):
+                    return True  # the state is the newer attempt's now
                 self._state_written = True
             await self._keep_attempt()
         except BackendError as exc:
@@ -383,6 +382,20 @@ class Producer:
         if retry:
             logger.warning("recorded the end of stream %r at last", self.stream_id, extra=self._log)
         return True
+
+    async def _write_end(self, state: str) -> bool:
+        """Write this attempt's end state, fenced by the attempt: a write that lands late (held
+        by a stalled Redis or a slow link) after a retried job started the next attempt leaves
+        that one be. False if it did."""
+        hub = self._hub
+        keys = hub.keys
+        return await hub.connection.finish(
+            keys.sentinel(self.stream_id),
+            keys.restarts(self.stream_id),
+            p.sentinel_value(state),
+            self.attempt,
+            hub.settings.ttl,
+        )
 
     async def _keep_attempt(self) -> None:
         """A written or restarted stream's count of restarts lives as long as its end state;
@@ -486,8 +499,8 @@ class Producer:
         ttl = hub.settings.ttl
         try:
             if self.state is not None:
-                if self._recorded:
-                    await hub.connection.set(key, p.sentinel_value(self.state), ttl)
+                if self._recorded and not await self._write_end(self.state):
+                    return  # a newer attempt runs: its state is not this one's to write
             else:
                 found = p.stream_state(await hub.connection.get(key))
                 if found is None:

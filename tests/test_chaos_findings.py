@@ -8,6 +8,7 @@ the test fails without its fix whatever the timing. The seeds that found them ar
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -528,7 +529,7 @@ async def test_an_end_retried_after_a_newer_attempt_started_leaves_that_attempt(
             asked.append(key)
         return await command(key)
 
-    faulty = Faulty(workers.backends[0], set=set_, append=append, get=get)
+    faulty = Faulty(workers.backends[0], set=set_, finish=set_, append=append, get=get)
     options: dict[str, Any] = dict(ttl=60, liveness_timeout=30.0)
     async with workers.context(backend=faulty, **options) as W:
 
@@ -611,3 +612,60 @@ async def test_a_follower_never_records_lost_over_a_sentinel_made_again(
     assert not replaced  # no LOST written over the new run
     async with workers.backends[0].connect(lambda channel, data: None) as connection:
         assert await connection.get(sentinel) == "1"
+
+
+# An attempt's end that lands after the next attempt started leaves that one be (seed 171560:
+# the first attempt's end was held on a slow link while a follower, hearing nobody, recorded it
+# LOST and the job's retry started attempt 2 from there; the late write set DONE over attempt 2
+# running, and a reader was told there was nothing to resume).
+
+
+@pytest.mark.not_durable  # a durable end is written with the log (its fence: issue notes)
+async def test_an_end_that_lands_after_the_next_attempt_started_leaves_it(
+    workers: Workers,
+) -> None:
+    sentinel = workers.keys.sentinel("job")
+    started = anyio.Event()  # attempt 2 started: the held write lands now
+    held: list[str] = []
+    landed: list[str] = []
+
+    async def hold(command: Any, key: str, *args: Any) -> Any:
+        if key != sentinel or started.is_set():
+            return await command(key, *args)
+        held.append(key)
+        await started.wait()
+        result = await command(key, *args)
+        landed.append(key)
+        return result
+
+    faulty = Faulty(workers.backends[0], set=hold, finish=hold)
+    options: dict[str, Any] = dict(liveness_timeout=30.0)
+    async with (
+        workers.context(backend=faulty, **options) as W,
+        workers.context(1, **options) as C,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def first_attempt() -> None:
+            with contextlib.suppress(RuntimeError):
+                async with W.writer("job") as first:
+                    await first.write("one")
+                    raise RuntimeError("the job failed")
+
+        tg.start_soon(first_attempt)
+        await poll_until(lambda: _true(held), True, timeout=10)  # its end is on its way
+        await workers.write(sentinel, "LOST")  # a follower that heard nobody
+        async with C.writer("job", restart=True) as second:
+            assert second.attempt == 2
+            await second.write("two ")
+            started.set()
+            await poll_until(lambda: _true(landed), True, timeout=10)  # the old end landed
+            assert await C.has_existing_stream("job") is True
+            reader = await C.resume_existing_stream("job")
+            await second.write("done")
+        assert await read(reader) == "two done"
+        assert await C.has_existing_stream("job") == "DONE"
+
+
+async def _true(items: list[str]) -> bool:
+    return bool(items)

@@ -96,6 +96,7 @@ REGRESSION_SEEDS = {
     140919: "a producer's SUBSCRIBE late by a latency spike (the model's excuse)",
     144529: "an old attempt's late end written over a retried job's running attempt",
     163941: "an answer's later piece without the first: 'malformed message'",
+    171560: "an attempt's end, late on a slow link, written over the next attempt running",
 }
 
 

@@ -85,7 +85,9 @@ logger = logging.getLogger("resumable_stream")
 # Connection states.
 UP, RESTORING, DOWN, DEAD, CLOSED = "up", "restoring", "down", "dead", "closed"
 
-_WRITES = frozenset({"incr", "set", "swap", "replace", "create", "append", "restart_stream"})
+_WRITES = frozenset(
+    {"incr", "set", "swap", "replace", "create", "finish", "append", "restart_stream"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +272,13 @@ class SimRedis:
         if entry is None or entry[0] != expected:
             return False
         self._write(key, value, ttl)
+        return True
+
+    def finish(self, sentinel: str, restarts: str, value: str, attempt: int, ttl: int) -> bool:
+        found = self._value(restarts)
+        if found is not None and found[0].isdigit() and int(found[0]) >= attempt:
+            return False
+        self._write(sentinel, value, ttl)
         return True
 
     def create(self, key: str, value: str, ttl: int) -> bool:
@@ -658,6 +667,13 @@ class SimConnection:
 
     async def create(self, key: str, value: str, ttl: int) -> bool:
         result: bool = await self._call("create", key, key, value, ttl)
+        return result
+
+    async def finish(
+        self, sentinel: str, restarts: str, value: str, attempt: int, ttl: int
+    ) -> bool:
+        args = (sentinel, restarts, value, attempt, ttl)
+        result: bool = await self._call("finish", sentinel, *args)
         return result
 
     async def publish(self, channel: str, message: bytes) -> int:

@@ -140,6 +140,7 @@ class _RedisConnection:
         self.swap = self._commands.swap
         self.replace = self._commands.replace
         self.create = self._commands.create
+        self.finish = self._commands.finish
         self.publish = self._commands.publish
         self.notify = self._commands.notify
         self.numsub = self._commands.numsub

@@ -446,6 +446,17 @@ class Commands:
         )
         return bool(created)
 
+    async def finish(
+        self, sentinel: str, restarts: str, value: str, attempt: int, ttl: int
+    ) -> bool:
+        answer = await self._call(
+            lambda pipe: pipe.execute_command(
+                "EVAL", _FINISH, 2, sentinel, restarts, value, attempt, ttl
+            ),
+            key=sentinel,  # idempotent: the same value again, under the same fence
+        )
+        return bool(answer)
+
     async def publish(self, channel: str, message: bytes) -> int:
         command = self._publish
         return int(
@@ -570,6 +581,17 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+# Writes an attempt's end unless a newer attempt started (its count of restarts says so). KEYS:
+# sentinel, restarts. ARGV: value, attempt, ttl.
+_FINISH = """
+local restarts = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if restarts >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
 return 1
 """
 
