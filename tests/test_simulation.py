@@ -97,6 +97,7 @@ REGRESSION_SEEDS = {
     144529: "an old attempt's late end written over a retried job's running attempt",
     163941: "an answer's later piece without the first: 'malformed message'",
     171560: "an attempt's end, late on a slow link, written over the next attempt running",
+    212116: "a spike, then an outage, a heartbeat apart: one silence (the model's excuse)",
 }
 
 

@@ -51,9 +51,10 @@ False claims (each a violation of its own kind)
   [call start - (resume_timeout + liveness_timeout), claim]. A slow link is not an outage
   (Redis still answers, only later), unless a round trip on it (twice its added delay) takes
   the reader's `liveness_timeout` or more: a producer that is starting (or subscribing again)
-  on it is not subscribed before a reader must give up, as if it were dead. Nor is a latency
-  spike, unless one item of the producer's link was late by two thirds of that timeout or more
-  (its SUBSCRIBE as it started, a heartbeat): a silence as long as an outage's.
+  on it is not subscribed before a reader must give up, as if it were dead. A latency spike
+  (one item of the producer's link late: its SUBSCRIBE as it started, a heartbeat) silences
+  it as an outage does: spikes and outages less than a heartbeat (a third of that timeout)
+  apart count as one span, since no heartbeat need fall between them.
 - `false-none`: `None` ("nothing to resume") from `resumable_stream` or
   `resume_existing_stream` while the stream's sentinel key existed throughout the call, and
   the latest instance elected before the call (none elected during it) was either still
@@ -187,23 +188,29 @@ class _Checker:
             for at, who, _, _ in self.ledger.command_faults
         )
 
-    def long_outage(self, proc: str, start: float, end: float, longer_than: float) -> bool:
-        return any(
-            o.length > longer_than and o.start <= end + _EPS and o.end >= start - _EPS
-            for o in self.ledger.outages_of(proc)
-        )
-
     def slow_link(self, proc: str, start: float, end: float, delay_over: float) -> bool:
         return any(
             p == proc and delay >= delay_over and s <= end + _EPS and e >= start - _EPS
             for p, s, e, delay in self.ledger.slow_links
         )
 
-    def spiked(self, proc: str, start: float, end: float, delay_over: float) -> bool:
-        return any(
-            p == proc and delay >= delay_over and s <= end + _EPS and e >= start - _EPS
-            for p, s, e, delay in self.ledger.spikes
+    def long_silence(
+        self, proc: str, start: float, end: float, longer_than: float, apart: float
+    ) -> bool:
+        """Whether `proc` could reach nobody for longer than `longer_than`, in one span that
+        overlaps [start, end]: its outages and its link's latency spikes, merged where less
+        than `apart` (a heartbeat's period: none need fall between them) separates them."""
+        spans = sorted(
+            [(o.start, o.end) for o in self.ledger.outages_of(proc)]
+            + [(s, e) for p, s, e, _ in self.ledger.spikes if p == proc]
         )
+        merged: list[list[float]] = []
+        for s, e in spans:
+            if merged and s <= merged[-1][1] + apart:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        return any(e - s > longer_than and s <= end + _EPS and e >= start - _EPS for s, e in merged)
 
     def candidates(self, record: CallRecord, text: str) -> list[Instance]:
         reads = record.reads
@@ -420,15 +427,14 @@ class _Checker:
         for instance in candidates:
             if instance.offline or self.gone(instance.proc, at):
                 return
-            # Heartbeats come every third of the timeout: an outage that long less one of
-            # them is a silence of the whole timeout to a follower, as a death is.
-            if self.long_outage(instance.proc, start, at, options.liveness_timeout * 2 / 3):
+            # Heartbeats come every third of the timeout: a silence that long less one of them
+            # is a silence of the whole timeout to a follower, as a death is. Outages silence a
+            # producer, and so does one item late on its link (its SUBSCRIBE as it starts, a
+            # heartbeat: what follows it on that connection waits for it), back to back.
+            liveness = options.liveness_timeout
+            if self.long_silence(instance.proc, start, at, liveness * 2 / 3, liveness / 3):
                 return
             if self.slow_link(instance.proc, start, at, options.liveness_timeout / 2):
-                return
-            # One item late by as much (its SUBSCRIBE as it starts, a heartbeat) is a silence
-            # of the whole timeout too, or a producer not yet subscribed when a reader asks.
-            if self.spiked(instance.proc, start, at, options.liveness_timeout * 2 / 3):
                 return
             excuses.append(f"{instance.name} on {instance.proc} (alive, {self.ended(instance)})")
         if not candidates:
