@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -516,7 +516,9 @@ class ResumableStreamContext:
                 raise
         producer = self._start_producer(stream_id, None)
         # Not awaited: the writer starts at once (a retry would come long after this).
-        self._hub.spawn(stream_id, _mark_first_attempt, connection, keys.restarts(stream_id), ttl)
+        marked = producer.marking()
+        count = keys.restarts(stream_id)
+        self._hub.spawn(stream_id, _mark_first_attempt, connection, count, ttl, marked)
         return producer
 
     async def _writer_gone(self, stream_id: str) -> bool:
@@ -823,11 +825,19 @@ async def _following(follower: Follower, offset: int, resume: Resume) -> Followe
     return follower
 
 
-async def _mark_first_attempt(connection: Connection, key: str, ttl: int) -> None:
+async def _mark_first_attempt(
+    connection: Connection, key: str, ttl: int, marked: Callable[[bool], None]
+) -> None:
+    # Set, not created: a count left by an earlier stream of this id (whose sentinel was
+    # evicted or expired first) is not this one's, which is a first attempt.
+    fenced = False
     try:
-        await connection.create(key, "0", ttl)
+        await connection.set(key, "0", ttl)
+        fenced = True
     except BackendError as exc:  # a retry then counts from 1 again: only after its expiry
         logger.debug("could not mark the first attempt of %r: %s", key, exc)
+    finally:
+        marked(fenced)
 
 
 def _restarted(stream_id: str, attempt: int) -> StreamRestartedError:

@@ -46,6 +46,7 @@ class Producer:
     __slots__ = (
         "_closing",
         "_epoch",
+        "_fenced",
         "_following",
         "_hub",
         "_in_source",
@@ -53,6 +54,7 @@ class Producer:
         "_listening",
         "_live_index",
         "_make_stream",
+        "_marking",
         "_on_stop",
         "_published",
         "_publishing",
@@ -108,6 +110,10 @@ class Producer:
         self.settled = False
         self._recorded = offline  # the terminal state is in the backend
         self._state_written = False  # its sentinel, of a memory-only stream (retries skip it)
+        # Whether its count of restarts is known to be `attempt - 1` (see `_write_end`): an
+        # attempt that a restart started, or a writer's once it set the count.
+        self._fenced = attempt > 1
+        self._marking: anyio.Event | None = None  # a writer's count of restarts being set
         self.error: BaseException | None = None
         self._started = anyio.current_time()
         self._request_channel = hub.keys.request(stream_id)
@@ -383,12 +389,34 @@ class Producer:
             logger.warning("recorded the end of stream %r at last", self.stream_id, extra=self._log)
         return True
 
+    def marking(self) -> Callable[[bool], None]:
+        """The stream's count of restarts is being set to this attempt's: its end waits for
+        that (a round trip at most); call what this returns with whether it was set."""
+        marking = self._marking = anyio.Event()
+
+        def marked(fenced: bool) -> None:
+            self._fenced = self._fenced or fenced
+            marking.set()
+
+        return marked
+
     async def _write_end(self, state: str) -> bool:
         """Write this attempt's end state, fenced by the attempt: a write that lands late (held
         by a stalled Redis or a slow link) after a retried job started the next attempt leaves
-        that one be. False if it did."""
+        that one be. False if it did.
+
+        Only where the count of restarts is known to be this attempt's: a first attempt that
+        a reader's INCR elected cannot tell a count left by an earlier stream of its id (its
+        sentinel evicted, say) from one a restart since wrote, and writes its end plainly."""
         hub = self._hub
         keys = hub.keys
+        if self._marking is not None:
+            await self._marking.wait()  # bounded by the backend's deadline
+        if not self._fenced:
+            await hub.connection.set(
+                keys.sentinel(self.stream_id), p.sentinel_value(state), hub.settings.ttl
+            )
+            return True
         return await hub.connection.finish(
             keys.sentinel(self.stream_id),
             keys.restarts(self.stream_id),
@@ -590,6 +618,7 @@ class Producer:
         connection = self._hub.connection
         interval = self._hub.settings.heartbeat
         channel = self._hub.keys.live(self.stream_id)
+        failures = 0
         try:
             while self.state is None:
                 with anyio.move_on_after(interval) as idle:
@@ -598,14 +627,19 @@ class Producer:
                     continue  # text came: its write reaches the followers
                 epoch = self._epoch
                 alive = p.Heartbeat(self.token, store.stored_length).pack()
-                receivers = await connection.publish(channel, alive)
+                try:
+                    receivers = await connection.publish(channel, alive)
+                except BackendError as exc:
+                    # The next one is due a heartbeat later all the same: one that failed
+                    # must not silence a live producer for good (its followers would take it
+                    # for dead once they hear nothing for liveness_timeout).
+                    self._publish_failed(exc, failures)
+                    failures += 1
+                    continue
+                failures = 0
                 if not receivers and epoch == self._epoch:
                     self._following = False
                     return
-        except BackendError as exc:
-            logger.warning(
-                "could not publish stream %r to followers: %s", self.stream_id, exc, extra=self._log
-            )
         finally:
             self._publishing = False
             assert self._published is not None
@@ -617,38 +651,58 @@ class Producer:
         buffer = self.buffer
         heartbeat = self._hub.settings.heartbeat
         channel = self._hub.keys.live(self.stream_id)
+        failures = 0
         try:
             while True:
-                while self._live_index == len(buffer.chunks):
+                try:
+                    while self._live_index == len(buffer.chunks):
+                        if self.state is not None:
+                            return
+                        with anyio.move_on_after(heartbeat) as idle:
+                            await self.changed.wait()
+                        if idle.cancelled_caught:
+                            # Followers hear something at least every `heartbeat` seconds, so
+                            # silence means this producer is gone.
+                            epoch = self._epoch
+                            alive = p.Heartbeat(self.token, buffer.length).pack()
+                            receivers = await connection.publish(channel, alive)
+                            if not receivers and epoch == self._epoch:
+                                self._following = False
+                                return
+                    index, stop = self._live_index, len(buffer.chunks)
+                    self._live_index = stop
+                    epoch = self._epoch
+                    receivers = 0
+                    start = buffer.start_of(index)
+                    pieces = p.split_pieces(buffer.wire(start, stop), start, limit)
+                    for offset, chunks, cont in pieces:
+                        live = p.Live(self.token, offset, chunks, cont).pack()
+                        receivers = await connection.publish(channel, live)
+                    if receivers == 0 and epoch == self._epoch:
+                        self._following = False
+                        return
+                    failures = 0
+                except BackendError as exc:
+                    # What did not go out, followers find missing at the next piece and ask
+                    # for; this goes on (a failed publish must not silence a live producer),
+                    # after a pause or the next change, so a Redis that is down is not spun on.
+                    self._publish_failed(exc, failures)
+                    failures += 1
                     if self.state is not None:
                         return
-                    with anyio.move_on_after(heartbeat) as idle:
+                    with anyio.move_on_after(min(heartbeat, 0.1 * failures)):
                         await self.changed.wait()
-                    if idle.cancelled_caught:
-                        # Followers hear something at least every `heartbeat` seconds, so
-                        # silence means this producer is gone.
-                        epoch = self._epoch
-                        alive = p.Heartbeat(self.token, buffer.length).pack()
-                        receivers = await connection.publish(channel, alive)
-                        if not receivers and epoch == self._epoch:
-                            self._following = False
-                            return
-                index, stop = self._live_index, len(buffer.chunks)
-                self._live_index = stop
-                epoch = self._epoch
-                receivers = 0
-                start = buffer.start_of(index)
-                for offset, chunks, cont in p.split_pieces(buffer.wire(start, stop), start, limit):
-                    live = p.Live(self.token, offset, chunks, cont).pack()
-                    receivers = await connection.publish(channel, live)
-                if receivers == 0 and epoch == self._epoch:
-                    self._following = False
-                    return
-        except BackendError as exc:
-            logger.warning(
-                "could not publish stream %r to followers: %s", self.stream_id, exc, extra=self._log
-            )
         finally:
             self._publishing = False
             assert self._published is not None
             self._published.notify()
+
+    def _publish_failed(self, exc: BackendError, failures: int) -> None:
+        # Warned once per spell of failures: the next tries go on (every heartbeat at most).
+        logger.log(
+            logging.DEBUG if failures else logging.WARNING,
+            "could not publish stream %r to followers: %s",
+            self.stream_id,
+            exc,
+            extra=self._log,
+        )

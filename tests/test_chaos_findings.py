@@ -669,3 +669,80 @@ async def test_an_end_that_lands_after_the_next_attempt_started_leaves_it(
 
 async def _true(items: list[str]) -> bool:
     return bool(items)
+
+
+# A heartbeat that could not be published does not silence a live producer (seed 234885: one
+# publish failed, the producer published nothing more while idle, and its follower, whose
+# requests then reached nobody for a while, took it for dead).
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory-only", "durable"])
+async def test_a_failed_heartbeat_does_not_silence_a_live_producer(workers: Workers) -> None:
+    live = workers.keys.live("s")
+    request = workers.keys.request("s")
+    failed: list[bytes] = []
+    beats: list[bytes] = []  # heartbeats published since the one that failed
+    deaf = [False]  # the follower's requests reach nobody (the producer's subscriber is down)
+
+    async def publish(command: Any, channel: str, message: bytes) -> Any:
+        if channel == live and isinstance(p.parse(message), p.Heartbeat):
+            if not failed:
+                failed.append(message)
+                raise rs.BackendError("publish: no reply in time")
+            beats.append(message)
+        return await command(channel, message)
+
+    async def ask(command: Any, channel: str, message: bytes) -> Any:
+        if channel == request and deaf[0]:
+            return 0
+        return await command(channel, message)
+
+    async def heard(count: int) -> bool:
+        return len(beats) >= count
+
+    options: dict[str, Any] = dict(liveness_timeout=0.3, resume_timeout=0.3)
+    source = TestingSource()
+    async with (
+        workers.context(backend=Faulty(workers.backends[0], publish=publish), **options) as P,
+        workers.context(backend=Faulty(workers.backends[1], publish=ask), **options) as C,
+    ):
+        own = await P.resumable_stream("s", source.make)
+        source.write("hello ")
+        with anyio.fail_after(10):
+            follower = await C.resume_existing_stream("s", resume_at=0)
+            assert follower is not None
+            assert await read(follower, 1) == "hello "
+            deaf[0] = True
+            # Idle for twice the liveness timeout after the failed heartbeat: the next ones
+            # come all the same (a heartbeat is due every third of it).
+            await poll_until(lambda: heard(6), True, timeout=5)
+            deaf[0] = False
+            source.write("world")
+            source.close()
+            assert await read(follower) == "world"
+            assert await read(own) == "hello world"
+
+
+# A first attempt writes its end though an earlier stream of its id left a count of restarts
+# (seed 264320, against a fence of the end by the count alone: the sentinel evicted, the count
+# kept, a reader's INCR elected a new stream, and its end, taken for an older attempt's, was
+# never written: its readers took it for dead).
+
+
+async def test_a_first_attempt_ends_though_an_earlier_count_of_restarts_is_left(
+    workers: Workers,
+) -> None:
+    for stream_id in ("s", "job"):
+        await workers.write(workers.keys.restarts(stream_id), "1")  # its sentinel was evicted
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("hello")
+    source.close()
+    assert await read(own) == "hello"
+    async with workers.P.writer("job") as w:
+        await w.write("done")
+    async with workers.context() as C:
+        with anyio.fail_after(5):
+            await poll_until(lambda: C.has_existing_stream("s"), "DONE")
+            await poll_until(lambda: C.has_existing_stream("job"), "DONE")
+            assert await C.current_attempt("job") == 1  # a first attempt: its count is reset

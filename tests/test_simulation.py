@@ -98,6 +98,8 @@ REGRESSION_SEEDS = {
     163941: "an answer's later piece without the first: 'malformed message'",
     171560: "an attempt's end, late on a slow link, written over the next attempt running",
     212116: "a spike, then an outage, a heartbeat apart: one silence (the model's excuse)",
+    234885: "a heartbeat that failed silenced a live producer for good",
+    264320: "an end fenced by a count of restarts an earlier stream of its id left",
 }
 
 
