@@ -13,7 +13,9 @@ The same, with issue 10's fixes reverted in the code itself (scratch branches, n
 caught in seeds 0-4999 (the first seeds that catch each, which show nothing on `sim`):
 - `scratch/revert-end-announce` (defect 4: an end whose state cannot be written is announced
   anyway, and written later): 93 seeds, `false-lost` (later readers told the producer died),
-  first 92, 112, 128;
+  first 92, 112, 128; its revert applied to main of 2026-12-07 (c2ee72a, whose model excuses
+  a silence made of latency spikes and outages a heartbeat apart): 30 seeds, first 301, 602,
+  610;
 - `scratch/revert-gap-recovery` (defect 8: a gap is asked for again): 51 seeds,
   `false-incomplete`, first 30, 79, 224;
 - `scratch/revert-lost-replay-none` (defect 7: a lost replay of a finished stream is
