@@ -102,6 +102,10 @@ REGRESSION_SEEDS = {
     212116: "a spike, then an outage, a heartbeat apart: one silence (the model's excuse)",
     234885: "a heartbeat that failed silenced a live producer for good",
     264320: "an end fenced by a count of restarts an earlier stream of its id left",
+    298468: "an outage on a slow link: what was in flight lost too (the model's excuse)",
+    301249: "a restart that ran, its reply too late: a ghost election (the simulator's)",
+    330779: "LOST read, written earlier in a spike (the model's window)",
+    339829: "an election whose caller was cancelled after it ran: a ghost (the simulator's)",
 }
 
 

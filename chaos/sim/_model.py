@@ -48,13 +48,15 @@ False claims (each a violation of its own kind)
   the server (stalled, restarting) had an outage longer than two thirds of the reader's
   `liveness_timeout` (heartbeats come every third of it, so such an outage is a silence of the
   whole timeout to a follower, as a death is) overlapping
-  [call start - (resume_timeout + liveness_timeout), claim]. A slow link is not an outage
+  [call start - (resume_timeout + liveness_timeout), claim] (or from as long before the last
+  write of LOST into its sentinel, which a reader may only repeat). A slow link is not an outage
   (Redis still answers, only later), unless a round trip on it (twice its added delay) takes
   the reader's `liveness_timeout` or more: a producer that is starting (or subscribing again)
   on it is not subscribed before a reader must give up, as if it were dead. A latency spike
   (one item of the producer's link late: its SUBSCRIBE as it started, a heartbeat) silences
   it as an outage does: spikes and outages less than a heartbeat (a third of that timeout)
-  apart count as one span, since no heartbeat need fall between them.
+  apart count as one span, since no heartbeat need fall between them; an outage on a slow link
+  begins as long before its start as the link's delay (what was on its way is lost with it).
 - `false-none`: `None` ("nothing to resume") from `resumable_stream` or
   `resume_existing_stream` while the stream's sentinel key existed throughout the call, and
   the latest instance elected before the call (none elected during it) was either still
@@ -200,8 +202,15 @@ class _Checker:
         """Whether `proc` could reach nobody for longer than `longer_than`, in one span that
         overlaps [start, end]: its outages and its link's latency spikes, merged where less
         than `apart` (a heartbeat's period: none need fall between them) separates them."""
+        slow = [(s, e, d) for p, s, e, d in self.ledger.slow_links if p == proc]
+
+        def lost_in_flight(at: float) -> float:
+            # What was on its way on a slow link when the connection dropped is lost with it:
+            # the silence began as long before as the link's added delay.
+            return max((d for s, e, d in slow if s - _EPS <= at <= e + _EPS), default=0.0)
+
         spans = sorted(
-            [(o.start, o.end) for o in self.ledger.outages_of(proc)]
+            [(o.start - lost_in_flight(o.start), o.end) for o in self.ledger.outages_of(proc)]
             + [(s, e) for p, s, e, _ in self.ledger.spikes if p == proc]
         )
         merged: list[list[float]] = []
@@ -421,6 +430,12 @@ class _Checker:
         call = record.plan
         options = self.proc(call.proc).plan.context
         start = record.t_call - (options.resume_timeout + options.liveness_timeout)
+        # A reader that found LOST in the sentinel repeats the claim of whoever wrote it: that
+        # one is judged by what it could see then (the reader's options stand for its own).
+        sentinel = KEYS.sentinel(call.stream)
+        written = [t for t, key in self.ledger.lost_writes if key == sentinel and t <= at + _EPS]
+        if written:
+            start = min(start, max(written) - (options.resume_timeout + options.liveness_timeout))
         if self.ghost(call.stream, at):
             return
         excuses = []

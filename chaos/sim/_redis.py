@@ -607,6 +607,8 @@ class SimConnection:
         if not command.future.done():
             self._fault(command.name, "timeout")
             command.future.set_result(_Failure(f"{command.name}: no reply in time"))
+            if command.done:
+                self._unanswered(command)  # it ran, and its reply comes too late to count
 
     def _arrive(self, command: _Command) -> None:
         server = self.server
@@ -631,6 +633,8 @@ class SimConnection:
     def _reply(self, command: _Command, result: object) -> None:
         self._in_flight.pop(command, None)
         if command.future.done():
+            # The caller gave up (a deadline, or it was cancelled) after it ran.
+            self._unanswered(command)
             return
         if command.fate == "lost":
             self._fault(command.name, "lost")
