@@ -1,0 +1,947 @@
+"""The model check of a campaign run: every reader against the producers' records and the
+faults the orchestrator did. These are `chaos/sim/_model.py`'s rules, adapted to what a real
+run can observe: wall-clock times (recorded by each process as things happened), the faults'
+spans as the orchestrator measured them, and the processes' own records and logs.
+
+Ground truth. A producer *instance* (one run of a planned stream, in one process incarnation)
+recorded every chunk before the engine got it, and how it ended (`done`, `failed`,
+`cancelled`); one whose process was SIGKILLed (or exited) before its end *died* then. Every
+chunk ends with its instance's marker, so two instances' texts differ. A *reader* (a library
+reader, or an SSE session's segment of one attempt) resumed at offset o (0 for none) and got
+the text R; its *candidates* are the instances of its stream (and attempt) whose text T has
+R == T[o : o + len(R)] (for a call that elected an instance itself, only that one).
+
+Hard violations
+- `wrong-text`: no candidate (a wrong, reordered, duplicated or missing piece, texts mixed from
+  two producers), or an SSE event whose id does not continue where the previous one ended.
+- `chunking`: a chunk that does not end on one of the candidate's chunk boundaries, or whose
+  event name is not the one it was produced with.
+- `false-end`: a reader's normal end (`StopAsyncIteration`; over SSE, a 204 answering a
+  reconnect) without a candidate that ended `done` with R == T[o:] exactly.
+- `untyped`: anything but a `ResumableStreamError` out of the API (calls, reads, `aclose`,
+  writers, cancels), exception groups included; over SSE, an HTTP 500 (`http-500`) or another
+  answer the protocol does not have for it (`http-status`).
+- `hang`: a reader still waiting when the processes were stopped, for an end its producer had
+  reached (or died) more than `wait_bound` seconds before; an SSE session that gave up
+  reconnecting; `slow-end`: a reader that got its end more than `wait_bound` seconds after
+  its producer's end (or death). The longest such wait is reported in any case.
+- `process-exit` (a process exited when nobody killed it), `logged-error` (an ERROR record,
+  a traceback that is not a planned failure, "Exception in ASGI application", "Task exception
+  was never retrieved"), `leak` (a key of the run without a TTL after the run).
+
+False claims. A fault *touches* a stream if it hit the node that holds it (every node of a
+server or Sentinel setup; on a cluster, the master of its slot) or a process involved.
+- `false-failed`, `false-cancelled` (no candidate ended so, no `cancel_stream` of it had
+  started, and the processes were not stopping), `false-restarted` (no later attempt had
+  started), `false-conflict` (fewer than two instances had started), `false-slow`.
+- `false-lost`: `ProducerLostError` (SSE: `producer_lost`) although every candidate's process
+  was alive at the claim and none of these touched the stream in [call - (resume_timeout +
+  liveness_timeout), claim]: a node outage (SIGKILL, SIGSTOP, a Sentinel failover) or a link
+  outage of the producer's process (a stalled proxy) of `liveness_timeout` or more, a link
+  slowed by half of it or more each way, a loss of keys. A planned cluster failover, a slot
+  migration, a killed subscriber connection, a cut link or a full memory excuse nothing: the
+  README says none of them ends a stream.
+- `false-none`: `None` (SSE: a 204) while the latest instance elected before the call (none
+  during it) was running with its process alive; or had ended failed or cancelled, or died
+  less than `lost_ttl` before; or had ended done with a cursor short of its end while its
+  text was still held (durable: stored, and no key loss touched it; else its process alive
+  and within `linger` of its end).
+- `false-incomplete`: `StreamIncompleteError` (SSE: `incomplete`) although no key loss touched
+  the stream and no candidate's process died, and either a candidate still held its text
+  (running, lingering, or durable) or no fault at all touched the stream or the reader.
+- `false-backend`: `BackendError` (SSE: `unavailable`) with no fault touching the stream or
+  the reader's process in its window.
+- `false-closed`: any other `ResumableStreamError` while the processes were not stopping.
+  `ProducerUnavailableError` (and an SSE 503) is always a fair answer ("try again").
+
+A margin of `_MARGIN` seconds absorbs the gap between when a thing happened and when it was
+recorded. Exact interleavings are not reproducible with real processes: a violation is
+reported with its records, its processes' log lines and the faults around it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from redis.crc import key_slot
+
+from ._plan import Plan
+from ._records import Record, read_records
+from ._topology import FaultRecord
+
+__all__ = ["Checked", "Violation", "check"]
+
+_MARGIN = 1.0
+# Faults that make a node or a link unreachable for their whole span.
+_OUTAGES = {"kill", "kill-master", "stall", "failover", "proxy-stall", "kill-proc"}
+_CODES = {
+    "failed": "StreamFailedError",
+    "cancelled": "StreamCancelledError",
+    "producer_lost": "ProducerLostError",
+    "incomplete": "StreamIncompleteError",
+    "too_slow": "SlowReaderError",
+    "unavailable": "BackendError",
+}
+_ERROR_WORDS = (" ERROR ", " CRITICAL ", "ERROR:", "Exception in ASGI application")
+_TIME = re.compile(r"^(\d{9,}\.\d{3}) ")
+
+
+@dataclass
+class Instance:
+    id: str
+    proc: str
+    inc: int
+    sid: str
+    dep: str
+    kind: str
+    attempt: int
+    rid: str | None
+    t_start: float
+    chunks: list[tuple[str, str | None]] = field(default_factory=list)
+    end: str | None = None
+    t_end: float = math.inf
+    died: float = math.inf  # when its process died (inf: it did not)
+    offline: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.chunks)
+
+    def boundaries(self) -> dict[int, str | None]:
+        """End offset -> event name of each chunk."""
+        out, position = {}, 0
+        for text, event in self.chunks:
+            position += len(text)
+            out[position] = event
+        return out
+
+    def over(self) -> float:
+        """When it stopped producing: its end, or its death."""
+        return min(self.t_end, self.died)
+
+    def describe(self) -> str:
+        how = self.end or ("died" if self.died < math.inf else "running")
+        return (
+            f"{self.id} (attempt {self.attempt}, {self.kind}, {how}, {len(self.text)} characters)"
+        )
+
+
+@dataclass
+class Piece:
+    text: str
+    end: int | None  # the offset just past it, when the reader was told
+    event: str | None  # its event name (None: a plain chunk), when the reader was told
+    named: bool  # whether the reader was told the event name
+
+
+@dataclass
+class Reader:
+    rid: str
+    proc: str
+    inc: int
+    sse: bool
+    sid: str
+    dep: str
+    api: str
+    offset: int | None
+    attempt: int | None  # the attempt its cursor is from (None: whichever it found)
+    t_call: float
+    t_open: float | None = None
+    t_conn: float = 0.0  # an SSE session's last connection
+    pieces: list[Piece] = field(default_factory=list)
+    end: str | None = None  # stop | none | error | untyped | detached | stopped | killed | ...
+    error: str = ""
+    msg: str = ""
+    t_end: float = math.inf
+    phase: str = ""
+    gap: str = ""  # a piece that did not continue where the previous one ended
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.pieces)
+
+    @property
+    def start(self) -> int:
+        return self.offset or 0
+
+
+@dataclass
+class Violation:
+    kind: str
+    detail: str
+    reader: str = ""
+    stream: str = ""
+    processes: list[tuple[str, int]] = field(default_factory=list)
+    at: float = 0.0
+    records: list[str] = field(default_factory=list)
+    logs: list[str] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        where = " ".join(x for x in (self.reader, self.stream) if x)
+        return f"{self.kind}: {where + ': ' if where else ''}{self.detail}"
+
+
+@dataclass
+class Checked:
+    violations: list[Violation]
+    streams: int
+    instances: int
+    readers: int
+    library_readers: int
+    sse_readers: int
+    outcomes: Counter[str]
+    longest_wait: float
+    longest_wait_reader: str
+    unavailable: int  # fair "try again" answers (ProducerUnavailableError, 503)
+
+
+class _Checker:
+    def __init__(
+        self,
+        plan: Plan,
+        folder: Path,
+        faults: list[FaultRecord],
+        crashes: list[dict[str, Any]],
+        leaks: list[str],
+        t_stop: float,
+        wait_bound: float,
+    ) -> None:
+        self.plan = plan
+        self.folder = folder
+        self.faults = faults
+        self.crashes = crashes
+        self.leaks = leaks
+        self.t_stop = t_stop
+        self.wait_bound = wait_bound
+        self.settings = plan.settings
+        self.streams = plan.by_id()
+        self.violations: list[Violation] = []
+        self.instances: dict[str, Instance] = {}
+        self.by_stream: dict[tuple[str, str], list[Instance]] = defaultdict(list)
+        self.readers: list[Reader] = []
+        self.cancels: dict[tuple[str, str], list[float]] = defaultdict(list)
+        self.deaths: dict[tuple[str, int], float] = {}
+        self.records: dict[tuple[str, int], list[Record]] = defaultdict(list)
+        self.outcomes: Counter[str] = Counter()
+        self.longest = (0.0, "")
+        self.unavailable = 0
+        self._slots: dict[str, int] = {}
+
+    # Reading the run
+
+    def load(self) -> None:
+        for fault in self.faults:
+            if fault.kind == "kill-proc" and fault.incarnation >= 0:
+                self.deaths[(fault.procs[0], fault.incarnation)] = fault.start
+        for crash in self.crashes:
+            self.deaths[(crash["process"], crash["incarnation"])] = crash["t"]
+        readers: dict[str, Reader] = {}
+        for proc, inc, record in read_records(self.folder / "records"):
+            self.records[(proc, inc)].append(record)
+            kind = record["k"]
+            if kind == "inst-start":
+                inst = Instance(
+                    record["inst"],
+                    proc,
+                    inc,
+                    record["sid"],
+                    record["dep"],
+                    record["kind"],
+                    record["attempt"],
+                    record.get("rid"),
+                    record["t"],
+                )
+                inst.died = self.deaths.get((proc, inc), math.inf)
+                self.instances[inst.id] = inst
+                self.by_stream[(inst.sid, inst.dep)].append(inst)
+            elif kind == "inst-chunk":
+                self.instances[record["inst"]].chunks.append((record["text"], record["event"]))
+            elif kind == "inst-end":
+                inst = self.instances[record["inst"]]
+                inst.end, inst.t_end = record["how"], record["t"]
+            elif kind == "read-start":
+                reader = Reader(
+                    record["rid"],
+                    proc,
+                    inc,
+                    False,
+                    record["sid"],
+                    record["dep"],
+                    record["api"],
+                    record["offset"],
+                    record.get("attempt"),
+                    record["t"],
+                )
+                if record["offset"] is not None and reader.attempt is None:
+                    reader.attempt = 1
+                readers[reader.rid] = reader
+                self.readers.append(reader)
+            elif kind == "read-open":
+                readers[record["rid"]].t_open = record["t"]
+            elif kind == "read-chunks":
+                reader = readers[record["rid"]]
+                for text, end, event in record["items"]:
+                    reader.pieces.append(Piece(text, end, event, end is not None))
+            elif kind == "read-end":
+                reader = readers[record["rid"]]
+                reader.end, reader.t_end = record["end"], record["t"]
+                reader.error, reader.msg = record.get("error", ""), record.get("msg", "")
+                reader.phase = record.get("phase", "")
+            elif kind == "cancel-start":
+                self.cancels[(record["sid"], record["dep"])].append(record["t"])
+            elif kind == "untyped":
+                self.add(
+                    "untyped",
+                    f"{record['what']} of {record['sid']} raised "
+                    f"{record['error']}: {record['msg']}",
+                    stream=record["sid"],
+                    processes=[(proc, inc)],
+                    at=record["t"],
+                    records=[record.get("tb", "")],
+                )
+            elif kind.startswith("sess-"):
+                self._session(proc, inc, record, readers)
+        for reader in self.readers:
+            if reader.end is None:
+                died = self.deaths.get((reader.proc, reader.inc))
+                if died is not None:
+                    reader.end, reader.t_end = "killed", died
+        self._offline()
+
+    def _session(self, proc: str, inc: int, record: Record, readers: dict[str, Reader]) -> None:
+        """An SSE session's records, as readers: one per attempt it read."""
+        kind, rid = record["k"], record["rid"]
+        if kind == "sess-start":
+            reader = Reader(
+                rid,
+                proc,
+                inc,
+                True,
+                record["sid"],
+                record["dep"],
+                "sse-create" if record["creates"] else "sse-follow",
+                record["offset"],
+                None if record["offset"] is None else 1,
+                record["t"],
+            )
+            readers[rid] = reader
+            self.readers.append(reader)
+            return
+        reader = readers[rid]
+        while rid in readers and readers[rid].end == "restart":
+            rid = readers[rid].rid + "+"  # the session's later segment
+            reader = readers[rid]
+        if kind == "sess-conn":
+            reader.t_conn = record["t"]
+            if reader.t_open is None:
+                reader.t_open = record["t"]
+        elif kind == "sess-events":
+            for event_id, name, data in record["items"]:
+                attempt, offset = _sse_id(event_id)
+                if name == "restart":
+                    new_attempt = int(json.loads(data)["attempt"])
+                    reader.end, reader.t_end = "restart", record["t"]
+                    reader.error, reader.msg = "StreamRestartedError", f"attempt {new_attempt}"
+                    later = Reader(
+                        reader.rid + "+",
+                        proc,
+                        inc,
+                        True,
+                        reader.sid,
+                        reader.dep,
+                        reader.api,
+                        0,
+                        new_attempt,
+                        record["t"],
+                        record["t"],
+                    )
+                    readers[later.rid] = later
+                    self.readers.append(later)
+                    reader = later
+                    continue
+                if name == "error":
+                    continue  # its end comes as sess-end
+                if reader.attempt is None:
+                    reader.attempt = attempt
+                elif attempt != reader.attempt and not reader.gap:
+                    reader.gap = (
+                        f"an event of attempt {attempt} in a read of attempt {reader.attempt}"
+                    )
+                position = reader.start + len(reader.text)
+                if (offset is None or offset - len(data) != position) and not reader.gap:
+                    reader.gap = (
+                        f"event id {event_id!r} with {len(data)} characters after offset {position}"
+                    )
+                event = None if name == "message" else name
+                reader.pieces.append(Piece(data, offset, event, True))
+        elif kind == "sess-end":
+            end = record["end"]
+            reader.t_end = record["t"]
+            if end == "204":
+                reader.end = "204"
+                reader.msg = f"cursor {record.get('cursor')}"
+            elif end == "error":
+                try:
+                    code = str(json.loads(record["data"]).get("code", "error"))
+                except (ValueError, AttributeError):
+                    code = "error"
+                reader.end, reader.error = "error", _CODES.get(code, f"code:{code}")
+                reader.msg = record["data"]
+            elif end == "http":
+                reader.end = "http"
+                reader.error, reader.msg = str(record["status"]), record.get("body", "")
+            else:
+                reader.end = end  # gave-up | stopped
+        elif kind == "sess-status":
+            self.unavailable += 1
+
+    def _offline(self) -> None:
+        """Instances that ran without resumability (the election failed: degraded mode)."""
+        pattern = re.compile(r"stream '([^']+)' runs without resumability")
+        for path in sorted((self.folder / "logs").glob("*.stderr")):
+            name, _, inc = path.stem.rpartition(".")
+            for line in path.read_text(errors="replace").splitlines():
+                found = pattern.search(line)
+                stamp = _TIME.match(line)
+                if not found or not stamp:
+                    continue
+                at = float(stamp.group(1))
+                for inst in self.instances.values():
+                    if (inst.proc, inst.inc, inst.sid) == (name, int(inc), found.group(1)) and (
+                        abs(inst.t_start - at) < 2.0
+                    ):
+                        inst.offline = True
+
+    # Facts
+
+    def slot(self, sid: str) -> int:
+        if sid not in self._slots:
+            self._slots[sid] = key_slot(f"{{{sid}}}".encode())
+        return self._slots[sid]
+
+    def touches(self, fault: FaultRecord, sid: str, procs: set[str]) -> bool:
+        if fault.procs:
+            return bool(set(fault.procs) & procs)
+        if fault.slots is None:
+            return True
+        slot = self.slot(sid)
+        return any(a <= slot <= b for a, b in fault.slots)
+
+    def faults_in(self, sid: str, procs: set[str], start: float, end: float) -> list[FaultRecord]:
+        return [
+            f for f in self.faults
+            if f.start <= end + _MARGIN and f.end >= start - _MARGIN and self.touches(f, sid, procs)
+        ]  # fmt: skip
+
+    def keys_lost(self, sid: str, dep: str, before: float) -> bool:
+        """Whether a fault may have lost keys of the stream, from its first instance's start
+        to `before`."""
+        first = min((i.t_start for i in self.by_stream.get((sid, dep), [])), default=before)
+        return any(
+            f.keys_lost
+            and f.start <= before + _MARGIN
+            and f.end >= first - _MARGIN
+            and not f.procs
+            and self.touches(f, sid, set())
+            for f in self.faults
+        )
+
+    def alive(self, proc: str, inc: int, at: float) -> bool:
+        return self.deaths.get((proc, inc), math.inf) > at + _MARGIN
+
+    def stopping(self, at: float) -> bool:
+        return at >= self.t_stop - _MARGIN
+
+    def candidates(self, reader: Reader) -> list[Instance]:
+        pool = self.by_stream.get((reader.sid, reader.dep), [])
+        if reader.attempt is not None:
+            pool = [i for i in pool if i.attempt == reader.attempt]
+        own = [i for i in pool if i.rid is not None and i.rid == reader.rid.split("+")[0]]
+        if own and reader.attempt in (None, 1) and not reader.sse:
+            pool = own
+        text, start = reader.text, reader.start
+        if not text:
+            return [i for i in pool if i.t_start <= reader.t_end + _MARGIN]
+        return [i for i in pool if i.text[start : start + len(text)] == text]
+
+    # Checks
+
+    def add(
+        self,
+        kind: str,
+        detail: str,
+        reader: Reader | None = None,
+        stream: str = "",
+        processes: list[tuple[str, int]] | None = None,
+        at: float = 0.0,
+        records: list[str] | None = None,
+        instances: list[Instance] | None = None,
+    ) -> None:
+        procs = list(processes or [])
+        if reader is not None:
+            procs.append((reader.proc, reader.inc))
+            stream = stream or reader.sid
+            at = at or (reader.t_end if reader.t_end < math.inf else reader.t_call)
+        for inst in instances or []:
+            if (inst.proc, inst.inc) not in procs:
+                procs.append((inst.proc, inst.inc))
+        self.violations.append(
+            Violation(
+                kind, detail, reader.rid if reader else "", stream, procs, at, list(records or [])
+            )
+        )
+
+    def run(self) -> None:
+        self.load()
+        for reader in self.readers:
+            self.check_reader(reader)
+        for crash in self.crashes:
+            self.add(
+                "process-exit",
+                f"{crash['process']}.{crash['incarnation']} exited with "
+                f"{crash['returncode']} when nobody killed it",
+                processes=[(crash["process"], crash["incarnation"])],
+                at=crash["t"],
+                records=[crash["stderr"]],
+            )
+        for leak in self.leaks:
+            self.add("leak", f"a key without a TTL after the run: {leak}")
+        self.scan_logs()
+
+    def check_reader(self, reader: Reader) -> None:
+        end = reader.end
+        self.outcomes[f"{'sse' if reader.sse else 'lib'}:{end}"] += 1
+        if end == "untyped":
+            self.add(
+                "untyped", f"{reader.api} raised {reader.error}: {reader.msg}", reader, records=[]
+            )
+            return
+        if end == "http":
+            kind = "http-500" if reader.error == "500" else "http-status"
+            self.add(kind, f"answered {reader.error}: {reader.msg[:200]}", reader)
+            return
+        if reader.gap:
+            self.add("wrong-text", reader.gap, reader)
+            return
+        if end == "none" or (end == "204" and not reader.pieces and reader.offset is None):
+            self.check_none(reader, reader.offset)
+            return
+        candidates = self.candidates(reader)
+        text = reader.text
+        if not candidates and text:
+            texts = {
+                i.id: _short(i.text[reader.start :])
+                for i in self.by_stream.get((reader.sid, reader.dep), [])
+            }
+            self.add(
+                "wrong-text",
+                f"read {_short(text)} from offset {reader.start} (attempt "
+                f"{reader.attempt}); the instances have {texts}",
+                reader,
+            )
+            return
+        if text:
+            fitting = [i for i in candidates if self.chunking(reader, i) is None]
+            if not fitting:
+                self.add(
+                    "chunking",
+                    f"{self.chunking(reader, candidates[0])} (instance {candidates[0].id})",
+                    reader,
+                    instances=candidates[:1],
+                )
+                return
+            candidates = fitting
+        self.wait(reader, candidates)
+        if end in ("stop", "204"):
+            whole = [i for i in candidates if i.text[reader.start :] == text and i.end == "done"]
+            if whole:
+                return
+            if end == "204":
+                # A 204 to a reconnect: "nothing more". Judged as a None for its cursor.
+                self.check_none(reader, reader.start + len(text), candidates)
+                return
+            states = ", ".join(i.describe() for i in candidates) or "none"
+            self.add(
+                "false-end",
+                f"ended normally with {len(text)} characters from offset "
+                f"{reader.start}; the candidates: {states}",
+                reader,
+                instances=candidates,
+            )
+        elif end == "error" or end == "restart":
+            self.check_claim(reader, candidates)
+        elif end in ("stopped", "gave-up"):
+            self.check_hang(reader, candidates)
+
+    def chunking(self, reader: Reader, inst: Instance) -> str | None:
+        position = reader.start
+        bounds = inst.boundaries()
+        for piece in reader.pieces:
+            position += len(piece.text)
+            if not piece.text or position not in bounds:
+                return f"a chunk {_short(piece.text)} ends at {position}, not on a chunk boundary"
+            if piece.end is not None and piece.end != position:
+                return (
+                    f"a chunk {_short(piece.text)} says it ends at {piece.end}, it ends at "
+                    f"{position}"
+                )
+            if piece.named and piece.event != bounds[position]:
+                return (
+                    f"the chunk ending at {position} came as event {piece.event!r}; it was "
+                    f"produced as {bounds[position]!r}"
+                )
+        return None
+
+    def wait(self, reader: Reader, candidates: list[Instance]) -> None:
+        """How long the reader waited for its end after its producer's end or death."""
+        if reader.end not in ("stop", "204", "error", "restart", "none") or not candidates:
+            return
+        over = min(i.over() for i in candidates)
+        if over == math.inf:
+            return
+        waited = reader.t_end - max(over, reader.t_call)
+        if waited > self.longest[0]:
+            self.longest = (waited, reader.rid)
+        if waited > self.wait_bound:
+            self.add(
+                "slow-end",
+                f"got its end ({reader.end} {reader.error}) {waited:.1f}s after "
+                f"its producer's end or death",
+                reader,
+                instances=candidates,
+            )
+
+    def check_hang(self, reader: Reader, candidates: list[Instance]) -> None:
+        pool = candidates or [
+            i for i in self.by_stream.get((reader.sid, reader.dep), []) if i.t_start <= reader.t_end
+        ]
+        over = min((i.over() for i in pool), default=math.inf)
+        waiting = reader.t_end - max(reader.t_call, over if over < math.inf else reader.t_call)
+        if over == math.inf and pool and all(self.alive(i.proc, i.inc, reader.t_end) for i in pool):
+            self.add(
+                "hang",
+                f"still waiting at the stop ({reader.end}), its producer never ended: "
+                + ", ".join(i.describe() for i in pool),
+                reader,
+                instances=pool,
+            )
+            return
+        if reader.end == "gave-up" or waiting > self.wait_bound:
+            self.add(
+                "hang",
+                f"{reader.end} after waiting {waiting:.1f}s (in {reader.phase or 'read'}"
+                f") for the end of " + (", ".join(i.describe() for i in pool) or "no instance"),
+                reader,
+                instances=pool,
+            )
+
+    def check_claim(self, reader: Reader, candidates: list[Instance]) -> None:
+        error, at, sid = reader.error, reader.t_end, reader.sid
+        text = reader.text
+        if not text and not candidates:
+            candidates = [
+                i
+                for i in self.by_stream.get((sid, reader.dep), [])
+                if i.t_start <= at + _MARGIN
+                and (reader.attempt is None or i.attempt == reader.attempt)
+            ]
+        said = f"{error} ({reader.msg[:160]})"
+        if error == "StreamFailedError":
+            if not any(i.end == "failed" and i.t_end <= at + _MARGIN for i in candidates):
+                self.add(
+                    "false-failed",
+                    f"{said}, but no producer of it failed",
+                    reader,
+                    instances=candidates,
+                )
+        elif error == "StreamCancelledError":
+            cancelled = any(i.end == "cancelled" for i in candidates)
+            asked = any(t <= at + _MARGIN for t in self.cancels.get((sid, reader.dep), []))
+            if not (cancelled or asked or self.stopping(at)):
+                self.add(
+                    "false-cancelled",
+                    f"{said}, but nothing cancelled it",
+                    reader,
+                    instances=candidates,
+                )
+        elif error == "StreamRestartedError":
+            attempt = reader.attempt or 1
+            if not any(
+                i.attempt > attempt and i.t_start <= at + _MARGIN
+                for i in self.by_stream.get((sid, reader.dep), [])
+            ):
+                self.add("false-restarted", f"{said}, but no later attempt had started", reader)
+        elif error == "ProducerLostError":
+            self.check_lost(reader, said, candidates)
+        elif error in ("ProducerUnavailableError",):
+            self.unavailable += 1
+        elif error == "ProducerConflictError":
+            started = [
+                i
+                for i in self.by_stream.get((sid, reader.dep), [])
+                if not i.offline and i.t_start <= at + _MARGIN
+            ]
+            if len(started) < 2:
+                self.add(
+                    "false-conflict",
+                    f"{said}, but only {len(started)} producer ran",
+                    reader,
+                    instances=started,
+                )
+        elif error == "StreamIncompleteError":
+            self.check_incomplete(reader, said, candidates)
+        elif error == "SlowReaderError":
+            self.add("false-slow", f"{said}: no stream of the campaign is that long", reader)
+        elif error == "BackendError":
+            start = reader.t_call
+            if not self.faults_in(sid, {reader.proc}, start, at) and not self.stopping(at):
+                self.add("false-backend", f"{said}, but no fault touched it", reader)
+        elif not self.stopping(at):
+            self.add("false-closed", f"{said}, while the processes were not stopping", reader)
+
+    def check_lost(self, reader: Reader, said: str, candidates: list[Instance]) -> None:
+        at = reader.t_end
+        settings = self.settings
+        start = reader.t_call - (settings.resume_timeout + settings.liveness_timeout)
+        if not candidates or self.keys_lost(reader.sid, reader.dep, at):
+            return
+        excuses = []
+        for inst in candidates:
+            if inst.offline or not self.alive(inst.proc, inst.inc, at):
+                return
+            for fault in self.faults_in(reader.sid, {inst.proc}, start, at):
+                length = fault.end - fault.start
+                if fault.kind in _OUTAGES and (
+                    length >= settings.liveness_timeout or fault.kind == "kill-proc"
+                ):
+                    return
+                if fault.kind == "proxy-delay" and 2 * fault.delay >= settings.liveness_timeout:
+                    return
+            excuses.append(inst.describe())
+        self.add(
+            "false-lost",
+            f"{said}, but its producer {', '.join(excuses)} was alive and no "
+            f"outage of liveness_timeout={settings.liveness_timeout}s touched it",
+            reader,
+            instances=candidates,
+        )
+
+    def holds_text(self, inst: Instance, at: float) -> bool:
+        if inst.offline or not self.alive(inst.proc, inst.inc, at):
+            return False
+        if inst.dep == "dur":
+            return True
+        if inst.end is None:
+            return True
+        return at < inst.t_end + self.settings.linger - _MARGIN
+
+    def check_incomplete(self, reader: Reader, said: str, candidates: list[Instance]) -> None:
+        at = reader.t_end
+        if self.keys_lost(reader.sid, reader.dep, at):
+            return
+        if any(not self.alive(i.proc, i.inc, at) for i in candidates):
+            return
+        holding = [i for i in candidates if self.holds_text(i, at)]
+        if holding and any(i.dep == "mem" for i in holding):
+            detail = f"its producer {', '.join(i.describe() for i in holding)} still had the text"
+        elif holding:
+            detail = "its text was stored and no key of it was lost"
+        else:
+            procs = {reader.proc, *(i.proc for i in candidates)}
+            if self.faults_in(reader.sid, procs, reader.t_call, at):
+                return
+            detail = "no fault could have lost a message"
+        self.add("false-incomplete", f"{said}, but {detail}", reader, instances=candidates)
+
+    def check_none(
+        self, reader: Reader, cursor: int | None, candidates: list[Instance] | None = None
+    ) -> None:
+        start, end = reader.t_call, reader.t_end
+        if reader.end == "204":
+            start = reader.t_conn  # a 204 answers the last connection
+        sid = reader.sid
+        if self.keys_lost(sid, reader.dep, end):
+            return
+        pool = [i for i in self.by_stream.get((sid, reader.dep), []) if not i.offline]
+        if reader.attempt is not None and reader.attempt > 1:
+            pool = [i for i in pool if i.attempt == reader.attempt]
+        before = [i for i in pool if i.t_start < start - _MARGIN]
+        if not before or any(start - _MARGIN <= i.t_start <= end + _MARGIN for i in pool):
+            return
+        inst = max(before, key=lambda i: i.t_start)
+        what = f"{'a 204' if reader.sse else 'None'} (cursor {cursor}) from {reader.api}"
+        if inst.over() > end + _MARGIN:
+            self.add(
+                "false-none",
+                f"{what} while {inst.describe()} was running",
+                reader,
+                instances=[inst],
+            )
+            return
+        if inst.end in ("failed", "cancelled") and inst.t_end <= inst.died:
+            self.add(
+                "false-none",
+                f"{what}: {inst.describe()} had ended {inst.end}",
+                reader,
+                instances=[inst],
+            )
+            return
+        if inst.end is None or inst.died < inst.t_end:
+            if end < inst.died + self.settings.lost_ttl - _MARGIN:
+                self.add(
+                    "false-none",
+                    f"{what}: {inst.describe()} had died "
+                    f"{end - inst.died:.1f}s before (lost_ttl={self.settings.lost_ttl})",
+                    reader,
+                    instances=[inst],
+                )
+            return
+        length = len(inst.text)
+        if cursor is None or cursor >= length:
+            return
+        left = f"{length - cursor} characters left"
+        if inst.dep == "dur":
+            self.add(
+                "false-none",
+                f"{what}: {inst.describe()} ended done and was stored, {left}",
+                reader,
+                instances=[inst],
+            )
+        elif (
+            self.alive(inst.proc, inst.inc, end)
+            and end <= inst.t_end + self.settings.linger - _MARGIN
+        ):
+            self.add(
+                "false-none",
+                f"{what}: {inst.describe()} ended done {end - inst.t_end:.1f}s "
+                f"before and was lingering (linger={self.settings.linger}s), {left}",
+                reader,
+                instances=[inst],
+            )
+
+    def scan_logs(self) -> None:
+        for path in sorted((self.folder / "logs").glob("*.stderr")):
+            name, _, inc = path.stem.rpartition(".")
+            for at, entry in _log_entries(path):
+                head = entry[0]
+                problem = ""
+                if any(word in head for word in _ERROR_WORDS):
+                    problem = "logged-error"
+                elif any(line.startswith("Traceback") for line in entry):
+                    last = entry[-1]
+                    if "fails as planned" not in last:
+                        problem = "logged-error"
+                elif "Task exception was never retrieved" in head:
+                    problem = "logged-error"
+                if problem:
+                    self.add(
+                        problem,
+                        f"{name}.{inc}: {head[:300]}",
+                        processes=[(name, int(inc))],
+                        at=at,
+                        records=["\n".join(entry[-40:])],
+                    )
+
+
+def _log_entries(path: Path) -> list[tuple[float, list[str]]]:
+    """The stderr of a process as log entries: a timestamped line and what follows it (a
+    traceback); lines before any timestamp form entries of their own."""
+    entries: list[tuple[float, list[str]]] = []
+    last = 0.0
+    for line in path.read_text(errors="replace").splitlines():
+        stamp = _TIME.match(line)
+        if stamp:
+            last = float(stamp.group(1))
+            entries.append((last, [line]))
+        elif entries and (
+            line.startswith((" ", "Traceback", "During", "The above"))
+            or not line
+            or not line[0].isalnum()
+            or ":" in line.split(" ")[0]
+        ):
+            entries[-1][1].append(line)
+        else:
+            entries.append((last, [line]))
+    return entries
+
+
+def _sse_id(event_id: str) -> tuple[int, int | None]:
+    attempt, dot, offset = event_id.partition(".")
+    if not dot:
+        attempt, offset = "1", event_id
+    return int(attempt), int(offset) if offset.isdigit() else None
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def context_lines(folder: Path, violation: Violation, faults: list[FaultRecord]) -> None:
+    """Fill in the log lines and faults around a violation."""
+    at = violation.at
+    for proc, inc in violation.processes:
+        path = folder / "logs" / f"{proc}.{inc}.stderr"
+        if not path.exists():
+            continue
+        near = [
+            line for t, entry in _log_entries(path) if at - 8.0 <= t <= at + 2.0
+            for line in entry
+        ][-25:]  # fmt: skip
+        if near:
+            violation.logs.append(f"--- {proc}.{inc} stderr around {at:.3f} ---")
+            violation.logs.extend(near)
+    for fault in faults:
+        if fault.start <= at + 2.0 and fault.end >= at - 15.0:
+            violation.faults.append(
+                f"{fault.kind} [{fault.start:.3f}, {fault.end:.3f}] {fault.detail} "
+                f"{fault.procs or fault.nodes}{' error: ' + fault.error if fault.error else ''}"
+            )
+
+
+def reader_records(folder: Path, violation: Violation, limit: int = 40) -> None:
+    if not violation.reader:
+        return
+    rid = violation.reader.split("+")[0]
+    found: list[str] = []
+    for _proc, _inc, record in read_records(folder / "records"):
+        if str(record.get("rid", "")).split("+")[0] == rid or (
+            record["k"] == "inst-start" and record.get("sid") == violation.stream
+        ):
+            found.append(json.dumps(record, ensure_ascii=False)[:400])
+    violation.records = found[-limit:] + violation.records
+
+
+def check(
+    plan: Plan,
+    folder: Path,
+    faults: list[FaultRecord],
+    crashes: list[dict[str, Any]],
+    leaks: list[str],
+    t_stop: float,
+    wait_bound: float,
+) -> Checked:
+    checker = _Checker(plan, folder, faults, crashes, leaks, t_stop, wait_bound)
+    checker.run()
+    for violation in checker.violations:
+        context_lines(folder, violation, faults)
+        reader_records(folder, violation)
+    readers = checker.readers
+    return Checked(
+        violations=checker.violations,
+        streams=len({(i.sid, i.dep) for i in checker.instances.values()}),
+        instances=len(checker.instances),
+        readers=len(readers),
+        library_readers=sum(1 for r in readers if not r.sse),
+        sse_readers=sum(1 for r in readers if r.sse),
+        outcomes=checker.outcomes,
+        longest_wait=checker.longest[0],
+        longest_wait_reader=checker.longest[1],
+        unavailable=checker.unavailable,
+    )
