@@ -66,6 +66,7 @@ def report(plan: Plan, outcome: RunOutcome, checked: Checked, elapsed: float) ->
         "faults_not_carried_out": dict(sorted(failed.items())),
         "violations_by_kind": dict(sorted(kinds.items())),
         "violations": [asdict(v) for v in checked.violations],
+        "warnings": [asdict(v) for v in checked.warnings],
         "longest_wait": round(checked.longest_wait, 3),
         "longest_wait_reader": checked.longest_wait_reader,
         "processes_not_idle": outcome.not_idle,
@@ -99,7 +100,9 @@ def summary(data: dict[str, Any]) -> str:
     for note in data["notes"]:
         lines.append(f"  note: {note}")
     lines.append(f"  violations: {counts(data['violations_by_kind'])}")
-    for violation in data["violations"][:50]:
+    warnings = Counter(w["kind"] for w in data["warnings"])
+    lines.append(f"  warnings: {counts(dict(warnings))}")
+    for violation in [*data["violations"][:50], *data["warnings"][:10]]:
         where = " ".join(x for x in (violation["reader"], violation["stream"]) if x)
         lines.append(f"  - {violation['kind']}: {where}: {violation['detail']}")
         for fault in violation["faults"][-6:]:

@@ -51,8 +51,18 @@ server or Sentinel setup; on a cluster, the master of its slot) or a process inv
   (running, lingering, or durable) or no fault at all touched the stream or the reader.
 - `false-backend`: `BackendError` (SSE: `unavailable`) with no fault touching the stream or
   the reader's process in its window.
+- `false-degrade`: a stream that ran without resumability (the engine logged that the backend
+  failed as it started: `on_backend_error="degrade"`) although no outage (a node down or
+  stopped, a stalled link), full memory, eviction or link slowed by a quarter of
+  `command_timeout` each way touched it in [start - command_timeout, start]: Redis could
+  have elected it. A killed replica, a planned failover, a migration, a cut link or a killed
+  connection that ended before excuse nothing: Redis answered again.
 - `false-closed`: any other `ResumableStreamError` while the processes were not stopping.
-  `ProducerUnavailableError` (and an SSE 503) is always a fair answer ("try again").
+  `ProducerUnavailableError` (and an SSE 503) is always a fair answer ("try again"); one given
+  while a candidate held the text, its process alive, and no fault touched the stream, the
+  reader or the producer in [call - (resume_timeout + liveness_timeout), answer] is listed as a
+  *warning* (`unexplained-unavailable`), not a violation: nothing was lost, but a reader was
+  told to try again for no reason the run can see (a loaded machine can be one).
 
 A margin of `_MARGIN` seconds absorbs the gap between when a thing happened and when it was
 recorded. Exact interleavings are not reproducible with real processes: a violation is
@@ -78,8 +88,9 @@ from ._topology import FaultRecord
 __all__ = ["Checked", "Violation", "check"]
 
 _MARGIN = 1.0
-# Faults that make a node or a link unreachable for their whole span.
-_OUTAGES = {"kill", "kill-master", "stall", "failover", "proxy-stall", "kill-proc"}
+# What may make a command fail, and so a stream run without resumability (`false-degrade`),
+# beside an outage: a full memory, evictions.
+_COMMAND_FAULTS = {"oom", "evict"}
 _CODES = {
     "failed": "StreamFailedError",
     "cancelled": "StreamCancelledError",
@@ -161,6 +172,7 @@ class Reader:
     t_end: float = math.inf
     phase: str = ""
     gap: str = ""  # a piece that did not continue where the previous one ended
+    refusals: list[tuple[float, float]] = field(default_factory=list)  # SSE 503s: (asked, at)
 
     @property
     def text(self) -> str:
@@ -200,6 +212,7 @@ class Checked:
     longest_wait: float
     longest_wait_reader: str
     unavailable: int  # fair "try again" answers (ProducerUnavailableError, 503)
+    warnings: list[Violation]
 
 
 class _Checker:
@@ -223,6 +236,8 @@ class _Checker:
         self.settings = plan.settings
         self.streams = plan.by_id()
         self.violations: list[Violation] = []
+        self.warnings: list[Violation] = []
+        self.degraded: list[tuple[Instance, float, str]] = []
         self.instances: dict[str, Instance] = {}
         self.by_stream: dict[tuple[str, str], list[Instance]] = defaultdict(list)
         self.readers: list[Reader] = []
@@ -401,6 +416,8 @@ class _Checker:
                 reader.end = end  # gave-up | stopped
         elif kind == "sess-status":
             self.unavailable += 1
+            if record["status"] == 503:
+                reader.refusals.append((reader.t_conn, record["t"]))
 
     def _offline(self) -> None:
         """Instances that ran without resumability (the election failed: degraded mode)."""
@@ -418,6 +435,7 @@ class _Checker:
                         abs(inst.t_start - at) < 2.0
                     ):
                         inst.offline = True
+                        self.degraded.append((inst, at, line))
 
     # Facts
 
@@ -513,6 +531,8 @@ class _Checker:
             )
         for leak in self.leaks:
             self.add("leak", f"a key without a TTL after the run: {leak}")
+        for inst, at, line in self.degraded:
+            self.check_degrade(inst, at, line)
         self.scan_logs()
 
     def check_reader(self, reader: Reader) -> None:
@@ -559,6 +579,8 @@ class _Checker:
                 return
             candidates = fitting
         self.wait(reader, candidates)
+        for asked, at in reader.refusals:
+            self.check_unavailable(reader, asked, at, candidates)
         if end in ("stop", "204"):
             whole = [i for i in candidates if i.text[reader.start :] == text and i.end == "done"]
             if whole:
@@ -682,6 +704,7 @@ class _Checker:
             self.check_lost(reader, said, candidates)
         elif error in ("ProducerUnavailableError",):
             self.unavailable += 1
+            self.check_unavailable(reader, reader.t_call, at, candidates)
         elif error == "ProducerConflictError":
             started = [
                 i
@@ -706,6 +729,46 @@ class _Checker:
         elif not self.stopping(at):
             self.add("false-closed", f"{said}, while the processes were not stopping", reader)
 
+    def check_degrade(self, inst: Instance, at: float, line: str) -> None:
+        start = at - self.settings.command_timeout
+        for fault in self.faults_in(inst.sid, {inst.proc}, start, at):
+            if fault.outage or fault.kind in _COMMAND_FAULTS or fault.error:
+                return
+            if fault.kind == "proxy-delay" and 4 * fault.delay >= self.settings.command_timeout:
+                return
+        if self.stopping(at):
+            return
+        message = line.partition("resumable_stream: ")[2] or line
+        self.add(
+            "false-degrade",
+            f"{inst.describe()} ran without resumability although no "
+            f"outage touched it: {message[:300]}",
+            stream=inst.sid,
+            processes=[(inst.proc, inst.inc)],
+            at=at,
+        )
+
+    def check_unavailable(
+        self, reader: Reader, asked: float, at: float, candidates: list[Instance]
+    ) -> None:
+        """A "try again" while a producer held the text and nothing touched it: a warning."""
+        holding = [i for i in candidates if i.t_start <= asked and self.holds_text(i, at)]
+        if not holding or self.stopping(at):
+            return
+        settings = self.settings
+        start = asked - (settings.resume_timeout + settings.liveness_timeout)
+        procs = {reader.proc, *(i.proc for i in holding)}
+        if self.faults_in(reader.sid, procs, start, at):
+            return
+        processes = [(reader.proc, reader.inc), *((i.proc, i.inc) for i in holding)]
+        detail = (
+            f"told to try again ({reader.msg[:120] or '503'}) while "
+            f"{', '.join(i.describe() for i in holding)} held the text and no fault touched it"
+        )
+        self.warnings.append(
+            Violation("unexplained-unavailable", detail, reader.rid, reader.sid, processes, at)
+        )
+
     def check_lost(self, reader: Reader, said: str, candidates: list[Instance]) -> None:
         at = reader.t_end
         settings = self.settings
@@ -718,7 +781,7 @@ class _Checker:
                 return
             for fault in self.faults_in(reader.sid, {inst.proc}, start, at):
                 length = fault.end - fault.start
-                if fault.kind in _OUTAGES and (
+                if fault.outage and (
                     length >= settings.liveness_timeout or fault.kind == "kill-proc"
                 ):
                     return
@@ -929,7 +992,7 @@ def check(
 ) -> Checked:
     checker = _Checker(plan, folder, faults, crashes, leaks, t_stop, wait_bound)
     checker.run()
-    for violation in checker.violations:
+    for violation in [*checker.violations, *checker.warnings]:
         context_lines(folder, violation, faults)
         reader_records(folder, violation)
     readers = checker.readers
@@ -944,4 +1007,5 @@ def check(
         longest_wait=checker.longest[0],
         longest_wait_reader=checker.longest[1],
         unavailable=checker.unavailable,
+        warnings=checker.warnings,
     )

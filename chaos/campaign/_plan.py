@@ -464,15 +464,20 @@ def make_plan(seed: int, topology: str, duration: float, processes: int = 4) -> 
             )
 
     faults: list[FaultSpec] = []
-    at = rng.uniform(1.0, 4.0)
-    while at < duration - 2.0:
-        faults.append(_redis_fault(rng, topology, round(at, 3)))
-        at += rng.uniform(3.0, 9.0)
+    # Storms of faults and calm spells in turn: in a calm spell nothing excuses a claim, so
+    # what readers are told then is judged strictly.
     targets = [*workers, *[w for w in workers if w in proxied], "S0", "S1"]
     at = rng.uniform(0.5, 3.0)
     while at < duration - 2.0:
-        faults.append(_process_fault(rng, targets, round(at, 3)))
-        at += rng.uniform(2.0, 7.0)
+        storm_end = min(at + rng.uniform(10.0, 30.0), duration - 2.0)
+        redis_at, process_at = at + rng.uniform(0.0, 2.0), at
+        while redis_at < storm_end:
+            faults.append(_redis_fault(rng, topology, round(redis_at, 3)))
+            redis_at += rng.uniform(3.0, 8.0)
+        while process_at < storm_end:
+            faults.append(_process_fault(rng, targets, round(process_at, 3)))
+            process_at += rng.uniform(1.5, 5.0)
+        at = max(redis_at, process_at) + rng.uniform(6.0, 20.0)
     # Aimed faults: a process's subscriber connection killed, or its link cut or slowed, just
     # as one of its reads resumes (a random time would hit that moment rarely).
     for read in reads:

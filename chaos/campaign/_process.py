@@ -84,6 +84,10 @@ class ProcessSpec:
 
 
 def setup_logging() -> None:
+    """Logs to stderr, each line with its time; and the bug to put back, if any (`_inject`)."""
+    from ._inject import inject
+
+    inject()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
