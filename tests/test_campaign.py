@@ -35,7 +35,7 @@ from chaos.campaign._topology import FaultRecord
 from .machine import missing, server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
-T = 1_000_000.0  # the made-up runs' clock
+T = 1_700_000_000.0  # the made-up runs' clock (as time.time())
 
 SETTINGS = Settings(
     linger=10.0,
@@ -291,6 +291,21 @@ def test_it_finds_false_claims_of_ends(tmp_path: Path) -> None:
         ("false-backend", "r3"),
         ("false-closed", "r5"),
     ]
+
+
+def test_it_finds_a_stream_run_without_resumability_while_redis_was_up(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.produce(["abA0", "cdA0"], start=5.0, end=6.0)
+    run.log(
+        "W0",
+        f"{T + 5:.3f} WARNING resumable_stream: stream 's1' runs without resumability: "
+        "the backend failed (Redis connection error: Connection closed by server.)",
+    )
+    run.fault("kill-replica", 1.0, 5.5, nodes=[2], slots=[])  # touches no stream
+    run.fault("failover", 1.0, 2.0, nodes=[1], slots=None)  # planned: Redis answers
+    assert run.kinds() == ["false-degrade"]
+    run.fault("oom", 4.0, 5.5, nodes=[1])  # Redis refused it: fair
+    assert run.kinds() == []
 
 
 def test_it_finds_a_reader_that_never_got_its_end(tmp_path: Path) -> None:

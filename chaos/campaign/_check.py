@@ -17,7 +17,9 @@ Hard violations
 - `chunking`: a chunk that does not end on one of the candidate's chunk boundaries, or whose
   event name is not the one it was produced with.
 - `false-end`: a reader's normal end (`StopAsyncIteration`; over SSE, a 204 answering a
-  reconnect) without a candidate that ended `done` with R == T[o:] exactly.
+  reconnect) without a candidate that ended `done` with R == T[o:] exactly (a 204 is judged
+  as a `None` below, but for a stream that ran without resumability: its events' ids promise
+  a resume that cannot come).
 - `untyped`: anything but a `ResumableStreamError` out of the API (calls, reads, `aclose`,
   writers, cancels), exception groups included; over SSE, an HTTP 500 (`http-500`) or another
   answer the protocol does not have for it (`http-status`).
@@ -190,6 +192,7 @@ class Violation:
     reader: str = ""
     stream: str = ""
     processes: list[tuple[str, int]] = field(default_factory=list)
+    producers: list[str] = field(default_factory=list)  # the instances it is about
     at: float = 0.0
     records: list[str] = field(default_factory=list)
     logs: list[str] = field(default_factory=list)
@@ -512,7 +515,14 @@ class _Checker:
                 procs.append((inst.proc, inst.inc))
         self.violations.append(
             Violation(
-                kind, detail, reader.rid if reader else "", stream, procs, at, list(records or [])
+                kind,
+                detail,
+                reader.rid if reader else "",
+                stream,
+                procs,
+                [i.describe() for i in instances or []],
+                at,
+                list(records or []),
             )
         )
 
@@ -584,6 +594,18 @@ class _Checker:
         if end in ("stop", "204"):
             whole = [i for i in candidates if i.text[reader.start :] == text and i.end == "done"]
             if whole:
+                return
+            if end == "204" and candidates and all(i.offline for i in candidates):
+                left = min(len(i.text) - reader.start - len(text) for i in candidates)
+                if left > 0:
+                    self.add(
+                        "false-end",
+                        f"a reconnect got a 204 with {left} characters "
+                        "missing: the stream ran without resumability (its election "
+                        "failed), yet its events had ids a reconnect resumes from",
+                        reader,
+                        instances=candidates,
+                    )
                 return
             if end == "204":
                 # A 204 to a reconnect: "nothing more". Judged as a None for its cursor.
@@ -766,7 +788,15 @@ class _Checker:
             f"{', '.join(i.describe() for i in holding)} held the text and no fault touched it"
         )
         self.warnings.append(
-            Violation("unexplained-unavailable", detail, reader.rid, reader.sid, processes, at)
+            Violation(
+                "unexplained-unavailable",
+                detail,
+                reader.rid,
+                reader.sid,
+                processes,
+                [i.describe() for i in holding],
+                at,
+            )
         )
 
     def check_lost(self, reader: Reader, said: str, candidates: list[Instance]) -> None:
@@ -904,7 +934,7 @@ class _Checker:
                 elif "Task exception was never retrieved" in head:
                     problem = "logged-error"
                 if problem:
-                    self.add(
+                    self.add(  # the entry itself goes in the records
                         problem,
                         f"{name}.{inc}: {head[:300]}",
                         processes=[(name, int(inc))],
@@ -946,15 +976,22 @@ def _short(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
-def context_lines(folder: Path, violation: Violation, faults: list[FaultRecord]) -> None:
+def context_lines(
+    folder: Path,
+    violation: Violation,
+    faults: list[FaultRecord],
+    logs: dict[Path, list[tuple[float, list[str]]]],
+) -> None:
     """Fill in the log lines and faults around a violation."""
     at = violation.at
     for proc, inc in violation.processes:
         path = folder / "logs" / f"{proc}.{inc}.stderr"
         if not path.exists():
             continue
+        if path not in logs:
+            logs[path] = _log_entries(path)
         near = [
-            line for t, entry in _log_entries(path) if at - 8.0 <= t <= at + 2.0
+            line for t, entry in logs[path] if at - 8.0 <= t <= at + 2.0
             for line in entry
         ][-25:]  # fmt: skip
         if near:
@@ -968,17 +1005,24 @@ def context_lines(folder: Path, violation: Violation, faults: list[FaultRecord])
             )
 
 
-def reader_records(folder: Path, violation: Violation, limit: int = 40) -> None:
+def reader_records(
+    records: dict[tuple[str, int], list[Record]], violation: Violation, limit: int = 40
+) -> None:
+    """The reader's own records, and its stream's instances' starts."""
     if not violation.reader:
         return
     rid = violation.reader.split("+")[0]
-    found: list[str] = []
-    for _proc, _inc, record in read_records(folder / "records"):
-        if str(record.get("rid", "")).split("+")[0] == rid or (
-            record["k"] == "inst-start" and record.get("sid") == violation.stream
-        ):
-            found.append(json.dumps(record, ensure_ascii=False)[:400])
-    violation.records = found[-limit:] + violation.records
+    found: list[tuple[float, str]] = []
+    for (proc, inc), lines in records.items():
+        for record in lines:
+            if str(record.get("rid", "")).split("+")[0] == rid or (
+                record["k"] in ("inst-start", "inst-end", "writer-refused", "cancel-start")
+                and record.get("sid") == violation.stream
+            ):
+                text = json.dumps(record, ensure_ascii=False)[:400]
+                found.append((record["t"], f"{proc}.{inc} {text}"))
+    found.sort()
+    violation.records = [line for _, line in found[-limit:]] + violation.records
 
 
 def check(
@@ -992,9 +1036,10 @@ def check(
 ) -> Checked:
     checker = _Checker(plan, folder, faults, crashes, leaks, t_stop, wait_bound)
     checker.run()
-    for violation in [*checker.violations, *checker.warnings]:
-        context_lines(folder, violation, faults)
-        reader_records(folder, violation)
+    logs: dict[Path, list[tuple[float, list[str]]]] = {}
+    for violation in [*checker.violations, *checker.warnings][:500]:
+        context_lines(folder, violation, faults, logs)
+        reader_records(checker.records, violation)
     readers = checker.readers
     return Checked(
         violations=checker.violations,

@@ -418,9 +418,10 @@ class Orchestrator:
             record.nodes = ports
             record.detail = f"CLIENT KILL of {killed} subscriber connections of {target}"
         else:
-            proxied = [name for name in self.plan.proxied]
             if target not in self.proxies:
-                target = proxied[spec.pick % len(proxied)] if spec.pick else proxied[0]
+                # A process that is not behind a proxy: one that is, chosen by its name.
+                proxied = list(self.plan.proxied)
+                target = proxied[self.plan.process_index(target) % len(proxied)]
                 record.procs = [target]
             proxy = self.proxies[target]
             if spec.kind == "proxy-cut":
