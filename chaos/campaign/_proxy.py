@@ -226,7 +226,8 @@ def _serve(targets: list[int]) -> None:
     for listener in listeners:
         _close(listener.socket)
     link.cut()
-    print("ok", flush=True)
+    with contextlib.suppress(OSError):  # stdin ended: nobody reads this any more
+        print("ok", flush=True)
 
 
 if __name__ == "__main__":
