@@ -19,9 +19,14 @@ from ._exceptions import (
 )
 from ._protocol import new_stream_id
 from ._reader import ResumableStream
+from ._sync import (
+    SyncResumableStream,
+    SyncResumableStreamContext,
+    SyncStreamWriter,
+    create_sync_context,
+)
+from ._version import __version__ as __version__
 from ._writer import StreamWriter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Backend",
@@ -44,6 +49,10 @@ __all__ = [
     "StreamNotCancellableError",
     "StreamRestartedError",
     "StreamWriter",
+    "SyncResumableStream",
+    "SyncResumableStreamContext",
+    "SyncStreamWriter",
     "create_resumable_stream_context",
+    "create_sync_context",
     "new_stream_id",
 ]

@@ -90,6 +90,10 @@ class Connection(Protocol):
     async def swap(self, key: str, value: str, ttl: int) -> str | None:
         """Set `key` and return its previous value, atomically."""
 
+    async def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
+        """Set `key` to `value` (living `ttl` s) only if it still holds `expected`, atomically;
+        True if it was set."""
+
     async def create(self, key: str, value: str, ttl: int) -> bool:
         """Set `key` only if it does not exist; True if it was set."""
 
@@ -269,6 +273,15 @@ class _MemoryConnection:
         self._backend._values[key] = (value, time.monotonic() + ttl)
         return None if entry is None else entry[0]
 
+    async def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
+        await anyio.lowlevel.checkpoint()
+        self._backend.commands["eval"] += 1
+        entry = self._backend._lookup(key)
+        if entry is None or entry[0] != expected:
+            return False
+        self._backend._values[key] = (value, time.monotonic() + ttl)
+        return True
+
     async def create(self, key: str, value: str, ttl: int) -> bool:
         await anyio.lowlevel.checkpoint()
         self._backend.commands["set"] += 1
@@ -413,6 +426,10 @@ class CountedConnection:
     def swap(self, key: str, value: str, ttl: int) -> Coroutine[Any, Any, str | None]:
         self._count("set")
         return self._connection.swap(key, value, ttl)
+
+    def replace(self, key: str, expected: str, value: str, ttl: int) -> Coroutine[Any, Any, bool]:
+        self._count("eval")
+        return self._connection.replace(key, expected, value, ttl)
 
     def create(self, key: str, value: str, ttl: int) -> Coroutine[Any, Any, bool]:
         self._count("set")

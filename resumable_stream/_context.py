@@ -30,7 +30,8 @@ from ._hub import Hub
 from ._options import Settings, check_make_stream, check_resume_at, check_seconds
 from ._producer import MakeStream, Producer
 from ._reader import ProducerReader, ResumableStream
-from ._telemetry import Resume, make_telemetry
+from ._telemetry import Resume
+from ._telemetry_setup import make_telemetry
 from ._vercel import Compat, VercelProducer, VercelStreams, check_compat
 from ._writer import StreamWriter
 
@@ -328,17 +329,33 @@ class ResumableStreamContext:
     ) -> ResumableStream:
         """Produce a new stream under `stream_id`, replacing a finished one of that id.
 
-        Raises `ResumableStreamError` if a stream with this id is still running.
+        Raises `ResumableStreamError` if a stream with this id is still running. A finished one
+        it replaces counts as an earlier attempt: a reader with a cursor into it gets
+        `StreamRestartedError`, never the new stream's text from that offset.
         """
         if self._compat is not None:
             return await self._compat.create_new_resumable_stream(stream_id, make_stream, resume_at)
         stream_id, offset = _validate(stream_id, make_stream, resume_at)
         hub = self._hub
-        key = hub.keys.sentinel(stream_id)
-        previous = await hub.connection.swap(key, "1", self._settings.ttl)
-        if p.stream_state(previous) == p.RUNNING:
-            raise ResumableStreamError(f"stream {stream_id!r} is already running")
-        return ProducerReader(self._start_producer(stream_id, make_stream), offset)
+        keys = hub.keys
+        connection = hub.connection
+        ttl = self._settings.ttl
+        for _ in range(_RESTART_TRIES):
+            # One command for a new id, as the election's INCR is.
+            if await connection.create(keys.sentinel(stream_id), "1", ttl):
+                return ProducerReader(self._start_producer(stream_id, make_stream), offset)
+            value = await connection.get(keys.sentinel(stream_id))
+            if value is None:
+                continue  # it expired meanwhile
+            if p.stream_state(value) == p.RUNNING:
+                raise ResumableStreamError(f"stream {stream_id!r} is already running")
+            attempt = await connection.restart(
+                keys.sentinel(stream_id), keys.restarts(stream_id), keys.text(stream_id), value, ttl
+            )
+            if attempt is not None:
+                producer = self._start_producer(stream_id, make_stream, attempt=attempt)
+                return ProducerReader(producer, offset)
+        raise ResumableStreamError(f"stream {stream_id!r} was started again by somebody else")
 
     async def resume_existing_stream(
         self,

@@ -50,6 +50,8 @@ _FIRST_PAGE = 2
 _MAX_PAGE = 1024
 # Requests in a row that the producer got (somebody was subscribed) but never answered.
 _MAX_UNANSWERED = 3
+# Compare-and-set tries of recording a dead producer whose sentinel readers keep counting into.
+_RECORD_TRIES = 3
 
 
 class Follower:
@@ -283,13 +285,22 @@ class Follower:
                 now = anyio.current_time()
                 if nobody_since is None:
                     nobody_since = now
-                state = await hub.state(self.stream_id)
+                sentinel = await hub.sentinel(self.stream_id)
+                state = p.stream_state(sentinel)
                 if after_end:
-                    if state != p.DONE or not await hub.lingering(self.stream_id):
-                        # Gone, or ended badly (the reader learns how), or a new stream under
-                        # this id (None: its text is not this reader's), or no longer lingering.
+                    if state == p.RUNNING:
+                        # A new stream under this id: its text is not this reader's.
+                        attempt = await hub.attempt(self.stream_id)
+                        if self._attempt is not None and attempt != self._attempt:
+                            self._restart(attempt)
+                            assert self.restarted is not None
+                            raise self.restarted
                         await self.aclose()
-                        return None if state == p.RUNNING else state
+                        return None
+                    if state != p.DONE or not await hub.lingering(self.stream_id):
+                        # Gone, or ended badly (the reader learns how), or no longer lingering.
+                        await self.aclose()
+                        return state
                     if now - nobody_since >= hub.settings.resume_timeout:
                         raise ProducerUnavailableError(
                             f"stream {self.stream_id!r} ended and its producer, which should "
@@ -299,7 +310,9 @@ class Follower:
                     await self.aclose()
                     return state
                 elif hub.may_declare_lost(nobody_since, hub.lost_after):
-                    await hub.record_lost(self.stream_id)
+                    assert sentinel is not None
+                    if not await hub.record_lost(self.stream_id, sentinel):
+                        continue  # it changed meanwhile (ended, say): read it again
                     raise ProducerLostError(
                         f"the producer of stream {self.stream_id!r} is gone: nobody listened "
                         f"for {now - nobody_since:.1f}s"
@@ -399,8 +412,8 @@ class Follower:
         """
         hub = self._hub
         request = self._new_request()
-        nobody_since = anyio.current_time()
-        bound = max(deadline, nobody_since + hub.lost_bound)
+        nobody_since: float | None = None
+        bound = deadline
         delays = p.retry_delays()
         while True:
             if await self._send(request):
@@ -411,6 +424,18 @@ class Follower:
                 self._release_early()
                 return True
             now = anyio.current_time()
+            if nobody_since is None:
+                # From the first answer that said "nobody" (its request may have waited long
+                # for a stalled backend): it must go on saying so for a while, a heartbeat's
+                # time at least, before the producer counts as gone.
+                nobody_since = now
+                deadline = max(deadline, now + hub.settings.heartbeat)
+                if not self.acked.is_set():
+                    # The producer never answered this follower (a durable stream's, which
+                    # reads the log): it sent no heartbeats to it, so silence says nothing;
+                    # only requests that reach nobody for as long as a resume's would do.
+                    deadline = max(deadline, now + hub.lost_after)
+                bound = max(deadline, now + hub.lost_bound)
             if now >= deadline and hub.may_declare_lost(nobody_since, deadline - nobody_since):
                 lost = True
                 break
@@ -418,7 +443,8 @@ class Follower:
                 lost = False
                 break
             await anyio.sleep(next(delays))
-        state = await hub.state(self.stream_id)
+        sentinel = await hub.sentinel(self.stream_id)
+        state = p.stream_state(sentinel)
         if state == p.DONE and await hub.lingering(self.stream_id):
             # Its producer still keeps the text, but is not subscribed right now (subscribing
             # again after an outage): it may come back before the bound.
@@ -447,8 +473,19 @@ class Follower:
                     )
                 )
                 return False
-            await hub.record_lost(self.stream_id)
-            state = p.LOST
+            # Compare-and-set: never over an end written meanwhile; a reader's INCR may change
+            # a running sentinel's count meanwhile, so it is read again a few times.
+            for _ in range(_RECORD_TRIES):
+                assert sentinel is not None
+                if await hub.record_lost(self.stream_id, sentinel):
+                    state = p.LOST
+                    break
+                sentinel = await hub.sentinel(self.stream_id)
+                state = p.stream_state(sentinel)
+                if state != p.RUNNING:
+                    break
+            if state == p.RUNNING:
+                state = p.LOST  # nobody listens for it: dead, as far as this reader can tell
         if state is None:
             self._fail_after_store(StreamIncompleteError(f"stream {self.stream_id!r} is gone"))
             return False

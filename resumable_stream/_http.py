@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import parse_qsl
 
 from . import _protocol as p
@@ -26,9 +26,6 @@ from ._exceptions import (
     StreamRestartedError,
 )
 from .sse import encode_event
-
-if TYPE_CHECKING:
-    from .http import PreparedResponse
 
 logger = logging.getLogger("resumable_stream")
 
@@ -297,7 +294,16 @@ async def body(send: Send, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
-async def send_whole(response: PreparedResponse, send: Send) -> None:
+class WholeResponse(Protocol):
+    """An answer that is not streamed (`http.PreparedResponse` is one): this module is below
+    `http`, which uses it, so it names the shape, not the class."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    content: bytes
+
+
+async def send_whole(response: WholeResponse, send: Send) -> None:
     """An answer that is not streamed: status, headers and the whole body."""
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})

@@ -233,7 +233,11 @@ class Hub:
 
     async def state(self, stream_id: str) -> str | None:
         """The stream's state in the backend: a terminal state, `RUNNING`, or None if absent."""
-        return p.stream_state(await self.connection.get(self.keys.sentinel(stream_id)))
+        return p.stream_state(await self.sentinel(stream_id))
+
+    async def sentinel(self, stream_id: str) -> str | None:
+        """The stream's sentinel as it is (see `state`), to compare-and-set it later."""
+        return await self.connection.get(self.keys.sentinel(stream_id))
 
     def may_declare_lost(self, nobody_since: float, span: float) -> bool:
         """Whether requests that have reached nobody since `nobody_since` show, by now, that
@@ -285,10 +289,14 @@ class Hub:
         # on every context of a key prefix, as they should be).
         return self.settings.ttl - left < self.settings.linger
 
-    async def record_lost(self, stream_id: str) -> None:
-        # The id stays taken for `lost_ttl` seconds, so late readers learn what happened.
-        value = p.sentinel_value(p.LOST)
-        await self.connection.set(self.keys.sentinel(stream_id), value, self.settings.lost_ttl)
+    async def record_lost(self, stream_id: str, running: str) -> bool:
+        """Record that the producer of `stream_id` died, if its sentinel still holds `running`
+        (the value read when it was found silent): never over an end written meanwhile. The
+        id stays taken for `lost_ttl` seconds, so late readers learn what happened. False if
+        the sentinel changed."""
+        lost = p.sentinel_value(p.LOST)
+        key = self.keys.sentinel(stream_id)
+        return await self.connection.replace(key, running, lost, self.settings.lost_ttl)
 
     def dispatch(self, channel: str, data: bytes) -> None:
         """The backend's message handler: hand each message to whoever it is for."""

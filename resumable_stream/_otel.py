@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ._telemetry import Resume, Serve, Telemetry, resume_result_of
+from ._version import __version__
 
 __all__ = ["FLUSH_INTERVAL", "OtelTelemetry"]
 
@@ -45,12 +46,6 @@ _PRODUCER = (("role", "producer"),)
 _FOLLOWER = (("role", "follower"),)
 
 Attributes = tuple[tuple[str, str], ...]
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _histogram(
@@ -81,7 +76,7 @@ class OtelTelemetry(Telemetry):
     def __init__(
         self, meter_provider: Any | None, tracer_provider: Any | None, stream_ids: bool
     ) -> None:
-        version = _version()
+        version = __version__
         meter = metrics.get_meter(NAME, version, meter_provider=meter_provider)
         self._tracer = trace.get_tracer(NAME, version, tracer_provider=tracer_provider)
         self._tracer_provider = tracer_provider

@@ -128,9 +128,9 @@ class Producer:
         # joined while that publish was in flight.
         self._following = False
         self._epoch = 0
-        # When a request was last served: a follower's live subscription may still be on its
-        # way (it sends its request meanwhile), so publishes that reach nobody soon after do
-        # not mean that nobody follows.
+        # When a request was last served: its follower may ask again soon (for the next window
+        # of a replay, or for an end published before its live subscription took effect), so
+        # the text is kept until then, `linger` or not.
         self._requested = -math.inf
         self._live_index = 0
         self._publishing = False
@@ -293,10 +293,13 @@ class Producer:
         """How long to keep the text from now: until `until` (the end of `linger`), and at
         least until a follower that asked lately has had the time to ask again (for the next
         window of a replay; or for the end, if its live subscription took effect only after
-        the end was published)."""
+        the end was published). Nothing with `linger` 0: then the text goes with the end."""
+        linger = self._hub.settings.linger
+        if not linger:
+            return 0.0  # asked not to keep the text after the end at all
         now = anyio.current_time()
         if until is None:
-            until = now + self._hub.settings.linger
+            until = now + linger
         return max(until, self._requested + self._hub.lost_bound) - now
 
     async def _stop_listening(self) -> None:
@@ -464,8 +467,9 @@ class Producer:
                     await hub.connection.create(key, "1", ttl)
                 elif found == p.LOST:
                     # Somebody who could not reach this producer (it was on the other side of
-                    # the failover) took it for dead; it is not.
-                    await hub.connection.set(key, "1", ttl)
+                    # the failover) took it for dead; it is not. Compare-and-set: its own end,
+                    # written meanwhile, is not to be turned back into a running stream.
+                    await hub.connection.replace(key, p.sentinel_value(p.LOST), "1", ttl)
                 elif found == p.CANCELLED:
                     self.stop()  # a stop that could not reach this producer meanwhile
             if self._store is not None:
@@ -527,11 +531,6 @@ class Producer:
                 "could not answer a resume request for %r: %s", self.stream_id, exc, extra=self._log
             )
 
-    def _unfollowed(self) -> bool:
-        """A publish reached nobody: whether that means nobody follows any more (the last
-        request is not recent: its follower's subscription had the time to take effect)."""
-        return anyio.current_time() - self._requested > self._hub.lost_bound
-
     async def _heartbeats(self) -> None:
         """A durable stream, while somebody follows: when idle, say it is alive, and how much
         text is stored (a follower that has less asks for the rest)."""
@@ -549,7 +548,7 @@ class Producer:
                 epoch = self._epoch
                 alive = p.Heartbeat(self.token, store.stored_length).pack()
                 receivers = await connection.publish(channel, alive)
-                if not receivers and epoch == self._epoch and self._unfollowed():
+                if not receivers and epoch == self._epoch:
                     self._following = False
                     return
         except BackendError as exc:
@@ -580,7 +579,7 @@ class Producer:
                         epoch = self._epoch
                         alive = p.Heartbeat(self.token, buffer.length).pack()
                         receivers = await connection.publish(channel, alive)
-                        if not receivers and epoch == self._epoch and self._unfollowed():
+                        if not receivers and epoch == self._epoch:
                             self._following = False
                             return
                 index, stop = self._live_index, len(buffer.chunks)
@@ -591,7 +590,7 @@ class Producer:
                 for offset, chunks, cont in p.split_pieces(buffer.wire(start, stop), start, limit):
                     live = p.Live(self.token, offset, chunks, cont).pack()
                     receivers = await connection.publish(channel, live)
-                if receivers == 0 and epoch == self._epoch and self._unfollowed():
+                if receivers == 0 and epoch == self._epoch:
                     self._following = False
                     return
         except BackendError as exc:

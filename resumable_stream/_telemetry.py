@@ -6,8 +6,9 @@ resume starts and is answered, a producer serves a resume request, a backend com
 `run` task and `flush`es it when it closes. The class below does nothing at all; it is what a
 context uses when `opentelemetry-api` is not installed or telemetry is turned off, so that the
 engine pays one no-op call per such event and nothing per chunk. `resumable_stream._otel`
-(imported only when the OpenTelemetry API imports) implements the same interface with
-OpenTelemetry instruments and spans; every name and attribute it emits is listed in the README.
+(imported only when the OpenTelemetry API imports, by `_telemetry_setup`, which chooses)
+implements the same interface with OpenTelemetry instruments and spans; every name and
+attribute it emits is listed in the README.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ._exceptions import (
     StreamIncompleteError,
 )
 
-__all__ = ["NOOP", "Resume", "Telemetry", "make_telemetry", "outcome_of", "resume_result_of"]
+__all__ = ["NOOP", "Resume", "Telemetry", "outcome_of", "resume_result_of"]
 
 Role = Literal["producer", "follower"]
 Serve = Callable[[Any], Awaitable[None]]
@@ -108,34 +109,6 @@ class Telemetry:
 
 
 NOOP = Telemetry()
-
-
-def make_telemetry(
-    enabled: bool,
-    meter_provider: object | None,
-    tracer_provider: object | None,
-    stream_ids: bool,
-) -> Telemetry:
-    """OpenTelemetry telemetry if `enabled` and the API imports, else the no-op.
-
-    Nothing of OpenTelemetry is imported when `enabled` is false; without the API installed,
-    an attempt to import it is all it costs (once per context).
-    """
-    if not enabled:
-        return NOOP
-    try:
-        import opentelemetry.metrics
-        import opentelemetry.trace  # noqa: F401
-    except ImportError:
-        if meter_provider is not None or tracer_provider is not None:
-            raise ValueError(
-                "meter_provider and tracer_provider need the OpenTelemetry API: "
-                'pip install "resumable-streams[otel]"'
-            ) from None
-        return NOOP
-    from ._otel import OtelTelemetry
-
-    return OtelTelemetry(meter_provider, tracer_provider, stream_ids)
 
 
 def outcome_of(error: BaseException | None, state: str | None = None) -> str:

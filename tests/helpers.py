@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -119,6 +120,39 @@ class Filtered:
                 on_message(channel, data)
 
         return self.inner.connect(filtered, on_reconnect)
+
+
+class Faulty:
+    """A backend wrapper whose connections run `hooks[name](command, *args)` for the commands
+    named (`command` is the wrapped connection's own, to call or not): a fault acted out
+    exactly where a test wants it, on any backend."""
+
+    def __init__(self, inner: rs.Backend, **hooks: Callable[..., Awaitable[Any]]) -> None:
+        self.inner = inner
+        self.hooks = hooks
+
+    def connect(
+        self, on_message: Any, on_reconnect: Any = None
+    ) -> AbstractAsyncContextManager[rs.Connection]:
+        return self._connect(on_message, on_reconnect)
+
+    @asynccontextmanager
+    async def _connect(self, on_message: Any, on_reconnect: Any) -> AsyncIterator[Any]:
+        async with self.inner.connect(on_message, on_reconnect) as connection:
+            yield _FaultyConnection(connection, self.hooks)
+
+
+class _FaultyConnection:
+    def __init__(self, inner: Any, hooks: dict[str, Callable[..., Awaitable[Any]]]) -> None:
+        self._inner = inner
+        self._hooks = hooks
+
+    def __getattr__(self, name: str) -> Any:
+        command = getattr(self._inner, name)
+        hook = self._hooks.get(name)
+        if hook is None:
+            return command
+        return functools.partial(hook, command)
 
 
 # compat="vercel": the reference's offsets, and a lost DONE message

@@ -5,8 +5,9 @@ never competes with the test for the GIL. `stall()` stops forwarding in both dir
 every connection stays open (a frozen server or a black-holed network); `resume()` lets the held
 bytes through; `cut()` closes every open connection (a dropped network), while new connections
 are accepted; `delay(seconds)` holds every piece of data that long before forwarding it, in each
-direction (a slow link: a round trip takes twice as long more). Each call returns once the proxy
-has done it.
+direction (a slow link: a round trip takes twice as long more); `retarget(port)` sends the
+connections made from then on to another port (a load balancer's next pick). Each call returns
+once the proxy has done it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class TcpProxy:
     def delay(self, seconds: float) -> None:
         self._command(f"delay {seconds}")
 
+    def retarget(self, port: int) -> None:
+        self._command(f"retarget {port}")
+
     def close(self) -> None:
         if self._process.poll() is None:
             with contextlib.suppress(OSError, RuntimeError):
@@ -97,6 +101,9 @@ class _Proxy:
 
     def delay(self, seconds: str) -> None:
         self._delay = float(seconds)
+
+    def retarget(self, port: str) -> None:
+        self._target = (self._target[0], int(port))
 
     def cut(self) -> None:
         with self._lock:
@@ -168,6 +175,7 @@ def _serve(target_port: int) -> None:
         "resume": proxy.resume,
         "cut": proxy.cut,
         "delay": proxy.delay,
+        "retarget": proxy.retarget,
         "quit": proxy.close,
     }
     for line in sys.stdin:

@@ -34,7 +34,11 @@ def test_public_names_are_pinned() -> None:
         "StreamNotCancellableError",
         "StreamRestartedError",
         "StreamWriter",
+        "SyncResumableStream",
+        "SyncResumableStreamContext",
+        "SyncStreamWriter",
         "create_resumable_stream_context",
+        "create_sync_context",
         "new_stream_id",
     ]
     for name in rs.__all__:

@@ -65,6 +65,8 @@ class Tracked:
 class TrackingContext:
     """A context whose readers are `Tracked`: what a body did with its reader shows."""
 
+    compat = None  # native mode (what the task and AI SDK endpoints check)
+
     def __init__(self, inner: rs.ResumableStreamContext) -> None:
         self.inner = inner
         self.readers: list[Tracked] = []

@@ -103,7 +103,9 @@ async def test_text_lost_after_the_producer_left_is_a_typed_error(workers: Worke
     # Both the last batch and the end are lost, and the producer does not linger.
     lossy = Filtered(workers.backends[1], lambda channel, message: type(message) in (p.Live, p.End))
     source = TestingSource()
-    async with workers.context(backend=lossy, liveness_timeout=0.5) as C:
+    # `linger` is the deployment's, the same on every context (a reader tells by it whether a
+    # producer that does not answer should still be there).
+    async with workers.context(backend=lossy, liveness_timeout=0.5, linger=0) as C:
         async with workers.context(0, linger=0) as P:
             own = await P.resumable_stream("s", source.make)
             follower = await C.resume_existing_stream("s")

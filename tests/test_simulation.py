@@ -35,13 +35,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from chaos.sim._batch import run_many
+from chaos.sim._frozen import load_plan
 from chaos.sim._run import run_seed
 from resumable_stream import StreamIncompleteError
 from resumable_stream._follower import Follower
+from resumable_stream._hub import Hub
 from resumable_stream._producer import Producer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +70,29 @@ def test_the_ci_batch_violates_nothing() -> None:
         f"{len(failing)} seeds violate the model (replay one with "
         "`python -m chaos.sim replay SEED -v`):\n" + "\n".join(failing)
     )
+
+
+# The seeds that found defects, fixed since (each also acted out exactly, on every backend, in
+# `test_chaos_findings.py` or `test_chaos_regressions.py`), their plans frozen in
+# `tests/sim_regressions/` when they found them: the plans seeds make change as the simulator
+# grows, the workload that found a defect does not.
+REGRESSIONS = Path(__file__).parent / "sim_regressions"
+REGRESSION_SEEDS = {
+    3234: "a durable follower the producer never answered declared it dead after a short silence",
+    3847: "a stream replaced by create_new_resumable_stream: a restart",
+    5021: "a cursor into a replaced stream answered None",
+    5609: "a producer's short outage taken for a death",
+    6478: "requests held by a stalled Redis counted as reaching nobody",
+    7089: "LOST written over an end written meanwhile",
+    9013: "the end held aside while a recovery asked nobody",
+}
+
+
+@pytest.mark.parametrize("seed", sorted(REGRESSION_SEEDS))
+def test_the_seeds_that_found_defects_run_clean(seed: int) -> None:
+    plan = load_plan(REGRESSIONS / f"seed-{seed}.json")
+    violations = [v.line() for v in run_seed(seed, plan).violations]
+    assert not violations, f"seed {seed} ({REGRESSION_SEEDS[seed]}):\n" + "\n".join(violations)
 
 
 # Determinism
@@ -170,15 +194,14 @@ def test_it_finds_an_unwritten_end_never_announced() -> None:
 
 
 def test_it_finds_a_finished_streams_tail_answered_none() -> None:
-    """Defect 1 (issue 22), as its symptom: a finished stream whose producer still lingers
-    with its text answers a resume short of its end with `None`, "nothing to resume" (here:
-    the producer stops listening for requests as soon as it ends, lingering deaf)."""
-    linger = Producer.linger
+    """Defect 1 (issue 22), put back: a resume short of a finished stream's end whose request
+    reaches nobody (its lingering producer subscribing again after an outage, or a slow link)
+    is not retried; it is taken for "no longer lingering", and answered `None`, "nothing to
+    resume" (a 204 over SSE: the browser stops with a truncated text)."""
 
-    async def deaf_linger(self: Producer) -> None:
-        with anyio.CancelScope(shield=True):
-            await self._stop_listening()
-        await linger(self)
+    async def never_lingering(self: Hub, stream_id: str) -> bool:
+        return False
 
-    seed, line = _first_catch(partial(_patched, Producer, "linger", deaf_linger), {"false-none"})
+    bug = partial(_patched, Hub, "lingering", never_lingering)
+    seed, line = _first_catch(bug, {"false-none"})
     print(f"seed {seed}: {line}")

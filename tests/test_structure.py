@@ -14,45 +14,37 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    """(module imported, names) for each import of the package's own modules that runs when
-    the module is imported (not under `if TYPE_CHECKING:`, not inside a function)."""
+    """(module imported, names) for every import of the package's own modules, wherever it is:
+    at the top, under `if TYPE_CHECKING:`, inside a function (a lazy import is a dependency
+    too, and an import circle through one is still a circle)."""
     name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return _imports_in(path.read_text(encoding="utf-8"), name, path.name == "__init__.py")
+
+
+def _imports_in(source: str, name: str, is_package: bool) -> list[tuple[str, list[str]]]:
+    package = name if is_package else name.rpartition(".")[0]
     found: list[tuple[str, list[str]]] = []
-
-    def visit(body: list[ast.stmt]) -> None:
-        for node in body:
-            if isinstance(node, ast.If) and _is_type_checking(node.test):
-                visit(node.orelse)
-                continue
-            if isinstance(node, ast.If | ast.Try):
-                visit(node.body)
-                for handler in getattr(node, "handlers", []):
-                    visit(handler.body)
-                visit(node.orelse)
-                continue
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join([*base, *([node.module] if node.module else [])])
-                names = [alias.name for alias in node.names]
-                if node.module is None:  # from . import x: each x is a module
-                    found.extend((f"{target}.{n}", []) for n in names)
-                else:
-                    found.append((target, names))
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-                "resumable_stream"
-            ):
-                found.append((node.module or "", [alias.name for alias in node.names]))
-
-    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")
+            base = base[: len(base) - (node.level - 1)]
+            target = ".".join([*base, *([node.module] if node.module else [])])
+            names = [alias.name for alias in node.names]
+            if node.module is None:  # from . import x: each x is a module
+                found.extend((f"{target}.{n}", []) for n in names)
+            else:
+                found.append((target, names))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "resumable_stream"
+        ):
+            found.append((node.module or "", [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend(
+                (alias.name, [])
+                for alias in node.names
+                if alias.name.startswith("resumable_stream")
+            )
     return found
 
 
@@ -60,7 +52,15 @@ def _graph() -> dict[str, set[str]]:
     modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
-        graph[name] = {target for target, _ in _imports(path) if target in modules} - {name}
+        targets = set()
+        for target, names in _imports(path):
+            # `from . import x` names a module x, or a name of the package's `__init__`.
+            if target not in modules and target.rpartition(".")[0] in modules:
+                target = target.rpartition(".")[0]
+            # `from .pkg import name`: the package's `__init__`, and its module `name` if any.
+            targets.add(target)
+            targets.update(f"{target}.{n}" for n in names if f"{target}.{n}" in modules)
+        graph[name] = {t for t in targets if t in modules} - {name}
     return graph
 
 
@@ -85,6 +85,32 @@ def test_no_import_circle() -> None:
     for module in sorted(graph):
         if module not in state:
             walk(module)
+
+
+def test_every_kind_of_import_counts() -> None:
+    source = """
+from typing import TYPE_CHECKING
+from . import _a
+if TYPE_CHECKING:
+    from .b import B
+def f():
+    from ._c import C
+    import resumable_stream.d
+try:
+    from .e import E
+except ImportError:
+    pass
+"""
+    found = {target for target, _ in _imports_in(source, "resumable_stream.m", False)}
+    assert found == {
+        "resumable_stream._a",
+        "resumable_stream.b",
+        "resumable_stream._c",
+        "resumable_stream.d",
+        "resumable_stream.e",
+    }
+    # The package's own lazy import, as the walk sees it.
+    assert "resumable_stream._otel" in _graph()["resumable_stream._telemetry_setup"]
 
 
 def test_the_engine_depends_one_way() -> None:

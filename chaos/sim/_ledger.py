@@ -63,6 +63,10 @@ class KeyTimeline:
             expiry = new_expiry
         return expiry <= end
 
+    def written_before(self, end: float) -> bool:
+        """Whether the key was written (it existed) at some moment before `end`."""
+        return any(at <= end and expiry >= 0 for at, expiry in self.ops)
+
     def lost_before(self, end: float) -> bool:
         """Whether the key existed and then was lost (expired, evicted, restarted) before `end`."""
         expiry = -1.0
@@ -88,6 +92,8 @@ class Ledger:
     # Elections (INCR to 1, SET of a new stream) that took effect but whose caller never
     # learned it: a producer that never ran, as far as Redis knows.
     ghosts: list[tuple[float, str]] = field(default_factory=list)
+    # Streams started again as a later attempt (a finished one replaced): (time, sentinel key).
+    restarts: list[tuple[float, str]] = field(default_factory=list)
     # Writes of "LOST" into a stream's sentinel: (time, key).
     lost_writes: list[tuple[float, str]] = field(default_factory=list)
     # Slow links: (process, start, end, added one-way delay).

@@ -44,9 +44,11 @@ False claims (each a violation of its own kind)
 - `false-lost`: `ProducerLostError` although, for every candidate: its process was alive
   and open at the claim; it was elected normally (not an offline producer, nor an election
   whose reply was lost, a "ghost", before the claim); and neither its process's connections
-  (down or restoring) nor the server (stalled, restarting) had an outage longer than the
-  reader's `liveness_timeout` overlapping [call start - (resume_timeout + liveness_timeout),
-  claim]. A slow link is not an outage (Redis still answers, only later), unless a round trip
+  (down or restoring) nor the server (stalled, restarting) had an outage longer than two thirds
+  of the reader's `liveness_timeout` (heartbeats come every third of it, so such an outage is a
+  silence of the whole timeout to a follower, as a death is) overlapping
+  [call start - (resume_timeout + liveness_timeout), claim]. A slow link is not an outage
+  (Redis still answers, only later), unless a round trip
   on it (twice its added delay) takes the reader's `liveness_timeout` or more: a producer that
   is starting (or subscribing again) on it is not subscribed before a reader must give up, as
   if it were dead.
@@ -62,13 +64,18 @@ False claims (each a violation of its own kind)
   call, its process alive and open, no `cancel_stream` of that id had started and nobody had
   written LOST into its sentinel.
 - `false-incomplete`: `StreamIncompleteError` (not a conflict) although no key of the stream
-  was evicted, expired or lost in a restart, no candidate's process died or closed, and either
+  was evicted, expired or lost in a restart, no candidate's process died or closed, no
+  candidate ended before the claim with `linger` 0 (its text went with its end), and either
   a candidate's producer still had the text at the claim (running, or within its `linger`
   after its end: it could have been asked again), or nothing could have lost a message on the
   way (no fault in the call's window on the reader's or a candidate's process: an outage of
   its connections, a failed, lost or late command; nor on the server: stall, restart).
 - `false-conflict`: `ProducerConflictError` with fewer than two instances (not offline) of the
   stream elected or started before the claim.
+- `false-exists`: `StreamExistsError` (a writer's) although no run of the stream was elected
+  before the claim and its sentinel was never written.
+- `false-restarted`: `StreamRestartedError` although the stream was never started again (a
+  finished or cancelled one replaced as its next attempt) before the claim.
 - `false-slow`: `SlowReaderError` with no candidate whose text past o exceeds `max_backlog`.
 - `false-backend`: `BackendError` with no fault in the call's window on the caller's process
   (an outage of its connections, a failed, lost, refused or late command, a write refused as
@@ -328,6 +335,20 @@ class _Checker:
                 self.add("false-conflict", f"{said}, but only one producer ever ran", record)
         elif error == "StreamIncompleteError":
             self.check_incomplete(record, said, at, candidates)
+        elif error == "StreamExistsError":
+            # A writer's: the id was taken already (by any run: a reader's `resumable_stream`
+            # elects a producer too), or its sentinel was written (a stop before the start).
+            timeline = self.ledger.keys.get(KEYS.sentinel(stream))
+            runs = [i for i in self.instances(stream) if min(i.elected_at, i.started_at) <= at]
+            if not runs and (timeline is None or not timeline.written_before(at)):
+                self.add("false-exists", f"{said}, but nothing ever had that id", record)
+        elif error == "StreamRestartedError":
+            # A reader whose cursor is into an earlier run of the id, after a later one was
+            # started (create_new_resumable_stream replacing a finished stream, a writer's
+            # restart): it must be told, never given the new run's text from its offset.
+            key_name = KEYS.sentinel(stream)
+            if not any(key == key_name and t <= at + _EPS for t, key in self.ledger.restarts):
+                self.add("false-restarted", f"{said}, but it was never started again", record)
         elif error == "SlowReaderError":
             offset = call.resume_at or 0
             if not any(len(i.text) - offset > options.max_backlog for i in candidates):
@@ -346,6 +367,13 @@ class _Checker:
         call = record.plan
         if self.keys_lost(call.stream, at) or any(self.gone(i.proc, at) for i in candidates):
             return  # the stored text, or the producer's memory, is gone
+        if any(
+            self.proc(i.proc).plan.context.linger == 0 and self.ended_at(i) < at for i in candidates
+        ):
+            # Without `linger` the text goes with the end: a follower that needs the producer
+            # after it (its live subscription took effect only after the end was published,
+            # or it was paging through a replay) has nobody left to ask.
+            return
         holding = [i for i in candidates if self.holds_text(i, at)]
         if not holding:
             procs = {call.proc, *(i.proc for i in candidates)}
@@ -378,7 +406,9 @@ class _Checker:
         for instance in candidates:
             if instance.offline or self.gone(instance.proc, at):
                 return
-            if self.long_outage(instance.proc, start, at, options.liveness_timeout):
+            # Heartbeats come every third of the timeout: an outage that long less one of
+            # them is a silence of the whole timeout to a follower, as a death is.
+            if self.long_outage(instance.proc, start, at, options.liveness_timeout * 2 / 3):
                 return
             if self.slow_link(instance.proc, start, at, options.liveness_timeout / 2):
                 return

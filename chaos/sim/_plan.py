@@ -122,13 +122,14 @@ class CallPlan:
     stream: str
     at: float
     api: str  # resumable_stream | create_new_resumable_stream | resume_existing_stream |
-    #           has_existing_stream | cancel_stream
+    #           has_existing_stream | cancel_stream | writer | writer-restart (a retried job)
     resume_at: int | None = None
     mode: str = "iter"  # iter (async for) | batch (next_batch) | ready (next_batch + take_ready)
     limit: int | None = None  # next_batch's limit
     stop_after: int | None = None  # reads, then aclose()
     cancel_after: float | None = None  # seconds, then the reading task is cancelled
     pause: float = 0.0  # between reads: a slow reader
+    wait: float | None = None  # resume_existing_stream's `wait`: for a stream not started yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +258,7 @@ def _resume_at(rng: random.Random, stream: StreamPlan) -> int | None:
     return length + rng.randint(1, 5)
 
 
-def _reader(rng: random.Random, call: dict[str, Any]) -> CallPlan:
+def _reader(rng: random.Random, call: Mapping[str, Any]) -> CallPlan:
     roll = rng.random()
     mode = "iter" if roll < 0.4 else "batch" if roll < 0.75 else "ready"
     return CallPlan(
@@ -379,9 +380,27 @@ def make_plan(seed: int) -> Plan:
         end = start + stream.duration
         horizon = max(horizon, end)
         lives.append((stream, start, end))
-        base = {"index": 0, "proc": rng.choice(names), "stream": stream.id, "at": start}
-        api = "create_new_resumable_stream" if rng.random() < 0.3 else "resumable_stream"
-        calls.append(_reader(rng, {**base, "api": api, "resume_at": _resume_at(rng, stream)}))
+        producer = rng.choice(names)
+        base = {"index": 0, "proc": producer, "stream": stream.id, "at": start}
+        roll = rng.random()
+        if roll < 0.3:
+            # A background job's writer; a failed, stopped or dead one may be retried.
+            calls.append(CallPlan(0, producer, stream.id, start, "writer"))
+            if rng.random() < 0.5:
+                at = round(end + rng.uniform(0.0, 4.0), 4)
+                calls.append(CallPlan(0, rng.choice(names), stream.id, at, "writer-restart"))
+                horizon = max(horizon, at + stream.duration)
+        else:
+            api = "create_new_resumable_stream" if roll < 0.5 else "resumable_stream"
+            resume_at = _resume_at(rng, stream)
+            calls.append(_reader(rng, {**base, "api": api, "resume_at": resume_at}))
+        if rng.random() < 0.3:
+            # A reader that comes before the stream starts (a job still queued), and waits.
+            at = max(0.0, start - rng.uniform(0.0, 2.0))
+            wait = round(start - at + rng.uniform(-0.5, 2.0), 3)
+            call = {"index": 0, "proc": rng.choice(names), "stream": stream.id}
+            call.update(at=round(at, 4), api="resume_existing_stream", resume_at=None)
+            calls.append(_reader(rng, {**call, "wait": max(0.0, wait)}))
         if rng.random() < 0.2:
             # An election race: others ask for the same stream at about the same time.
             for _ in range(rng.randint(1, 2)):
@@ -433,6 +452,7 @@ def make_plan(seed: int) -> Plan:
             c.stop_after,
             c.cancel_after,
             c.pause,
+            c.wait,
         )
         for i, c in enumerate(calls)
     ]

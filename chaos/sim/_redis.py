@@ -85,7 +85,7 @@ logger = logging.getLogger("resumable_stream")
 # Connection states.
 UP, RESTORING, DOWN, DEAD, CLOSED = "up", "restoring", "down", "dead", "closed"
 
-_WRITES = frozenset({"incr", "set", "swap", "create", "append", "restart_stream"})
+_WRITES = frozenset({"incr", "set", "swap", "replace", "create", "append", "restart_stream"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +261,13 @@ class SimRedis:
         self._write(key, value, ttl)
         return None if entry is None else entry[0]
 
+    def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
+        entry = self._value(key)
+        if entry is None or entry[0] != expected:
+            return False
+        self._write(key, value, ttl)
+        return True
+
     def create(self, key: str, value: str, ttl: int) -> bool:
         if self._value(key) is not None:
             return False
@@ -309,6 +316,7 @@ class SimRedis:
         if entry is None or entry[0] != expected:
             return None
         self._write(sentinel, "1", ttl)
+        self.ledger.restarts.append((self.now(), sentinel))
         found = self._value(restarts)
         count = int(found[0]) + 1 if found else 1
         self._write(restarts, str(count), ttl)
@@ -635,6 +643,10 @@ class SimConnection:
 
     async def swap(self, key: str, value: str, ttl: int) -> str | None:
         result: str | None = await self._call("swap", key, key, value, ttl)
+        return result
+
+    async def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
+        result: bool = await self._call("replace", key, key, expected, value, ttl)
         return result
 
     async def create(self, key: str, value: str, ttl: int) -> bool:

@@ -38,10 +38,11 @@ class RunResult:
     elapsed: float = 0.0
 
 
-def run_seed(seed: int) -> RunResult:
-    """Run `seed`'s plan and check it against the model."""
+def run_seed(seed: int, plan: Plan | None = None) -> RunResult:
+    """Run `seed`'s plan (or `plan`, one frozen earlier: see `_frozen`) and check it against
+    the model."""
     started = time.perf_counter()
-    plan = make_plan(seed)
+    plan = make_plan(seed) if plan is None else plan
     clock = VirtualClock(MAX_TIME, MAX_TURNS)
     loop = VirtualLoop(clock)
     history = History(loop.time)

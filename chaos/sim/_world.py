@@ -443,8 +443,11 @@ class World:
             await ctx.cancel_stream(call.stream)
             record.outcome = "value"
             return None
+        if api in ("writer", "writer-restart"):
+            await self._write(ctx, call, record)
+            return None
         if api == "resume_existing_stream":
-            stream = await ctx.resume_existing_stream(call.stream, call.resume_at)
+            stream = await ctx.resume_existing_stream(call.stream, call.resume_at, wait=call.wait)
         else:
             make = _Make(self, self.plan.stream(call.stream), call.index)
             if api == "create_new_resumable_stream":
@@ -464,6 +467,25 @@ class World:
                 record.reads = self.instance(make_of)
         record.outcome = "none" if stream is None else "stream"
         return stream
+
+    async def _write(self, ctx: ResumableStreamContext, call: CallPlan, record: CallRecord) -> None:
+        """A background job's writer: the stream's steps written one by one; a failing stream's
+        exception goes through the writer's block (which ends it failed), as a job's would."""
+        make = _Make(self, self.plan.stream(call.stream), call.index)
+        writer = ctx.writer(call.stream, restart=call.api == "writer-restart")
+        try:
+            async with writer as w:
+                instance = self.instance(make)
+                instance.elected_at = instance.started_at = self.now()
+                self.history.add(call.proc, "elected", instance.name, False)
+                self.history.add(instance.proc, "gen-start", instance.name)
+                source = _Source(self, instance)
+                async for chunk in source:
+                    await w.write(chunk)
+        except SimulatedFailure:
+            pass  # the job failed: the stream ended failed
+        record.outcome = "value"
+        record.value = "cancelled" if writer.cancelled else "written"
 
     @staticmethod
     def _why_cancelled(proc: ProcState) -> str:

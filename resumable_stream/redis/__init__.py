@@ -30,6 +30,7 @@ from .._exceptions import single_exception_out
 from ._commands import Commands
 from ._pubsub import Subscriber
 from ._sharded import ShardedSubscriber
+from ._tasks import Tasks
 
 __all__ = ["DEFAULT_COMMAND_TIMEOUT", "RedisBackend"]
 
@@ -120,6 +121,9 @@ class _RedisConnection:
         timeout: float,
     ) -> None:
         self.sharded = isinstance(client, RedisCluster)
+        # Shielded from whatever cancels the block that runs the context: its cleanup still
+        # goes through them (see `_tasks`).
+        self._tasks = Tasks()
         self._subscriber: Subscriber | ShardedSubscriber
         if isinstance(client, RedisCluster):
             self._subscriber = ShardedSubscriber(client, on_message, on_reconnect, timeout)
@@ -134,6 +138,7 @@ class _RedisConnection:
         self.ttl = self._commands.ttl
         self.set = self._commands.set
         self.swap = self._commands.swap
+        self.replace = self._commands.replace
         self.create = self._commands.create
         self.publish = self._commands.publish
         self.notify = self._commands.notify
@@ -159,13 +164,15 @@ class _RedisConnection:
         await self._commands.ping()
 
     def start(self, tg: TaskGroup) -> None:
-        tg.start_soon(self._commands.run)
-        tg.start_soon(self._commands.check_eviction_policy)
-        self._subscriber.start(tg)
+        self._tasks.start(tg)
+        self._tasks.spawn(self._commands.run)
+        self._tasks.spawn(self._commands.check_eviction_policy)
+        self._subscriber.start(self._tasks)
 
     def closing(self) -> None:
         self._commands.close()
         self._subscriber.closing()
+        self._tasks.stop()
 
     async def close(self) -> None:
         self.closing()

@@ -420,6 +420,14 @@ class Commands:
             )
         )
 
+    async def replace(self, key: str, expected: str, value: str, ttl: int) -> bool:
+        answer = await self._call(
+            lambda pipe: pipe.execute_command("EVAL", _REPLACE, 1, key, expected, value, ttl),
+            idempotent=False,
+            key=key,
+        )
+        return bool(answer)
+
     async def create(self, key: str, value: str, ttl: int) -> bool:
         created = await self._call(
             lambda pipe: pipe.set(key, value, ex=ttl, nx=True), idempotent=False, key=key
@@ -542,6 +550,16 @@ end
 return previous
 """
 
+
+# Sets a key only if it still holds the value read (a compare-and-set). KEYS: the key. ARGV:
+# expected value, new value, ttl.
+_REPLACE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
 
 # Starts a stream again if its state is still the one read: the sentinel set running, one more
 # restart counted, the stored text deleted; every key with the TTL. Returns the new attempt, or

@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Generator
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -36,6 +35,7 @@ from .._buffer import Signal
 from .._exceptions import BackendError
 from ._done import Done
 from ._errors import NoBackoff, deadline, delay_after, text
+from ._tasks import Tasks
 
 logger = logging.getLogger("resumable_stream")
 
@@ -139,10 +139,10 @@ class Subscriber:
             return None
         return self._up_since
 
-    def start(self, tg: TaskGroup) -> None:
-        tg.start_soon(self._run)
-        tg.start_soon(self._send_changes)
-        tg.start_soon(self._watch)
+    def start(self, tasks: Tasks) -> None:
+        tasks.spawn(self._run)
+        tasks.spawn(self._send_changes)
+        tasks.spawn(self._watch)
 
     def closing(self) -> None:
         self._closed = True

@@ -25,7 +25,6 @@ from typing import Any
 
 import anyio
 import redis.exceptions
-from anyio.abc import TaskGroup
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import Connection as RedisConnection
@@ -35,6 +34,7 @@ from .._backend import MessageHandler, ReconnectHandler
 from .._buffer import Signal
 from .._exceptions import BackendError
 from ._errors import deadline, delay_after, text
+from ._tasks import Tasks
 
 logger = logging.getLogger("resumable_stream")
 
@@ -128,7 +128,7 @@ class ShardedSubscriber:
         # concurrent subscribes share it. Everything else needs no lock: sends are serialized
         # per link, and the bookkeeping between awaits is synchronous.
         self._opening: dict[str, anyio.Lock] = {}
-        self._tg: TaskGroup | None = None
+        self._tasks: Tasks | None = None
         self._closed = False
         self._up_since: float | None = None  # when every wanted channel was last in place
 
@@ -153,10 +153,10 @@ class ShardedSubscriber:
     def poke(self) -> None:
         """Redis answers commands again (subscriptions are restored with their own backoff)."""
 
-    def start(self, tg: TaskGroup) -> None:
-        self._tg = tg
-        tg.start_soon(self._restore_lost)
-        tg.start_soon(self._check)
+    def start(self, tasks: Tasks) -> None:
+        self._tasks = tasks
+        tasks.spawn(self._restore_lost)
+        tasks.spawn(self._check)
 
     def closing(self) -> None:
         self._closed = True
@@ -268,8 +268,8 @@ class ShardedSubscriber:
                     await link.close()
                 raise
             self._links[link.name] = link
-            assert self._tg is not None
-            self._tg.start_soon(self._read, link)
+            assert self._tasks is not None
+            self._tasks.spawn(self._read, link)
             return link
 
     # Losing and restoring subscriptions
@@ -366,8 +366,8 @@ class ShardedSubscriber:
         self._lose(set(link.channels))
         link.release_all()
         link.scope.cancel()
-        assert self._tg is not None
-        self._tg.start_soon(_disconnect, link)
+        assert self._tasks is not None
+        self._tasks.spawn(_disconnect, link)
 
     async def _read(self, link: _Link) -> None:
         with link.scope:

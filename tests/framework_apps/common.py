@@ -99,6 +99,8 @@ class _Tracked:
 class TrackingContext:
     """The app's context, counting the readers its responses hold (what a detach releases)."""
 
+    compat = None  # native mode (what the task and AI SDK endpoints check)
+
     def __init__(self) -> None:
         self.inner = rs.create_resumable_stream_context(drain_timeout=2.0)
         self.open = 0

@@ -1,0 +1,186 @@
+"""Defects the seeded fault simulator found (issue 22), each acted out exactly, on every backend.
+
+The simulator (`chaos/sim`, `tests/test_simulation.py`) found them by chance in random runs;
+here each one's fault is put exactly where it bites, with a backend wrapper (`Faulty`), so that
+the test fails without its fix whatever the timing. The seeds that found them are replayed by
+`tests/test_simulation.py::test_the_seeds_that_found_defects_run_clean`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+import resumable_stream as rs
+
+from .conftest import Workers
+from .helpers import Faulty, TestingSource, poll_until, read, read_entries
+
+pytestmark = pytest.mark.anyio
+
+
+async def chunks(count: int, size: int) -> AsyncIterator[str]:
+    for i in range(count):
+        yield str(i % 10) * size
+
+
+# A chunk cut across live messages keeps its event name for a reader that starts inside it
+# (seed 2367: the name travels with the chunk's first part, which such a reader skips).
+
+
+@pytest.mark.parametrize("workers", [{"max_message_size": 4}], indirect=True)
+async def test_a_reader_inside_a_long_named_chunk_gets_its_name(workers: Workers) -> None:
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("ab")
+    assert await read(own, 1) == "ab"
+    # Offset 7 is inside the chunk to come (2 to 10), past its first four characters.
+    follower = await workers.C.resume_existing_stream("s", resume_at=7)
+    assert follower is not None
+    source.write(rs.Event("cdefghij", event="token", retry=5))
+    source.close()
+    with anyio.fail_after(5):
+        assert await read_entries(follower) == [(rs.Event("hij", "token", 5), 10)]
+    assert await read(own) == "cdefghij"
+
+
+# A durable write whose reply was lost is retried with the same entries (seed 29: the retry
+# carried more chunks under the same entry id, which the log skipped as written already).
+
+
+async def test_a_durable_write_whose_reply_was_lost_stores_every_chunk(workers: Workers) -> None:
+    lost: list[object] = []
+
+    async def append(command: Any, key: str, entries: Any, *args: Any) -> Any:
+        result = await command(key, entries, *args)
+        if not lost:
+            lost.append(entries)
+            raise rs.BackendError("the reply was lost: the write took effect")
+        return result
+
+    async def replies_lost() -> int:
+        return len(lost)
+
+    source = TestingSource()
+    faulty = Faulty(workers.backends[0], append=append)
+    options: dict[str, Any] = dict(durable=True, flush_interval=0, linger=0)
+    async with workers.context(backend=faulty, **options) as P:
+        own = await P.resumable_stream("s", source.make)
+        source.write("first ")
+        await poll_until(replies_lost, 1)
+        source.write("second")  # before the retry: it would join the first entry
+        source.close()
+        assert await read(own) == "first second"
+    # The producer is gone: the log alone has the text.
+    async with workers.context(durable=True) as reader_context:
+        reader = await reader_context.resume_existing_stream("s", resume_at=0)
+        with anyio.fail_after(5):
+            assert await read(reader) == "first second"
+
+
+# A dead producer is never recorded over an end written meanwhile (seed 7089: a follower
+# read "running", the producer's DONE landed, then the follower's LOST overwrote it).
+
+
+async def test_a_dead_producer_is_never_recorded_over_an_end(workers: Workers) -> None:
+    key = workers.keys.sentinel("s")
+    await workers.write(key, "3")  # running, and nobody listens for its requests
+
+    async def end_lands_first(command: Any, *args: Any) -> Any:
+        if args[0] == key:
+            await workers.write(key, "DONE")  # between the follower's read and its write
+        return await command(*args)
+
+    faulty = Faulty(workers.backends[1], set=end_lands_first, replace=end_lands_first)
+    options: dict[str, Any] = dict(resume_timeout=0.2, liveness_timeout=0.2)
+    async with workers.context(backend=faulty, **options) as C:
+        with anyio.fail_after(10):
+            try:
+                stream = await C.resume_existing_stream("s")
+            except rs.ProducerLostError:
+                stream = None  # it was dead when this reader looked: fair, if not written
+    assert stream is None
+    async with workers.backends[0].connect(lambda channel, data: None) as connection:
+        assert await connection.get(key) == "DONE"
+
+
+# A context whose block is cancelled while a stream's end cannot be written closes at once
+# (seed 942: a helper task started under the cancelled scope never learned it, and spun
+# forever; and the Redis connection's own tasks were cancelled with the block, so every
+# cleanup command of the context waited for its deadline: 20 s, writing nothing).
+
+
+async def test_a_cancelled_context_closes_while_an_end_cannot_be_written(
+    workers: Workers,
+) -> None:
+    async def refuse(command: Any, key: str, *args: Any) -> Any:
+        if key.endswith(":sentinel") or key.endswith(":text"):
+            raise rs.BackendError("refused")
+        return await command(key, *args)
+
+    faulty = Faulty(workers.backends[0], set=refuse, append=refuse)
+    source = TestingSource()
+    with anyio.fail_after(5):
+        with anyio.CancelScope() as scope:
+            async with workers.context(backend=faulty, durable=True, drain_timeout=5.0) as P:
+                own = await P.resumable_stream("s", source.make)
+                source.write("still running")
+                assert await read(own, 1) == "still running"
+                scope.cancel()  # what runs the context is cancelled: the stream is stopped
+                await anyio.sleep_forever()
+        assert scope.cancelled_caught
+
+
+# A durable reader with small messages reads to the end (seeds 765, 997, 1723: its page of the
+# log shrank to one entry, the one holding its position, read again and again).
+
+
+@pytest.mark.parametrize("workers", [{"max_message_size": 3}], indirect=True)
+async def test_a_durable_reader_of_small_messages_reads_to_the_end(workers: Workers) -> None:
+    async with (
+        workers.context(0, durable=True, max_message_size=3) as P,
+        workers.context(1, durable=True, max_message_size=3) as C,
+    ):
+        own = await P.resumable_stream("s", lambda: chunks(6, 30))
+        text = await read(own)
+        with anyio.fail_after(5):
+            reader = await C.resume_existing_stream("s", resume_at=0)
+            assert await read(reader) == text
+
+
+# A durable stream stopped before it stored anything is cancelled for its readers (seeds 968,
+# 1209: an empty log of a stream that ended badly was taken for lost text).
+
+
+async def test_a_durable_stream_stopped_before_it_started_is_cancelled(workers: Workers) -> None:
+    async with workers.context(0, durable=True) as A, workers.context(1, durable=True) as B:
+        await A.cancel_stream("s")  # nobody started it: whoever tries next finds it stopped
+        with anyio.fail_after(10), pytest.raises(rs.StreamCancelledError):
+            await B.resume_existing_stream("s", resume_at=0)
+
+
+# A subscription that failed is not left behind (seeds 22, 35, 39: the backend keeps a
+# channel whose subscription failed wanted, and subscribes it again for the context's life).
+
+
+async def test_a_failed_subscription_is_not_left_behind(workers: Workers) -> None:
+    async def fails_after_sending(command: Any, *channels: str) -> Any:
+        await command(*channels)  # sent (and wanted): the confirmation is what fails
+        raise rs.BackendError("the subscriber connection dropped")
+
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    faulty = Faulty(workers.backends[1], begin_subscribe=fails_after_sending)
+    async with workers.context(backend=faulty) as C:
+        with pytest.raises(rs.BackendError):
+            await C.resume_existing_stream("s")
+
+        async def live_channels() -> list[str]:
+            return [c for c in await workers.channels() if c.endswith(":live")]
+
+        await poll_until(live_channels, [])
+    source.close()
+    assert await read(own) == ""
