@@ -52,7 +52,8 @@ server or Sentinel setup; on a cluster, the master of its slot) or a process inv
   the stream and no candidate's process died, and either a candidate still held its text
   (running, lingering, or durable) or no fault at all touched the stream or the reader.
 - `false-backend`: `BackendError` (SSE: `unavailable`) with no fault touching the stream or
-  the reader's process in its window.
+  the reader's process in its window; a writer job refused a `BackendError` as it started
+  while nothing could have made its commands fail (as for `false-degrade` below).
 - `false-degrade`: a stream that ran without resumability (the engine logged that the backend
   failed as it started: `on_backend_error="degrade"`) although no outage (a node down or
   stopped, a stalled link), full memory, eviction or link slowed by a quarter of
@@ -241,6 +242,7 @@ class _Checker:
         self.violations: list[Violation] = []
         self.warnings: list[Violation] = []
         self.degraded: list[tuple[Instance, float, str]] = []
+        self.refused: list[tuple[str, int, Record]] = []  # writer jobs refused a BackendError
         self.instances: dict[str, Instance] = {}
         self.by_stream: dict[tuple[str, str], list[Instance]] = defaultdict(list)
         self.readers: list[Reader] = []
@@ -312,6 +314,8 @@ class _Checker:
                 reader.end, reader.t_end = record["end"], record["t"]
                 reader.error, reader.msg = record.get("error", ""), record.get("msg", "")
                 reader.phase = record.get("phase", "")
+            elif kind == "writer-refused" and record["error"] == "BackendError":
+                self.refused.append((proc, inc, record))
             elif kind == "cancel-start":
                 self.cancels[(record["sid"], record["dep"])].append(record["t"])
             elif kind == "untyped":
@@ -543,6 +547,16 @@ class _Checker:
             self.add("leak", f"a key without a TTL after the run: {leak}")
         for inst, at, line in self.degraded:
             self.check_degrade(inst, at, line)
+        for proc, inc, record in self.refused:
+            if not self.command_fault(record["sid"], proc, record["t"]):
+                self.add(
+                    "false-backend",
+                    f"a writer job of {record['sid']} could not start "
+                    f"although no outage touched it: BackendError ({record['msg']})",
+                    stream=record["sid"],
+                    processes=[(proc, inc)],
+                    at=record["t"],
+                )
         self.scan_logs()
 
     def check_reader(self, reader: Reader) -> None:
@@ -751,14 +765,18 @@ class _Checker:
         elif not self.stopping(at):
             self.add("false-closed", f"{said}, while the processes were not stopping", reader)
 
-    def check_degrade(self, inst: Instance, at: float, line: str) -> None:
+    def command_fault(self, sid: str, proc: str, at: float) -> bool:
+        """Whether something may have made a command of `proc` about `sid` fail at `at`."""
         start = at - self.settings.command_timeout
-        for fault in self.faults_in(inst.sid, {inst.proc}, start, at):
+        for fault in self.faults_in(sid, {proc}, start, at):
             if fault.outage or fault.kind in _COMMAND_FAULTS or fault.error:
-                return
+                return True
             if fault.kind == "proxy-delay" and 4 * fault.delay >= self.settings.command_timeout:
-                return
-        if self.stopping(at):
+                return True
+        return self.stopping(at)
+
+    def check_degrade(self, inst: Instance, at: float, line: str) -> None:
+        if self.command_fault(inst.sid, inst.proc, at):
             return
         message = line.partition("resumable_stream: ")[2] or line
         self.add(

@@ -263,10 +263,36 @@ class SentinelTopology(Topology):
 
     def heal(self) -> None:
         self.resume_all()
-        self.setup.reset(_SETTLE)
+        self._reconfigure()
         for node in self.setup.data_nodes:
             node.client.config_set("maxmemory", 0)
             node.client.config_set("maxmemory-policy", "noeviction")
+
+    def _reconfigure(self) -> None:
+        """What Sentinel does to a master it no longer names (at its next INFO of it, ~10 s
+        later), done now: REPLICAOF the master it names, and drop the node's clients (normal
+        and pub/sub), in one transaction, as Sentinel sends them. Then wait until all agree.
+
+        (The harness's `reset()` sends REPLICAOF alone: clients stay connected to a replica,
+        which no Sentinel deployment does.)"""
+        setup = self.setup
+        for node in setup.data_nodes + setup.sentinel_nodes:
+            if not node.alive:
+                node.start()
+        master: ServerProcess = wait_for(
+            lambda: setup.master() if len(set(setup._sentinel_master_ports())) == 1 else None,
+            _SETTLE,
+            "the sentinels agree on a master",
+            setup.describe,
+        )
+        for node in setup.data_nodes:
+            if node is not master and node.role() == "master":
+                pipe = node.client.pipeline(transaction=True)
+                pipe.replicaof(HOST, master.port)
+                pipe.client_kill_filter(_type="normal", skipme=True)
+                pipe.client_kill_filter(_type="pubsub", skipme=True)
+                pipe.execute()
+        setup.settle(_SETTLE)
 
     def fault(
         self, spec: FaultSpec, now: Callable[[], float], running: Callable[[], list[str]]
@@ -282,21 +308,21 @@ class SentinelTopology(Topology):
             master.kill()
             time.sleep(spec.hold)  # the planned downtime
             master.start()
-            setup.reset(_SETTLE)
+            self._reconfigure()
         elif spec.kind == "kill-replica":
             replica = next(n for n in setup.data_nodes if n is not master)
             record.detail = f"replica {replica.port} SIGKILLed, restarted {spec.hold}s later"
             replica.kill()
             time.sleep(spec.hold)  # the planned downtime
             replica.start()
-            setup.reset(_SETTLE)
+            self._reconfigure()
         elif spec.kind == "failover":
             # The old master takes writes until Sentinel turns it into a replica: lost ones.
             record.outage = record.keys_lost = True
             new = setup.failover(_SETTLE)
             record.detail = f"SENTINEL FAILOVER {master.port} -> {new}"
             if spec.flag:
-                setup.reset(_SETTLE)  # end the two-masters window at once
+                self._reconfigure()  # end the two-masters window at once
                 record.detail += ", the old master reconfigured at once"
             else:
                 setup.settle(_SETTLE)
@@ -307,7 +333,7 @@ class SentinelTopology(Topology):
             record.detail = f"master {master.port} SIGSTOPped for {spec.hold}s"
             with self._stopped_node(master):
                 time.sleep(spec.hold)  # the planned stall
-            setup.reset(_SETTLE)
+            self._reconfigure()
         else:
             record.detail = f"{spec.kind} on master {master.port} for {spec.hold}s"
             self._memory(master, record, spec.kind, spec.hold, spec.pick)
