@@ -87,6 +87,13 @@ class Client:
                 if time.monotonic() - progress > _GIVE_UP:
                     write("sess-end", rid=rid, end="gave-up")
                     return
+                # As a browser: the last id seen, whatever became of its connection (a drop
+                # mid-body included), else the cursor the session started with.
+                seen = decoder.last_event_id
+                if seen and seen != cursor:
+                    cursor = seen
+                    failures = 0
+                    progress = time.monotonic()
                 base = self.spec.servers[server % len(self.spec.servers)]
                 headers = {"X-Campaign-Reader": rid, "Accept": "text/event-stream"}
                 if cursor is not None:
