@@ -308,6 +308,25 @@ def test_it_finds_a_stream_run_without_resumability_while_redis_was_up(tmp_path:
     assert run.kinds() == []
 
 
+def test_it_finds_a_degraded_streams_ids_resumed_elsewhere(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.produce(["abA0", "cdA0"], start=1.0)  # elected
+    run.produce(["abS0", "cdS0", "efS0"], proc="S1", inst="S1.0.0", start=1.2, rid="e1")
+    run.log(
+        "S1",
+        f"{T + 1.2:.3f} WARNING resumable_stream: stream 's1' runs without "
+        "resumability: the backend failed (Redis error: OOM)",
+    )
+    # Cut after one event, resumed elsewhere: the elected producer's text from there.
+    run.session("e1", None, [("4", "message", "abS0"), ("8", "message", "cdA0")], {"end": "204"})
+    # Cut after two events, resumed elsewhere: 204, "nothing more".
+    run.session("e2", None, [("4", "message", "abS0"), ("8", "message", "cdS0")], {"end": "204"})
+    assert [(v.kind, v.reader) for v in run.check()] == [
+        ("degraded-resume", "e1"),
+        ("degraded-resume", "e2"),
+    ]
+
+
 def test_it_finds_a_reader_that_never_got_its_end(tmp_path: Path) -> None:
     run = Run(tmp_path)
     run.produce(["abA0", "cdA0"], end=2.0)

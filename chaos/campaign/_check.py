@@ -18,8 +18,11 @@ Hard violations
   event name is not the one it was produced with.
 - `false-end`: a reader's normal end (`StopAsyncIteration`; over SSE, a 204 answering a
   reconnect) without a candidate that ended `done` with R == T[o:] exactly (a 204 is judged
-  as a `None` below, but for a stream that ran without resumability: its events' ids promise
-  a resume that cannot come).
+  as a `None` below).
+- `degraded-resume`: over SSE, the events of a stream that ran without resumability (its
+  election failed: `on_backend_error="degrade"`) carried ids that a reconnect resumed from,
+  on another worker: the reader got another producer's text of the id from there (a
+  `wrong-text` of a known cause), or a 204 with text missing (a `false-end`).
 - `untyped`: anything but a `ResumableStreamError` out of the API (calls, reads, `aclose`,
   writers, cancels), exception groups included; over SSE, an HTTP 500 (`http-500`) or another
   answer the protocol does not have for it (`http-status`).
@@ -580,6 +583,10 @@ class _Checker:
         candidates = self.candidates(reader)
         text = reader.text
         if not candidates and text:
+            joined = self.degraded_join(reader)
+            if joined:
+                self.add("degraded-resume", joined, reader)
+                return
             texts = {
                 i.id: _short(i.text[reader.start :])
                 for i in self.by_stream.get((reader.sid, reader.dep), [])
@@ -613,7 +620,7 @@ class _Checker:
                 left = min(len(i.text) - reader.start - len(text) for i in candidates)
                 if left > 0:
                     self.add(
-                        "false-end",
+                        "degraded-resume",
                         f"a reconnect got a 204 with {left} characters "
                         "missing: the stream ran without resumability (its election "
                         "failed), yet its events had ids a reconnect resumes from",
@@ -637,6 +644,28 @@ class _Checker:
             self.check_claim(reader, candidates)
         elif end in ("stopped", "gave-up"):
             self.check_hang(reader, candidates)
+
+    def degraded_join(self, reader: Reader) -> str:
+        """If the reader's text is an instance's that ran without resumability up to a piece's
+        end, then another's after a reconnect: what happened (else "")."""
+        text, start = reader.text, reader.start
+        pool = self.by_stream.get((reader.sid, reader.dep), [])
+        position = 0
+        for piece in reader.pieces[:-1]:
+            position += len(piece.text)
+            head, rest = text[:position], text[position:]
+            for first in pool:
+                if not first.offline or first.text[start : start + position] != head:
+                    continue
+                at = start + position
+                for second in pool:
+                    if second is not first and second.text[at : at + len(rest)] == rest:
+                        return (
+                            f"its first {position} characters came from {first.describe()}, "
+                            f"which ran without resumability (its election failed), the rest "
+                            f"from {second.describe()}, resumed at {at} after a reconnect"
+                        )
+        return ""
 
     def chunking(self, reader: Reader, inst: Instance) -> str | None:
         position = reader.start
