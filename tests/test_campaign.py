@@ -317,6 +317,7 @@ def test_it_finds_a_degraded_streams_ids_resumed_elsewhere(tmp_path: Path) -> No
         f"{T + 1.2:.3f} WARNING resumable_stream: stream 's1' runs without "
         "resumability: the backend failed (Redis error: OOM)",
     )
+    run.fault("oom", 1.0, 1.5, nodes=[1])  # Redis refused the election: a fair degrade
     # Cut after one event, resumed elsewhere: the elected producer's text from there.
     run.session("e1", None, [("4", "message", "abS0"), ("8", "message", "cdA0")], {"end": "204"})
     # Cut after two events, resumed elsewhere: 204, "nothing more".
