@@ -279,12 +279,14 @@ class SentinelTopology(Topology):
         for node in setup.data_nodes + setup.sentinel_nodes:
             if not node.alive:
                 node.start()
-        master: ServerProcess = wait_for(
-            lambda: setup.master() if len(set(setup._sentinel_master_ports())) == 1 else None,
-            _SETTLE,
-            "the sentinels agree on a master",
-            setup.describe,
-        )
+        try:
+            master = wait_for(self._agreed_master, 20.0, "the sentinels agree", setup.describe)
+        except HarnessError:
+            # The sentinels name a node that is no master (a demotion raced with their own
+            # failover and left the two data nodes replicas of each other): make it one.
+            named = setup.master()
+            named.client.replicaof("NO", "ONE")
+            master = wait_for(self._agreed_master, _SETTLE, "the sentinels agree", setup.describe)
         for node in setup.data_nodes:
             if node is not master and node.role() == "master":
                 pipe = node.client.pipeline(transaction=True)
@@ -293,6 +295,18 @@ class SentinelTopology(Topology):
                 pipe.client_kill_filter(_type="pubsub", skipme=True)
                 pipe.execute()
         setup.settle(_SETTLE)
+
+    def _agreed_master(self) -> ServerProcess | None:
+        """The master every sentinel names, with no failover under way (flags `master` and
+        nothing else), if it is one (ROLE)."""
+        setup = self.setup
+        infos = [setup._master_info(sentinel) for sentinel in setup.sentinel_nodes]
+        ports = {int(info["port"]) for info in infos}
+        if len(ports) != 1 or any(info["flags"] != "master" for info in infos):
+            return None
+        (port,) = ports
+        node = next(n for n in setup.data_nodes if n.port == port)
+        return node if node.alive and node.role() == "master" else None
 
     def fault(
         self, spec: FaultSpec, now: Callable[[], float], running: Callable[[], list[str]]
