@@ -27,7 +27,7 @@ from ._exceptions import (
 )
 from ._follower import Follower
 from ._hub import Hub
-from ._options import Settings, check_make_stream, check_resume_at, check_seconds
+from ._options import Settings, check_int, check_make_stream, check_resume_at, check_seconds
 from ._producer import MakeStream, Producer
 from ._reader import ProducerReader, ResumableStream
 from ._telemetry import Resume
@@ -429,9 +429,10 @@ class ResumableStreamContext:
         hub = self._hub
         keys = hub.keys
         connection = hub.connection
-        count = await connection.incr(keys.sentinel(stream_id), self._settings.ttl)
+        ttl = self._settings.ttl
+        count = await connection.incr(keys.sentinel(stream_id), ttl)
         if count == 1:
-            return self._start_producer(stream_id, None)
+            return await self._first_or_later_attempt(stream_id, restart)
         if not restart:
             raise StreamExistsError(f"stream {stream_id!r} exists already")
         if stream_id in self._local:
@@ -440,9 +441,9 @@ class ResumableStreamContext:
             value = await connection.get(keys.sentinel(stream_id))
             state = p.stream_state(value)
             if state is None:
-                # Gone meanwhile (its keys expired): a new stream, if nobody took it first.
-                if await connection.incr(keys.sentinel(stream_id), self._settings.ttl) == 1:
-                    return self._start_producer(stream_id, None)
+                # Gone meanwhile (its keys expired): a new attempt, if nobody took it first.
+                if await connection.incr(keys.sentinel(stream_id), ttl) == 1:
+                    return await self._first_or_later_attempt(stream_id, restart)
                 continue
             if state == p.DONE:
                 raise StreamExistsError(f"stream {stream_id!r} ended well already")
@@ -460,6 +461,23 @@ class ResumableStreamContext:
                 return self._start_producer(stream_id, None, attempt=attempt)
             # Its state changed meanwhile (a reader counted itself in, another writer won).
         raise StreamExistsError(f"stream {stream_id!r} was started again by somebody else")
+
+    async def _first_or_later_attempt(self, stream_id: str, restart: bool) -> Producer:
+        """A writer that won the election of an id with no state: its first attempt, or with
+        `restart`, if the id ran before and its state expired since (a lost stream keeps its
+        id for `lost_ttl` only), its next one; so that a reader with a cursor into an earlier
+        attempt learns of this one, never gets this one's text from its offset. A writer's
+        count of restarts is kept as long as its stream's keys (0 for the first attempt)."""
+        keys = self._hub.keys
+        connection = self._hub.connection
+        ttl = self._settings.ttl
+        if restart and await connection.get(keys.restarts(stream_id)) is not None:
+            restarts = await connection.incr(keys.restarts(stream_id), ttl)
+            return self._start_producer(stream_id, None, attempt=1 + (restarts or 0))
+        producer = self._start_producer(stream_id, None)
+        # Not awaited: the writer starts at once (a retry would come long after this).
+        self._hub.spawn(stream_id, _mark_first_attempt, connection, keys.restarts(stream_id), ttl)
+        return producer
 
     async def _writer_gone(self, stream_id: str) -> bool:
         """Whether the producer of a running stream is gone: nobody listens for its requests,
@@ -545,6 +563,50 @@ class ResumableStreamContext:
         if state is None:
             return None
         return True if state == p.RUNNING else "DONE"
+
+    async def current_attempt(
+        self, stream_id: str, *, newer_than: int | None = None, wait: float | None = None
+    ) -> int | None:
+        """Which attempt `stream_id` is at: 1, or more once it was started again (a retried
+        job's writer, `restart=True`; `create_new_resumable_stream` over a finished one); None
+        if there is no such stream.
+
+        With `newer_than` and `wait` (seconds), waits that long for an attempt newer than
+        `newer_than` to start (a job's retry, after a reader saw its attempt fail): one
+        subscription, as `resume_existing_stream(wait=)`, and no polling.
+        """
+        stream_id = p.validate_stream_id(stream_id)
+        if newer_than is not None:
+            check_int("newer_than", newer_than)
+        if wait is not None:
+            wait = check_seconds("wait", wait, zero=True)
+        attempt = await self._current_attempt(stream_id)
+        if newer_than is None or not wait or (attempt is not None and attempt > newer_than):
+            return attempt
+        hub = self._hub
+        waiter = _StartWaiter(stream_id)
+        with anyio.move_on_after(wait):
+            subscribed = await hub.follow(waiter)
+            try:
+                await subscribed
+                while True:
+                    attempt = await self._current_attempt(stream_id)
+                    if attempt is not None and attempt > newer_than:
+                        return attempt
+                    await waiter.wait()
+            finally:
+                await hub.unfollow(waiter)
+        return attempt
+
+    async def _current_attempt(self, stream_id: str) -> int | None:
+        if self._compat is not None:
+            return None if await self._compat.has_existing_stream(stream_id) is None else 1
+        producer = self._local.get(stream_id)
+        if producer is not None:
+            return producer.attempt
+        if await self._hub.state(stream_id) is None:
+            return None
+        return await self._hub.attempt(stream_id)
 
     async def set_alias(self, name: str, stream_id: str) -> None:
         """Make `name` point to `stream_id`, from any process, for as long as a stream's keys
@@ -702,6 +764,13 @@ async def _following(follower: Follower, offset: int, resume: Resume) -> Followe
     resume.answered("replayed" if replayed else "live", replayed)
     follower.activate()
     return follower
+
+
+async def _mark_first_attempt(connection: Connection, key: str, ttl: int) -> None:
+    try:
+        await connection.create(key, "0", ttl)
+    except BackendError as exc:  # a retry then counts from 1 again: only after its expiry
+        logger.debug("could not mark the first attempt of %r: %s", key, exc)
 
 
 def _restarted(stream_id: str, attempt: int) -> StreamRestartedError:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import anyio
@@ -94,6 +94,7 @@ class Follower:
         # Durable streams: the text is read from the backend's log, a page at a time as the
         # reader takes it, and the producer is asked only for what the log lost.
         self._durable = hub.settings.durable
+        self._announced = False  # the producer was told a durable reader is here (`Follow`)
         self._store_pending = False  # the log may hold text from the position on, not read yet
         self._store_useless = False  # it did not hold what was missing: ask the producer
         self._after_store: ResumableStreamError | None = None  # raised once the log is read
@@ -122,6 +123,7 @@ class Follower:
         try:
             # What is written from now on is also published to us (before the log is read).
             await (await hub.follow(self))
+            self._announce()
             self._awaiting = True  # live batches wait until the log is read
             self._store_pending = True
             found: list[str | None] = []
@@ -289,14 +291,20 @@ class Follower:
                 state = p.stream_state(sentinel)
                 if after_end:
                     if state == p.RUNNING:
-                        # A new stream under this id: its text is not this reader's.
                         attempt = await hub.attempt(self.stream_id)
                         if self._attempt is not None and attempt != self._attempt:
+                            # A new attempt under this id: its text is not this reader's.
                             self._restart(attempt)
                             assert self.restarted is not None
                             raise self.restarted
-                        await self.aclose()
-                        return None
+                        if self._attempt is None:
+                            await self.aclose()
+                            return None
+                        # The reader's own attempt runs: the end it found was a LOST that its
+                        # producer, back from an outage, took back (it was alive). Follow it.
+                        after_end = False
+                        request = self._new_request()
+                        continue
                     if state != p.DONE or not await hub.lingering(self.stream_id):
                         # Gone, or ended badly (the reader learns how), or no longer lingering.
                         await self.aclose()
@@ -311,6 +319,8 @@ class Follower:
                     return state
                 elif hub.may_declare_lost(nobody_since, hub.lost_after):
                     assert sentinel is not None
+                    if await self._send(request):
+                        return await self._answer(request, after_end)  # back just now
                     if not await hub.record_lost(self.stream_id, sentinel):
                         continue  # it changed meanwhile (ended, say): read it again
                     raise ProducerLostError(
@@ -430,10 +440,10 @@ class Follower:
                 # time at least, before the producer counts as gone.
                 nobody_since = now
                 deadline = max(deadline, now + hub.settings.heartbeat)
-                if not self.acked.is_set():
-                    # The producer never answered this follower (a durable stream's, which
-                    # reads the log): it sent no heartbeats to it, so silence says nothing;
-                    # only requests that reach nobody for as long as a resume's would do.
+                if not (self.acked.is_set() or self._announced):
+                    # The producer never heard of this follower: it sent no heartbeats to it,
+                    # so silence says nothing; only requests that reach nobody for as long as
+                    # a resume's would do.
                     deadline = max(deadline, now + hub.lost_after)
                 bound = max(deadline, now + hub.lost_bound)
             if now >= deadline and hub.may_declare_lost(nobody_since, deadline - nobody_since):
@@ -446,23 +456,7 @@ class Follower:
         sentinel = await hub.sentinel(self.stream_id)
         state = p.stream_state(sentinel)
         if state == p.DONE and await hub.lingering(self.stream_id):
-            # Its producer still keeps the text, but is not subscribed right now (subscribing
-            # again after an outage): it may come back before the bound.
-            while anyio.current_time() < bound:
-                await anyio.sleep(next(delays))
-                if await self._send(request):
-                    self._progress = anyio.current_time()
-                    return True
-                if self._early_fills():
-                    self._release_early()
-                    return True
-            self._fail_after_store(
-                ProducerUnavailableError(
-                    f"stream {self.stream_id!r} ended and its producer, which should still keep "
-                    "its text, did not answer"
-                )
-            )
-            return False
+            return await self._await_lingering(request, bound, delays)
         if state == p.RUNNING:
             if not lost:
                 self._fail_after_store(
@@ -473,6 +467,9 @@ class Follower:
                     )
                 )
                 return False
+            if await self._send(request):  # back just now: the state read took a while
+                self._progress = anyio.current_time()
+                return True
             # Compare-and-set: never over an end written meanwhile; a reader's INCR may change
             # a running sentinel's count meanwhile, so it is read again a few times.
             for _ in range(_RECORD_TRIES):
@@ -486,6 +483,14 @@ class Follower:
                     break
             if state == p.RUNNING:
                 state = p.LOST  # nobody listens for it: dead, as far as this reader can tell
+            elif state != p.LOST:
+                # It ended meanwhile (its producer was alive, its end on its way): the end may
+                # have come while the state was read, or its producer may linger with it.
+                if self._early_fills():
+                    self._release_early()
+                    return True
+                if state == p.DONE and await hub.lingering(self.stream_id):
+                    return await self._await_lingering(request, bound, delays)
         if state is None:
             self._fail_after_store(StreamIncompleteError(f"stream {self.stream_id!r} is gone"))
             return False
@@ -496,6 +501,27 @@ class Follower:
                 f"stream {self.stream_id!r} ended but its end never arrived, and its "
                 f"producer no longer has the text: what came after offset {self._position} "
                 "is unknown"
+            )
+        )
+        return False
+
+    async def _await_lingering(
+        self, request: p.Request, bound: float, delays: Iterator[float]
+    ) -> bool:
+        """A producer that ended well still keeps its text, but is not subscribed right now
+        (subscribing again after an outage): it may come back before the bound."""
+        while anyio.current_time() < bound:
+            await anyio.sleep(next(delays))
+            if await self._send(request):
+                self._progress = anyio.current_time()
+                return True
+            if self._early_fills():
+                self._release_early()
+                return True
+        self._fail_after_store(
+            ProducerUnavailableError(
+                f"stream {self.stream_id!r} ended and its producer, which should still keep "
+                "its text, did not answer"
             )
         )
         return False
@@ -528,7 +554,23 @@ class Follower:
     def resync(self) -> None:
         """Messages may have been lost (the subscriber reconnected): ask from the position."""
         if not (self._detached or self.ended.is_set()):
+            if self._durable:
+                self._announce()  # its heartbeats may have stopped, reaching nobody meanwhile
             self._recover_soon()
+
+    def _announce(self) -> None:
+        """Tell a durable stream's producer that this follower reads the log (it asks the
+        producer nothing): it heartbeats its followers while idle, so that silence means
+        what it means to any follower. In the background: nobody waits for it."""
+        self._hub.spawn(self.stream_id, self._announcing)
+
+    async def _announcing(self) -> None:
+        channel = self._hub.keys.request(self.stream_id)
+        try:
+            # Only a notice that reached the producer makes its silence count for a death.
+            self._announced = bool(await self._hub.connection.publish(channel, p.Follow().pack()))
+        except BackendError:
+            self._announced = False
 
     def _recover_soon(self) -> None:
         """Ask again, in the background: after a gap, or for the next window of a replay.

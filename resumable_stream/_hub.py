@@ -39,6 +39,8 @@ class RequestHandler(Protocol):
 
     def on_request(self, request: p.Request) -> None: ...
 
+    def on_follow(self) -> None: ...
+
     def stop(self) -> None: ...
 
     def resync(self) -> None: ...
@@ -313,6 +315,10 @@ class Hub:
             producer = self._producers.get(channel)
             if producer is not None:
                 producer.stop()
+        elif type(message) is p.Follow:
+            producer = self._producers.get(channel)
+            if producer is not None:
+                producer.on_follow()
         elif type(message) is p.Replay or (type(message) is p.End and message.listener):
             follower = self._listeners.get(message.listener)  # type: ignore[arg-type]
             if follower is not None:
@@ -324,7 +330,14 @@ class Hub:
 
 async def _contained(stream_id: str, task: Callable[..., Awaitable[None]], *args: object) -> None:
     try:
-        await task(*args)
+        with anyio.CancelScope() as scope:
+            if anyio.current_effective_deadline() == -math.inf:
+                # Started (from shielded cleanup) in a task group under a scope cancelled
+                # earlier (the context's block was cancelled: a shutdown): on asyncio, anyio
+                # delivers that cancellation only to the tasks there were then, and this one's
+                # first checkpoint would spin on it for ever. Cancelled here, it ends at once.
+                scope.cancel()
+            await task(*args)
     except Exception:
         logger.exception(
             "a helper task of stream %r failed", stream_id, extra={"stream_id": stream_id}

@@ -375,8 +375,8 @@ class Producer:
         return True
 
     async def _keep_attempt(self) -> None:
-        """A restarted stream's count of restarts lives as long as its end state."""
-        if self.attempt > 1:
+        """A written or restarted stream's count of restarts lives as long as its end state."""
+        if self.attempt > 1 or self._written is not None:
             hub = self._hub
             restarts = str(self.attempt - 1)
             await hub.connection.set(hub.keys.restarts(self.stream_id), restarts, hub.settings.ttl)
@@ -447,9 +447,17 @@ class Producer:
 
     def resync(self) -> None:
         """The backend reconnected (after a failover, say): what was written just before may
-        be lost, so write the stream's state again, in the background."""
+        be lost, so write the stream's state again, in the background; and once more when a
+        follower that found nobody listening during the outage has had the time to decide
+        that this producer was dead (`Hub.lost_bound`): a LOST it wrote then is undone."""
         if not self.offline:
-            self._hub.spawn(self.stream_id, self._write_state_again)
+            self._hub.spawn(self.stream_id, self._resync)
+
+    async def _resync(self) -> None:
+        await self._write_state_again()
+        if self.state is None:
+            await anyio.sleep(self._hub.lost_bound)
+            await self._write_state_again()
 
     async def _write_state_again(self) -> None:
         hub = self._hub
@@ -489,22 +497,31 @@ class Producer:
         serve = self._hub.telemetry.serving(self.stream_id, request.traceparent, self._serve)
         self._hub.spawn(self.stream_id, serve, request)
 
+    def on_follow(self) -> None:
+        """A durable stream's follower reads the log: heartbeat it while idle."""
+        if self.state is None:
+            self._follow(len(self.buffer.chunks))
+
+    def _follow(self, count: int) -> None:
+        """Somebody follows from chunk `count` on: publish live batches (a durable stream's go
+        out with its writes) and heartbeats while anybody listens."""
+        self._epoch += 1
+        if not self._following:
+            self._following = True
+            self._live_index = count
+        if not self._publishing:
+            publish = self._publish_live if self._store is None else self._heartbeats
+            if self._published is None:
+                self._published = Signal()
+            self._publishing = self._hub.spawn(self.stream_id, publish)
+
     async def _serve(self, request: p.Request) -> None:
         buffer = self.buffer
         length, count = buffer.length, len(buffer.chunks)
         state = self.state
         self._requested = anyio.current_time()  # its follower may ask again: stay for it
         if state is None:
-            self._epoch += 1
-            if not self._following:
-                self._following = True
-                self._live_index = count
-            if not self._publishing:
-                # A durable stream's batches go out with its writes: only its heartbeats here.
-                publish = self._publish_live if self._store is None else self._heartbeats
-                if self._published is None:
-                    self._published = Signal()
-                self._publishing = self._hub.spawn(self.stream_id, publish)
+            self._follow(count)
         connection = self._hub.connection
         limit = self._hub.settings.max_message_size
         start = min(request.resume_at, length)

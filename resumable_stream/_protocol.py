@@ -6,6 +6,7 @@ off the wire, so nothing elsewhere reads a message by position:
 
     Request    Q  follower -> the stream's request channel: send me the text from `resume_at`
     Cancel     C  anyone -> the stream's request channel: stop the stream
+    Follow     F  follower -> the request channel: a durable reader is here, heartbeat it
     Replay     R  producer -> the follower's reply channel: a window of text from the offset
     Live       L  producer -> the stream's live channel: chunks as they are produced
     Heartbeat  H  producer -> the live channel, when idle: still alive, at `length`
@@ -440,6 +441,23 @@ class Heartbeat(_Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Follow(_Message):
+    """A follower reads this stream (a durable one's, from the log, asking the producer
+    nothing): heartbeat it while idle, so that silence means what it means to any follower."""
+
+    TAG: ClassVar[bytes] = b"F"
+
+    def fields(self) -> list[Any]:
+        return []
+
+    @classmethod
+    def parse(cls, fields: list[Any]) -> Follow:
+        if fields:
+            raise ValueError("malformed message")
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
 class Started(_Message):
     """A producer started: for readers that wait for a stream that did not exist yet."""
 
@@ -486,10 +504,10 @@ class End(_Message):
         )
 
 
-Message = Request | Cancel | Replay | Live | Heartbeat | Started | End
+Message = Request | Cancel | Follow | Replay | Live | Heartbeat | Started | End
 
 _TYPES: Final[dict[bytes, Any]] = {
-    kind.TAG: kind for kind in (Request, Cancel, Replay, Live, Heartbeat, Started, End)
+    kind.TAG: kind for kind in (Request, Cancel, Follow, Replay, Live, Heartbeat, Started, End)
 }
 
 

@@ -301,6 +301,16 @@ class SyncResumableStreamContext:
         runner = self._loop()
         return runner.call(lambda: runner.context.has_existing_stream(stream_id))
 
+    def current_attempt(
+        self, stream_id: str, *, newer_than: int | None = None, wait: float | None = None
+    ) -> int | None:
+        """Which attempt `stream_id` is at, None if there is no such stream; with `newer_than`
+        and `wait`, waits for a newer one (see the async `current_attempt`)."""
+        runner = self._loop()
+        return runner.call(
+            lambda: runner.context.current_attempt(stream_id, newer_than=newer_than, wait=wait)
+        )
+
     def cancel_stream(self, stream_id: str) -> None:
         """Stop a stream from any process (see the async `cancel_stream`). Idempotent."""
         runner = self._loop()

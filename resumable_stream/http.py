@@ -234,9 +234,18 @@ class EventStream:
             return plain(400, str(exc))
         if not await allowed(self.authorize, request, stream_id):
             return plain(403, "not allowed")
-        if cursor is not None and cursor.seen_end:
-            return no_content()  # it has seen the frame that ended the stream: stop
         try:
+            if cursor is not None and cursor.seen_end:
+                # It has seen the frame that ended its attempt badly: 204 stops it, unless a
+                # newer attempt started meanwhile (a job's retry), which a follow-only endpoint
+                # with `wait` waits for: then it is told, and starts reading that one.
+                wait = self.wait if self.make_stream is None else None
+                attempt = await self.context.current_attempt(
+                    stream_id, newer_than=cursor.attempt, wait=wait
+                )
+                if attempt is None or attempt <= cursor.attempt:
+                    return no_content()
+                raise StreamRestartedError(f"stream {stream_id!r} was started again", attempt)
             if method == "HEAD":
                 state = await self.context.has_existing_stream(stream_id)
                 return (

@@ -12,12 +12,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import resumable_stream as rs
+from resumable_stream import _protocol as p
+from resumable_stream._hub import Hub
+from resumable_stream._options import Settings
+from resumable_stream._protocol import Keys
 
 from .conftest import Workers
-from .helpers import Faulty, TestingSource, poll_until, read, read_entries
+from .helpers import Faulty, Filtered, TestingSource, poll_until, read, read_entries
 
 pytestmark = pytest.mark.anyio
 
@@ -184,3 +189,136 @@ async def test_a_failed_subscription_is_not_left_behind(workers: Workers) -> Non
         await poll_until(live_channels, [])
     source.close()
     assert await read(own) == ""
+
+
+# A helper task started after the scope around the context was cancelled ends at once (seed
+# 28093: a writer's block was cancelled, its producer's end could not be written, and the
+# retry it started checked for a cancellation anyio on asyncio never delivered to a task
+# started after it: it spun, holding the loop, until the context was left).
+
+
+async def test_a_helper_started_under_a_cancelled_scope_is_cancelled() -> None:
+    hub = Hub(Settings(), Keys("helpers"))
+    progress: list[str] = []
+    over = anyio.Event()
+
+    async def helper() -> None:
+        progress.append("started")
+        try:
+            await anyio.lowlevel.checkpoint()
+            progress.append("ran past a checkpoint")
+        finally:
+            progress.append("cleaned up")
+            over.set()
+
+    with anyio.fail_after(5), anyio.CancelScope() as outer:
+        async with anyio.create_task_group() as tg:
+            await hub.open(_Unused(), tg, inbox=False)  # type: ignore[arg-type]
+            outer.cancel()
+            with anyio.CancelScope(shield=True):  # as a producer's cleanup is
+                for _ in range(3):  # anyio's delivery of the cancellation is over by then
+                    await anyio.lowlevel.checkpoint()
+                assert hub.spawn("s", helper)
+                await over.wait()  # before the task group's exit cancels it
+    assert progress == ["started", "cleaned up"]
+
+
+class _Unused:
+    sharded = False
+
+
+# A reader with a cursor follows a stream whose LOST its producer took back (seed 50188: a
+# follower recorded a producer cut off from Redis for a while as dead; the producer, back,
+# turned the LOST into running again; a reader that had read LOST, asking the lingering
+# producer for its tail, read "running" and answered None: "nothing to resume").
+
+
+async def test_a_reader_follows_a_stream_whose_producer_took_its_lost_back(
+    workers: Workers,
+) -> None:
+    request = workers.keys.request("s")
+    sentinel = workers.keys.sentinel("s")
+    unanswered: list[str] = []
+    lost_read: list[str] = []
+
+    async def publish(command: Any, channel: str, message: bytes) -> Any:
+        if channel == request and len(unanswered) < 2:
+            unanswered.append(channel)  # the producer is subscribing again: nobody hears it
+            return 0
+        return await command(channel, message)
+
+    async def get(command: Any, key: str) -> Any:
+        if key == sentinel and not lost_read:
+            lost_read.append(key)
+            return "LOST"  # before the producer, back, took it back
+        return await command(key)
+
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("hello ")
+    assert await read(own, 1) == "hello "
+    faulty = Faulty(workers.backends[1], publish=publish, get=get)
+    async with workers.context(backend=faulty) as C:
+        with anyio.fail_after(10):
+            tail = await C.resumable_stream("s", source.make, resume_at=2)
+            assert tail is not None  # it runs: not "nothing to resume"
+            source.write("world")
+            source.close()
+            assert await read(tail) == "llo world"
+    assert lost_read
+    assert len(unanswered) == 2
+
+
+# A follower that finds its stream ended while it was about to record its producer dead takes
+# the end that came meanwhile (seed 32126: the producer's subscriber was down, so the
+# follower's requests reached nobody; its end arrived while the follower compared-and-set
+# LOST, which failed on DONE; it answered "the end never arrived" with the end in hand).
+
+
+async def test_a_follower_takes_an_end_that_came_while_it_recorded_its_producer_dead(
+    workers: Workers,
+) -> None:
+    request = workers.keys.request("s")
+    live = workers.keys.live("s")
+    sentinel = workers.keys.sentinel("s")
+    source = TestingSource()
+    silent = [False]  # what the producer publishes does not reach the follower
+    asked: list[str] = []
+    end_came = anyio.Event()
+
+    def drop(channel: str, message: p.Message) -> bool:
+        if channel == live and silent[0]:
+            return True
+        if channel == live and isinstance(message, p.End):
+            end_came.set()
+        return False
+
+    async def publish(command: Any, channel: str, message: bytes) -> Any:
+        if channel == request:
+            asked.append(channel)
+            if len(asked) > 1:
+                return 0  # the producer's subscriber is down: only the first request gets there
+        return await command(channel, message)
+
+    async def replace(command: Any, key: str, *args: Any) -> Any:
+        if key == sentinel and silent[0]:
+            # The producer, alive, ends the stream while the follower records it dead: its
+            # end comes while the follower's compare-and-set is on its way (and fails).
+            silent[0] = False
+            source.write("world")
+            source.close()
+            await end_came.wait()
+        return await command(key, *args)
+
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("hello ")
+    options: dict[str, Any] = dict(resume_timeout=0.2, liveness_timeout=0.2)
+    faulty = Faulty(Filtered(workers.backends[1], drop), publish=publish, replace=replace)
+    async with workers.context(backend=faulty, **options) as C:
+        with anyio.fail_after(10):
+            follower = await C.resume_existing_stream("s", resume_at=0)
+            assert await read(follower, 1) == "hello "
+            silent[0] = True  # no heartbeat comes: the follower asks, and nobody hears it
+            assert await read(follower) == "world"
+            assert await read(own) == "hello world"
+    assert not silent[0]  # it did try to record the producer dead

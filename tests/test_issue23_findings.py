@@ -1,18 +1,17 @@
-"""Gaps in writers and restarts that the job-queue work ran into, as tests that fail until they
-are closed (strict xfails: one that starts passing fails the suite, so its mark is taken off).
+"""Gaps in writers and restarts that the job-queue work ran into (they were strict xfails until
+they were closed), each acted out:
 
 1. A writer whose process died is `lost`; that state keeps the id for `lost_ttl` (60 s by
    default), then the id is free. A job redelivered after that (Celery redelivers a job whose
-   worker died after `visibility_timeout`, an hour by default) starts it with `restart=True` as
-   a new stream, attempt 1 again: a reader holding a cursor into the lost attempt is then served
-   the new attempt's text from its old offset, which a restart must never do.
+   worker died after `visibility_timeout`, an hour by default) starts it with `restart=True`:
+   still a new attempt, so that a reader holding a cursor into the lost one learns of it,
+   never gets the new attempt's text from its old offset.
 2. A reader that saw an attempt end badly holds the id of its end frame (`end`); when it
    reconnects (`EventSource` does, by itself) after the job's retry started a new attempt, it
-   gets 204 and stops for good, never learning of the new attempt.
-3. A durable stream's followers learn that its writer's process died only after the liveness
-   timeout plus a resume's silence (about 2.7 s for `liveness_timeout=1`, 5.1 s for 3), where a
-   memory-only stream's learn it within the liveness timeout (1.0 s, 3.05 s), as both did
-   before main's 5638a01 (durable: 1.0 s and 3.06 s then).
+   is told (`event: restart`), where it used to get 204 and stop for good.
+3. A durable stream's followers, which read the log and ask the producer nothing, learn that
+   its writer's process died within the liveness timeout, as a memory-only stream's do: they
+   tell the producer they follow (`Follow`), and it heartbeats them while idle.
 """
 
 from __future__ import annotations
@@ -80,13 +79,7 @@ def anyio_backend() -> str:
     "mode",
     [
         "memory-only",
-        pytest.param(
-            "durable",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="finding 3: a durable stream's followers learn of a dead writer late",
-            ),
-        ),
+        "durable",
     ],
 )
 async def test_followers_learn_of_a_killed_writer_within_the_liveness_timeout(
@@ -116,10 +109,6 @@ async def test_followers_learn_of_a_killed_writer_within_the_liveness_timeout(
         assert anyio.current_time() - killed_at < 1.0 + 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 1: a lost stream's attempt is forgotten once lost_ttl released its id",
-)
 async def test_a_restart_after_a_lost_streams_id_was_released_is_still_a_restart(
     redis_server: RedisServer,
 ) -> None:
@@ -150,9 +139,6 @@ async def test_a_restart_after_a_lost_streams_id_was_released_is_still_a_restart
                 await ctx.resume_existing_stream(sid, resume_at=6)  # a cursor of attempt 1
 
 
-@pytest.mark.xfail(
-    strict=True, reason="finding 2: a reader that saw an attempt's end frame never sees the next"
-)
 async def test_a_reader_that_saw_an_attempt_fail_learns_of_the_next_attempt() -> None:
     async with rs.create_resumable_stream_context(backend=rs.MemoryBackend()) as ctx:
 

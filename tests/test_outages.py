@@ -6,7 +6,9 @@ import logging
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
+import redis.asyncio
 
 import resumable_stream as rs
 from resumable_stream.redis import RedisBackend
@@ -116,3 +118,40 @@ async def test_fakeredis_connection_switch_degrades_then_recovers() -> None:
         assert await ctx.has_existing_stream("down") is None
         assert await read(await ctx.resumable_stream("up", words)) == "ab"
         assert await ctx.has_existing_stream("up") == "DONE"
+
+
+async def test_a_resume_during_a_subscriber_blip_waits_for_the_reconnection() -> None:
+    """Redis drops a subscriber now and then (a reply over `client-output-buffer-limit
+    pubsub`, `CLIENT KILL`, a failover): it is connected again within one backoff (50 ms). A
+    resume that subscribes in that window is subscribed by the reconnection, not failed
+    with "the subscriber connection is down" (a 503 for a blip)."""
+    server = start_redis_server()
+    admin = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+    try:
+        async with rs.create_resumable_stream_context(server.url, key_prefix="blip") as producer:
+            source = TestingSource()
+            own = await producer.resumable_stream("s", source.make)
+            source.write("before ")
+            before = {int(c["id"]) for c in await admin.client_list() if int(c["sub"]) > 0}
+            async with rs.create_resumable_stream_context(
+                server.url, key_prefix="blip"
+            ) as follower:
+                (subscriber,) = {
+                    int(c["id"]) for c in await admin.client_list() if int(c["sub"]) > 0
+                } - before
+                await admin.client_kill_filter(_id=str(subscriber))
+                with anyio.fail_after(5):
+                    # No event tells a drop (it is found by a failed read): one loop turn at a
+                    # time until the reader found it, so the resume comes within the backoff.
+                    while follower.stats().backend_connected:
+                        await anyio.lowlevel.checkpoint()
+                    tail = await follower.resume_existing_stream("s", resume_at=0)
+                    assert tail is not None
+                    assert await read(tail, 1) == "before "
+                    source.write("after")
+                    source.close()
+                    assert await read(tail) == "after"
+                    assert await read(own) == "before after"
+    finally:
+        await admin.aclose()
+        server.stop()

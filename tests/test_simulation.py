@@ -85,6 +85,10 @@ REGRESSION_SEEDS = {
     6478: "requests held by a stalled Redis counted as reaching nobody",
     7089: "LOST written over an end written meanwhile",
     9013: "the end held aside while a recovery asked nobody",
+    28093: "a helper started under a cancelled scope spun, holding the loop",
+    32126: "an end that came while the follower recorded a live producer dead",
+    44196: "an end that came while the follower recorded a live producer dead",
+    50188: "a cursor's reader read running after LOST, its producer back: None",
 }
 
 

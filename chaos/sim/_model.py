@@ -69,7 +69,8 @@ False claims (each a violation of its own kind)
   a candidate's producer still had the text at the claim (running, or within its `linger`
   after its end: it could have been asked again), or nothing could have lost a message on the
   way (no fault in the call's window on the reader's or a candidate's process: an outage of
-  its connections, a failed, lost or late command; nor on the server: stall, restart).
+  its connections, a failed, lost or late command, a slow link that could bring an answer
+  after the producer let its text go; nor on the server: stall, restart).
 - `false-conflict`: `ProducerConflictError` with fewer than two instances (not offline) of the
   stream elected or started before the claim.
 - `false-exists`: `StreamExistsError` (a writer's) although no run of the stream was elected
@@ -174,6 +175,11 @@ class _Checker:
                 outage.start <= end + _EPS and outage.end >= start - _EPS
             ):
                 return True
+        if any(
+            who in procs and s <= end + _EPS and e >= start - _EPS
+            for who, s, e, _ in self.ledger.slow_links
+        ):
+            return True  # what comes late may come after the producer has let its text go
         return any(
             who in procs and start - _EPS <= at <= end + _EPS
             for at, who, _, _ in self.ledger.command_faults

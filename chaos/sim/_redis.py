@@ -241,6 +241,10 @@ class SimRedis:
     # `_Failure` for an error reply.
 
     def incr(self, key: str, ttl: int) -> int | None:
+        if key.endswith(":restarts"):
+            # A writer's retry after its stream's state expired: a later attempt too.
+            sentinel = key.removesuffix(":restarts") + ":sentinel"
+            self.ledger.restarts.append((self.now(), sentinel))
         entry = self._value(key)
         try:
             value: int | None = int(entry[0]) + 1 if entry else 1
@@ -605,6 +609,7 @@ class SimConnection:
                 (name == "incr" and result == 1)
                 or (name == "swap" and command.args[1] == "1")
                 or (name == "restart_stream" and result is not None)
+                or (name == "create" and command.args[1] == "1" and result is True)
             )
         command.done = True
         self._history("cmd", name, command.key, _brief(result))

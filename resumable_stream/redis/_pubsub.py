@@ -110,6 +110,11 @@ class Subscriber:
         # fast_acquire: an uncontended lock costs no loop turn (a follower's resume waits on it).
         self._write_lock = anyio.Lock(fast_acquire=True)
         self._confirmations: dict[tuple[bytes, str], deque[_Change]] = {}
+        # Subscriptions waited for when the connection broke (or asked for while it is down):
+        # the reconnection's SUBSCRIBE confirms them, its failure fails them. A resume that
+        # comes during a blip (Redis dropped us for a reply over its pubsub buffer limit, a
+        # restart) waits the few ms the reconnection takes rather than failing.
+        self._parked: list[_Change] = []
         # What should be subscribed (ordered: restored in the order asked), so that a
         # reconnection restores what an outage lost.
         self._wanted: dict[str, None] = {}
@@ -146,9 +151,10 @@ class Subscriber:
 
     def closing(self) -> None:
         self._closed = True
+        self._fail_parked(BackendError("the Redis subscriber connection is closed"))
 
     async def close(self) -> None:
-        self._closed = True
+        self.closing()
         with contextlib.suppress(Exception):
             await self._connection.disconnect()
 
@@ -226,10 +232,9 @@ class Subscriber:
         what = kind.decode().upper()
         async with self._write_lock:
             if self._error is not None:
-                down = BackendError("the Redis subscriber connection is down")
                 for change in group:
                     if change.waiting:
-                        change.fail(down)
+                        self._parked.append(change)  # the reconnection subscribes it
                     else:
                         change.done.set()
                 return
@@ -260,6 +265,8 @@ class Subscriber:
                 change.done.set()  # nothing to wait for but the sending
 
     def _forget(self, change: _Change) -> None:
+        with contextlib.suppress(ValueError):
+            self._parked.remove(change)
         for channel in change.channels:
             with contextlib.suppress(KeyError, ValueError):
                 self._confirmations[(change.kind, channel)].remove(change)
@@ -283,10 +290,10 @@ class Subscriber:
         if self._error is None:
             self._error = exc
             self._restoring = None
-            down = BackendError(f"the Redis subscriber connection is down: {exc}")
             for waiters in self._confirmations.values():
                 for change in waiters:
-                    change.fail(down)
+                    if change not in self._parked:  # a change waits under each channel
+                        self._parked.append(change)
             self._confirmations.clear()
         self._read_scope.cancel()
 
@@ -339,14 +346,31 @@ class Subscriber:
                 self._error = exc
                 with contextlib.suppress(Exception):
                     await self._connection.disconnect()
+                self._fail_parked(BackendError(f"the Redis subscriber connection is down: {exc}"))
                 return False
             self._error = None
+            parked, self._parked = self._parked, []
+            sent = set(wanted)
+            for change in parked:
+                if sent.issuperset(change.channels):
+                    change.waiting = len(change.channels)
+                    for channel in change.channels:
+                        self._confirmations.setdefault((b"subscribe", channel), deque()).append(
+                            change
+                        )
+                else:  # unsubscribed meanwhile: nobody waits for it any more
+                    change.fail(BackendError("unsubscribed before it was confirmed"))
             self._heard = anyio.current_time()
             self._ping_sent = None
             self._restoring = set(wanted)
             if not wanted:
                 self._restored()
             return True
+
+    def _fail_parked(self, error: BackendError) -> None:
+        parked, self._parked = self._parked, []
+        for change in parked:
+            change.fail(error)
 
     def _restored(self) -> None:
         """Every wanted channel is subscribed again: what was published meanwhile is lost."""

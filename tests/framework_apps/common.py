@@ -126,6 +126,9 @@ class TrackingContext:
     async def has_existing_stream(self, stream_id: str) -> Any:
         return await self.inner.has_existing_stream(stream_id)
 
+    async def current_attempt(self, stream_id: str, **options: Any) -> Any:
+        return await self.inner.current_attempt(stream_id, **options)
+
     async def cancel_stream(self, stream_id: str) -> None:
         await self.inner.cancel_stream(stream_id)
 
