@@ -323,7 +323,7 @@ def test_it_finds_a_degraded_streams_ids_resumed_elsewhere(tmp_path: Path) -> No
     # Cut after two events, resumed elsewhere: 204, "nothing more".
     run.session("e2", None, [("4", "message", "abS0"), ("8", "message", "cdS0")], {"end": "204"})
     assert [(v.kind, v.reader) for v in run.check()] == [
-        ("degraded-resume", "e1"),
+        ("spliced-resume", "e1"),
         ("degraded-resume", "e2"),
     ]
 

@@ -19,10 +19,15 @@ Hard violations
 - `false-end`: a reader's normal end (`StopAsyncIteration`; over SSE, a 204 answering a
   reconnect) without a candidate that ended `done` with R == T[o:] exactly (a 204 is judged
   as a `None` below).
+- `spliced-resume`: an SSE reader's `wrong-text` of a known shape: one producer's text up to
+  a reconnect, another's after it (in a library reader, which never reconnects, it stays a
+  `wrong-text`). Two producers ran under one id (the first ran without resumability
+  because its election failed, or Redis lost the election key), and an SSE reconnect, which
+  carries an offset (and an attempt) but nothing of which producer the text came from,
+  resumed the other one's by offset.
 - `degraded-resume`: over SSE, the events of a stream that ran without resumability (its
-  election failed: `on_backend_error="degrade"`) carried ids that a reconnect resumed from,
-  on another worker: the reader got another producer's text of the id from there (a
-  `wrong-text` of a known cause), or a 204 with text missing (a `false-end`).
+  election failed: `on_backend_error="degrade"`) carried ids that a reconnect resumed from on
+  another worker, which answered 204: the text cut short, no error (a `false-end`).
 - `untyped`: anything but a `ResumableStreamError` out of the API (calls, reads, `aclose`,
   writers, cancels), exception groups included; over SSE, an HTTP 500 (`http-500`) or another
   answer the protocol does not have for it (`http-status`).
@@ -583,9 +588,9 @@ class _Checker:
         candidates = self.candidates(reader)
         text = reader.text
         if not candidates and text:
-            joined = self.degraded_join(reader)
+            joined = self.spliced(reader) if reader.sse else ""
             if joined:
-                self.add("degraded-resume", joined, reader)
+                self.add("spliced-resume", joined, reader)
                 return
             texts = {
                 i.id: _short(i.text[reader.start :])
@@ -645,9 +650,9 @@ class _Checker:
         elif end in ("stopped", "gave-up"):
             self.check_hang(reader, candidates)
 
-    def degraded_join(self, reader: Reader) -> str:
-        """If the reader's text is an instance's that ran without resumability up to a piece's
-        end, then another's after a reconnect: what happened (else "")."""
+    def spliced(self, reader: Reader) -> str:
+        """If the reader's text is one instance's up to a piece's end, then another's (two
+        producers of one id, resumed by offset after a reconnect): what happened, else ""."""
         text, start = reader.text, reader.start
         pool = self.by_stream.get((reader.sid, reader.dep), [])
         position = 0
@@ -655,16 +660,23 @@ class _Checker:
             position += len(piece.text)
             head, rest = text[:position], text[position:]
             for first in pool:
-                if not first.offline or first.text[start : start + position] != head:
+                if first.text[start : start + position] != head:
                     continue
                 at = start + position
                 for second in pool:
-                    if second is not first and second.text[at : at + len(rest)] == rest:
-                        return (
-                            f"its first {position} characters came from {first.describe()}, "
-                            f"which ran without resumability (its election failed), the rest "
-                            f"from {second.describe()}, resumed at {at} after a reconnect"
-                        )
+                    if second is first or second.text[at : at + len(rest)] != rest:
+                        continue
+                    if first.offline or second.offline:
+                        why = "one of them ran without resumability (its election failed)"
+                    elif self.keys_lost(reader.sid, reader.dep, reader.t_end):
+                        why = "Redis lost the stream's election key meanwhile"
+                    else:
+                        why = "nothing the run can see made a second producer"
+                    return (
+                        f"its first {position} characters came from {first.describe()}, the "
+                        f"rest from {second.describe()}, resumed at {at} by offset after a "
+                        f"reconnect: two producers of one id ({why})"
+                    )
         return ""
 
     def chunking(self, reader: Reader, inst: Instance) -> str | None:
