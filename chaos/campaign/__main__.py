@@ -180,7 +180,10 @@ def _check(args: argparse.Namespace) -> int:
         outcome.t_stop,
         args.wait_bound,
     )
-    print(summary(report(plan, outcome, checked, 0.0)))
+    data = report(plan, outcome, checked, outcome.t_stop - outcome.t0)
+    if args.report:
+        Path(args.report).write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    print(summary(data))
     return 1 if checked.violations else 0
 
 
@@ -233,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     again.add_argument("folder")
     again.add_argument("--explain", help="print this reader's records and its producers'")
     again.add_argument("--wait-bound", type=float, default=60.0)
+    again.add_argument("--report", help="write the report here as JSON")
     args = parser.parse_args(argv)
     return _run(args) if args.command == "run" else _check(args)
 
