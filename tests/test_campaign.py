@@ -328,6 +328,19 @@ def test_it_finds_a_degraded_streams_ids_resumed_elsewhere(tmp_path: Path) -> No
     ]
 
 
+def test_it_finds_reconnects_answered_200_with_nothing(tmp_path: Path) -> None:
+    run = Run(tmp_path)
+    run.produce(["abA0", "cdA0"])
+    run.session("e1", 4, [("8", "message", "cdA0")], {"end": "204"})
+    run.write("C0", "sess-start", 2.0, rid="e2", sid="s1", dep="mem", creates=False, offset=8)
+    for t in (2.1, 2.2, 2.3):  # at its end: 200, no event, the body ends; again
+        run.write("C0", "sess-conn", t, rid="e2", server=0, cursor="8")
+        run.write("C0", "sess-eof", t + 0.01, rid="e2", cursor="8")
+    run.write("C0", "sess-conn", 2.4, rid="e2", server=0, cursor="8")
+    run.write("C0", "sess-end", 2.5, rid="e2", end="204", cursor="8")
+    assert [(v.kind, v.reader) for v in run.check()] == [("empty-200", "e2")]
+
+
 def test_it_finds_a_reader_that_never_got_its_end(tmp_path: Path) -> None:
     run = Run(tmp_path)
     run.produce(["abA0", "cdA0"], end=2.0)

@@ -31,6 +31,9 @@ Hard violations
 - `untyped`: anything but a `ResumableStreamError` out of the API (calls, reads, `aclose`,
   writers, cancels), exception groups included; over SSE, an HTTP 500 (`http-500`) or another
   answer the protocol does not have for it (`http-status`).
+- `empty-200`: an SSE reconnect answered 200 with a body that ended with no event, again and
+  again (twice or more): a reader with nothing more to read is owed a 204 (or an error
+  frame), or an `EventSource` reconnects in a loop.
 - `hang`: a reader still waiting when the processes were stopped, for an end its producer had
   reached (or died) more than `wait_bound` seconds before; an SSE session that gave up
   reconnecting; `slow-end`: a reader that got its end more than `wait_bound` seconds after
@@ -184,6 +187,8 @@ class Reader:
     phase: str = ""
     gap: str = ""  # a piece that did not continue where the previous one ended
     refusals: list[tuple[float, float]] = field(default_factory=list)  # SSE 503s: (asked, at)
+    fresh: bool = False  # an SSE connection is open that has delivered no event yet
+    empty: list[float] = field(default_factory=list)  # when a 200 ended with no event
 
     @property
     def text(self) -> str:
@@ -370,9 +375,13 @@ class _Checker:
             reader = readers[rid]
         if kind == "sess-conn":
             reader.t_conn = record["t"]
+            reader.fresh = True
             if reader.t_open is None:
                 reader.t_open = record["t"]
+        elif kind == "sess-eof" and reader.fresh:
+            reader.empty.append(record["t"])
         elif kind == "sess-events":
+            reader.fresh = False
             for event_id, name, data in record["items"]:
                 attempt, offset = _sse_id(event_id)
                 if name == "restart":
@@ -615,6 +624,17 @@ class _Checker:
                 return
             candidates = fitting
         self.wait(reader, candidates)
+        if len(reader.empty) >= 2:
+            first, last = reader.empty[0], reader.empty[-1]
+            self.add(
+                "empty-200",
+                f"{len(reader.empty)} reconnects with nothing more to read "
+                f"got 200 and an empty body, over {last - first:.1f}s, instead of 204 (an "
+                "EventSource reconnects again at once)",
+                reader,
+                at=first,
+                instances=candidates,
+            )
         for asked, at in reader.refusals:
             self.check_unavailable(reader, asked, at, candidates)
         if end in ("stop", "204"):
