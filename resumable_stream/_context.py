@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -101,14 +102,41 @@ class ResumableStreamContext:
     say) come out as a `BaseExceptionGroup`.
 
     With `opentelemetry-api` installed (and `telemetry=True`, the default), the context reports
-    metrics and spans (see the README's table) through `meter_provider` and `tracer_provider`,
-    by default the global ones; `trace_stream_ids=False` keeps stream ids out of span
-    attributes. Without the API, nothing of it is imported or run.
+    metrics and spans (see the documentation's Metrics and traces) through `meter_provider` and
+    `tracer_provider`, by default the global ones; `trace_stream_ids=False` keeps stream ids out
+    of span attributes. Without the API, nothing of it is imported or run.
 
     With `compat="vercel"`, every stream of the context speaks the wire protocol of npm
     `resumable-stream` 2.x under `key_prefix` (its `keyPrefix`), so that a Next.js app on that
     package and this one share streams on one Redis; offsets then count UTF-16 code units
-    (see the README's "Next.js and Python on one Redis").
+    (see the documentation's "Next.js and Python on one Redis").
+
+    Args:
+        backend: The backend every stream of the context lives on (`MemoryBackend`, or
+            `resumable_stream.redis.RedisBackend`; `create_resumable_stream_context` makes one).
+        key_prefix: Isolates apps sharing one Redis (no braces).
+        ttl: Seconds every key of a stream lives (default 86400, 24 hours).
+        resume_timeout: Seconds a resume waits for the producer's answer (default 2).
+        max_message_size: Characters per pub/sub message (default 1 MiB); replays of any size
+            are split.
+        drain_timeout: Seconds leaving the context waits for running producers (default 30).
+        linger: Seconds a finished producer keeps its text for readers that resume with an
+            offset (default 30; 0 keeps nothing after the end).
+        liveness_timeout: Seconds within which a follower learns that its producer died
+            (default 3).
+        lost_ttl: Seconds a dead stream keeps its id (default 60).
+        max_backlog: Unread characters a follower may hold before it is ended (default 64 Mi).
+        on_backend_error: `"degrade"` (the default) or `"raise"`, for a stream started while
+            the backend is unreachable.
+        durable: Keep every stream's text in the backend too (default False).
+        flush_interval: Seconds a durable stream's text may wait before it is written
+            (default 0.02, at most 1).
+        telemetry: Report metrics and spans when `opentelemetry-api` is installed (default
+            True).
+        meter_provider: Where the instruments come from (default: the global provider).
+        tracer_provider: Where the spans go (default: the global provider).
+        trace_stream_ids: Put stream ids in span attributes (default True).
+        compat: `"vercel"` to speak npm `resumable-stream` 2.x's wire protocol (default None).
     """
 
     def __init__(
@@ -471,9 +499,20 @@ class ResumableStreamContext:
         keys = self._hub.keys
         connection = self._hub.connection
         ttl = self._settings.ttl
-        if restart and await connection.get(keys.restarts(stream_id)) is not None:
-            restarts = await connection.incr(keys.restarts(stream_id), ttl)
-            return self._start_producer(stream_id, None, attempt=1 + (restarts or 0))
+        if restart:
+            try:
+                if await connection.get(keys.restarts(stream_id)) is not None:
+                    restarts = await connection.incr(keys.restarts(stream_id), ttl)
+                    return self._start_producer(stream_id, None, attempt=1 + (restarts or 0))
+            except BaseException:  # a backend error, or the job cancelled meanwhile
+                # Elected, and never started: nobody writes this stream. Recorded at once (if
+                # nobody counted in meanwhile), so that its readers and the job's next retry
+                # need not wait a liveness timeout to learn it.
+                # Bounded by the backend's deadlines. If it fails, readers find the stream dead
+                # a liveness timeout later.
+                with anyio.CancelScope(shield=True), contextlib.suppress(BackendError):
+                    await self._hub.record_lost(stream_id, "1")
+                raise
         producer = self._start_producer(stream_id, None)
         # Not awaited: the writer starts at once (a retry would come long after this).
         self._hub.spawn(stream_id, _mark_first_attempt, connection, keys.restarts(stream_id), ttl)
@@ -573,7 +612,8 @@ class ResumableStreamContext:
 
         With `newer_than` and `wait` (seconds), waits that long for an attempt newer than
         `newer_than` to start (a job's retry, after a reader saw its attempt fail): one
-        subscription, as `resume_existing_stream(wait=)`, and no polling.
+        subscription, as `resume_existing_stream(wait=)`, and no polling. An attempt that was
+        stopped (`cancel_stream`) or ended well is not waited on: nothing retries it.
         """
         stream_id = p.validate_stream_id(stream_id)
         if newer_than is not None:
@@ -582,6 +622,12 @@ class ResumableStreamContext:
             wait = check_seconds("wait", wait, zero=True)
         attempt = await self._current_attempt(stream_id)
         if newer_than is None or not wait or (attempt is not None and attempt > newer_than):
+            return attempt
+        if (
+            self._compat is None
+            and attempt == newer_than
+            and await self._hub.state(stream_id) in (p.DONE, p.CANCELLED)
+        ):
             return attempt
         hub = self._hub
         waiter = _StartWaiter(stream_id)
@@ -748,6 +794,10 @@ class ResumableStreamContext:
                     raise _restarted(stream_id, current)
         elif state is None:
             state = await self._hub.state(stream_id)
+            if state == p.RUNNING:
+                # It runs again since its INCR found it ended: a LOST its producer, back from
+                # an outage, took back (or its next attempt). Not "nothing to resume".
+                return await self._follow(stream_id, offset, None, resume)
         resume.answered("finished")
         _raise_if_failed(stream_id, state)
         return None

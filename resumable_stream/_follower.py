@@ -628,7 +628,10 @@ class Follower:
         self._progress = anyio.current_time()
         self._unanswered = 0
         if replay.start > self._position:
-            raise ValueError("a replay from past the requested offset")
+            # A piece of the answer before this one was lost on the way (this side's
+            # subscriber dropped meanwhile): ask again from the position.
+            self._recover_soon()
+            return
         self._take(replay.start, replay.chunks, replay.cont)
         if replay.more:
             self._recover_soon()  # this window is complete: ask for the next one
@@ -853,12 +856,14 @@ class Follower:
                         )
                     )
                     continue
-                deadline = anyio.current_time() + self._hub.lost_after
-            else:
-                # At least a heartbeat's time: `heard` may be old because this side could not
-                # hear (its subscriber was reconnecting), not because the producer was silent.
-                now = anyio.current_time()
-                deadline = max(self.heard + settings.liveness_timeout, now + settings.heartbeat)
+            # The producer counts as gone once it was silent for liveness_timeout (its
+            # heartbeats stopped; a request it got and never answered adds no time: it may have
+            # died right after it got it). At least a heartbeat's time: `heard` may be old
+            # because this side could not hear (its subscriber was reconnecting), not because
+            # the producer was silent; and `_ask_again` waits longer for a producer that never
+            # heard of this follower.
+            now = anyio.current_time()
+            deadline = max(self.heard + settings.liveness_timeout, now + settings.heartbeat)
             await self._recover(deadline)
 
     async def _finish_reading(self, outcome: str) -> None:

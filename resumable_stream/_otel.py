@@ -1,7 +1,7 @@
 """Telemetry through OpenTelemetry: imported only when `opentelemetry-api` is installed.
 
-The instruments and spans here are the contract the README's table documents: change a name or
-an attribute there and here together.
+The instruments and spans here are the contract the documentation's table documents
+(`docs/operations/telemetry.md`): change a name or an attribute there and here together.
 
 Measurements are not handed to the instruments where they happen: an SDK instrument takes
 microseconds per call (more than a resume's own work on the process that answers it), so each

@@ -383,11 +383,14 @@ class Producer:
 
     async def _record_later(self, state: str) -> None:
         # Until it lands, the backend says the stream runs; once the keys' TTL has passed it
-        # no longer matters.
-        deadline = self._started + self._hub.settings.ttl
+        # no longer matters. A durable producer's writes give them their TTL again, so that
+        # counts from the last one sent (it may land late: a stalled Redis runs it when it
+        # resumes, and makes the keys again, running, if they expired meanwhile).
+        ttl = self._hub.settings.ttl
         try:
             for delay in itertools.chain(_RECORD_DELAYS, itertools.repeat(_RECORD_DELAYS[-1])):
-                if anyio.current_time() + delay >= deadline or self._superseded:
+                since = self._started if self._store is None else self._store.sent_at
+                if anyio.current_time() + delay >= since + ttl or self._superseded:
                     break
                 await anyio.sleep(delay)
                 if await self._record(state, retry=True):

@@ -58,6 +58,7 @@ class Store:
         "_stream_id",
         "_token",
         "_unsure",
+        "sent_at",
         "stored",
         "stored_changed",
     )
@@ -74,6 +75,11 @@ class Store:
         self._channel = hub.keys.live(stream_id)
         self._sentinel = hub.keys.sentinel(stream_id)
         self.stored = 0  # chunks stored so far
+        # When text was last sent: each write gives the stream's keys their TTL again (or makes
+        # them again, running, if they expired), whenever it lands: so they may run until then
+        # plus the TTL, and the end is worth writing until then. (A write of the end makes
+        # them again ended, which does no harm.)
+        self.sent_at = anyio.current_time()
         self.stored_changed = Signal()
         self._last: LogId | None = None  # the id of the last entry written
         self._broken = False  # the log lost entries (Redis evicted or lost it): write it again
@@ -183,6 +189,8 @@ class Store:
 
     async def _append(self, entries: list[LogAppend], state: str | None = None) -> None:
         hub = self._hub
+        if state is None:
+            self.sent_at = anyio.current_time()
         previous = await hub.connection.append(
             self._key,
             entries,

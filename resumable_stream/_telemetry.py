@@ -8,7 +8,7 @@ context uses when `opentelemetry-api` is not installed or telemetry is turned of
 engine pays one no-op call per such event and nothing per chunk. `resumable_stream._otel`
 (imported only when the OpenTelemetry API imports, by `_telemetry_setup`, which chooses)
 implements the same interface with OpenTelemetry instruments and spans; every name and
-attribute it emits is listed in the README.
+attribute it emits is listed in the documentation (`docs/operations/telemetry.md`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 resumable streams, as `resumable_stream.http` decides.
 
 Django has no lifespan, so the context is made once per process and opened by the server's
-lifespan through `resumable_stream.asgi.with_context`::
+lifespan through `resumable_stream.asgi.with_context`:
 
     # asgi.py
     streams = create_resumable_stream_context()  # REDIS_URL, else in memory

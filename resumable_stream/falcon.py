@@ -1,7 +1,7 @@
 """Falcon (ASGI) responders that stream, stop and run resumable streams, as
 `resumable_stream.http` decides.
 
-The context lives from the app's startup to its shutdown, through a middleware::
+The context lives from the app's startup to its shutdown, through a middleware:
 
     streams = create_resumable_stream_context()  # REDIS_URL, else in memory
 

@@ -1,6 +1,6 @@
 """Quart views that stream, stop and run resumable streams, as `resumable_stream.http` decides.
 
-The context lives while the app serves::
+The context lives while the app serves:
 
     app = Quart(__name__)
     streams = create_resumable_stream_context()  # REDIS_URL, else in memory
@@ -39,7 +39,7 @@ __all__ = ["response_of", "stop_response", "stream_response", "task_response"]
 
 def _request() -> Request:
     """The current request itself, not Quart's proxy of it (what `authorize` keeps)."""
-    current: Request = request._get_current_object()  # type: ignore[attr-defined]
+    current: Request = request._get_current_object()  # type: ignore[attr-defined, unused-ignore]
     return current
 
 

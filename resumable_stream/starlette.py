@@ -1,6 +1,6 @@
 """The SSE response as a Starlette `Response`, so Starlette and FastAPI endpoints can return it.
 
-Make the context in the app's lifespan and hand it to requests through the lifespan state::
+Make the context in the app's lifespan and hand it to requests through the lifespan state:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

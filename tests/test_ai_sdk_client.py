@@ -407,36 +407,15 @@ def test_the_example_app_runs_under_uvicorn() -> None:
         assert resumed.status_code == 204
 
 
-README_HEADER = """
-import contextlib
-
-import anyio
-from fastapi import FastAPI, Request
-
-from resumable_stream import create_resumable_stream_context
-
-
-async def llm(messages):
-    text = messages[-1]["parts"][0]["text"]
-    for word in f"You said {text}, and here is the answer, word by word.".split(" "):
-        await anyio.sleep(0.02)
-        yield word + " "
-
-"""
-
-
-async def test_the_readmes_lines_serve_the_ai_sdk_client(
-    ai_sdk_client: Path, tmp_path: Path
-) -> None:
-    """The README's AI SDK section: its Python block, as a developer copies it (with an `llm`
-    and the imports above it), serves the real client through a cut."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("## AI SDK (`useChat`) backend", 1)[1]
-    block = section.split("```python\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "readme_chat.py").write_text(README_HEADER + block)
+async def test_the_docs_lines_serve_the_ai_sdk_client(ai_sdk_client: Path, tmp_path: Path) -> None:
+    """The AI SDK page's app (docs/guides/ai-sdk.md, its first Python block, as a developer
+    copies it: imports and a stand-in model included) serves the real client through a cut."""
+    page = (Path(__file__).parent.parent / "docs" / "guides" / "ai-sdk.md").read_text()
+    block = page.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "docs_chat.py").write_text(block)
     env = {"PYTHONPATH": str(tmp_path)}
     with (
-        uvicorn_server("readme_chat:app", env) as url,
+        uvicorn_server("docs_chat:app", env) as url,
         TcpProxy(urlsplit(url).port or 0) as proxy,
     ):
         deployment = Deployment("memory", [url], proxy, tmp_path / "unused.log")

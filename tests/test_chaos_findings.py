@@ -22,7 +22,15 @@ from resumable_stream._options import Settings
 from resumable_stream._protocol import Keys
 
 from .conftest import Workers
-from .helpers import Faulty, Filtered, TestingSource, poll_until, read, read_entries
+from .helpers import (
+    Faulty,
+    Filtered,
+    TestingSource,
+    never_called,
+    poll_until,
+    read,
+    read_entries,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -322,3 +330,159 @@ async def test_a_follower_takes_an_end_that_came_while_it_recorded_its_producer_
             assert await read(follower) == "world"
             assert await read(own) == "hello world"
     assert not silent[0]  # it did try to record the producer dead
+
+
+# A durable producer writes its end even when it ends past its keys' first TTL (seed 72531: a
+# stalled Redis did not answer its end's write; the retries gave up at start + TTL, though its
+# later writes had given the keys their TTL again, and a late write made them again, running:
+# a stream that failed was taken, by its readers, for one whose producer died).
+
+
+async def test_a_durable_end_that_failed_once_is_written_after_the_first_ttl(
+    workers: Workers,
+) -> None:
+    refused: list[str] = []
+
+    async def append(command: Any, *args: Any) -> Any:
+        state = args[-1]
+        if state is not None and not refused:
+            refused.append(state)  # the end's write: no reply in time (Redis stalled)
+            raise rs.BackendError("append: no reply in time")
+        return await command(*args)
+
+    source = TestingSource()
+    options: dict[str, Any] = dict(
+        durable=True, ttl=1, linger=0, flush_interval=0, liveness_timeout=0.3, resume_timeout=0.3
+    )
+    faulty = Faulty(workers.backends[0], append=append)
+    async with workers.context(backend=faulty, **options) as P:
+        own = await P.resumable_stream("s", source.make)
+        source.write("first ")
+        assert await read(own, 1) == "first "
+        await anyio.sleep(1.2)  # the workload: a stream that runs longer than its keys' TTL
+        source.write("second")
+        assert await read(own, 1) == "second"  # stored: the keys live for a TTL from now
+        source.fail(RuntimeError("the model failed"))
+        with pytest.raises(rs.StreamFailedError):
+            await read(own)
+        assert len(refused) == 1  # its first write of the end got no answer
+        async with workers.context(1, **options) as C:
+            with anyio.fail_after(10):
+                reader = await C.resume_existing_stream("s", resume_at=0)
+                assert reader is not None
+                text, error = await read_to_error(reader)
+                assert text == "first second"
+                assert isinstance(error, rs.StreamFailedError), error  # not ProducerLostError
+
+
+async def read_to_error(stream: rs.ResumableStream) -> tuple[str, BaseException | None]:
+    text = ""
+    try:
+        async for chunk in stream:
+            text += chunk
+    except rs.ResumableStreamError as exc:
+        return text, exc
+    return text, None
+
+
+# A retried job's writer that won its election and failed before it started records its
+# stream dead at once (seed 103807: its count of attempts could not be read; the stream was
+# left running with nobody writing it, and its readers learned only a liveness timeout later).
+
+
+async def test_a_writer_that_failed_after_its_election_records_its_stream_lost(
+    workers: Workers,
+) -> None:
+    restarts = workers.keys.restarts("job")
+    await workers.write(restarts, "0")  # the job ran before: its retry counts as attempt 2
+
+    async def get(command: Any, key: str) -> Any:
+        if key == restarts:
+            raise rs.BackendError("get: no reply in time")
+        return await command(key)
+
+    options: dict[str, Any] = dict(liveness_timeout=30.0, resume_timeout=30.0)
+    async with workers.context(backend=Faulty(workers.backends[0], get=get), **options) as W:
+        with pytest.raises(rs.BackendError):
+            async with W.writer("job", restart=True):
+                pytest.fail("the writer started")
+    async with workers.context(1, **options) as C:
+        with anyio.fail_after(5):  # not after a liveness timeout (30 s)
+            with pytest.raises(rs.ProducerLostError):
+                await C.resume_existing_stream("job")
+            # The job's next retry starts at once, as the next attempt.
+            async with C.writer("job", restart=True) as w:
+                assert w.attempt == 2
+                await w.write("done")
+
+
+# A reader whose election found its stream ended, and then found it running, follows it (seed
+# 105076: its INCR met a LOST that the producer, back from an outage, took back right after;
+# it answered None, "nothing to resume", for a running stream).
+
+
+async def test_a_reader_that_found_its_stream_ended_then_running_follows_it(
+    workers: Workers,
+) -> None:
+    sentinel = workers.keys.sentinel("s")
+    met_lost: list[str] = []
+
+    async def incr(command: Any, key: str, ttl: int) -> Any:
+        if key == sentinel and not met_lost:
+            met_lost.append(key)
+            return None  # what INCR answers on LOST (not a number): an ended stream
+        return await command(key, ttl)
+
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("hello ")
+    async with workers.context(backend=Faulty(workers.backends[1], incr=incr)) as C:
+        with anyio.fail_after(10):
+            follower = await C.resumable_stream("s", never_called)
+            assert follower is not None
+            assert await read(follower, 1) == "hello "
+            source.write("world")
+            source.close()
+            assert await read(follower) == "world"
+    assert await read(own) == "hello world"
+    assert met_lost
+
+
+# A follower that gets a later piece of an answer without the first asks again (seed 163941:
+# Redis dropped its subscriber while the producer sent the first piece; the second, from past
+# its position, ended it with "malformed message", an untyped error).
+
+
+@pytest.mark.not_durable  # a durable follower reads what it misses from the log
+@pytest.mark.parametrize("workers", [{"max_message_size": 4}], indirect=True)
+async def test_a_follower_missing_the_first_piece_of_an_answer_asks_again(
+    workers: Workers,
+) -> None:
+    lost: list[p.Message] = []
+    drop_next = [False]
+
+    def drop(channel: str, message: p.Message) -> bool:
+        if drop_next[0] and isinstance(message, p.Live):
+            drop_next[0] = False  # a gap: the follower asks for what it missed
+            lost.append(message)
+            return True
+        if isinstance(message, p.Replay) and len(lost) == 1:
+            lost.append(message)  # the first piece of the answer: lost too
+            return True
+        return False
+
+    source = TestingSource()
+    own = await workers.P.resumable_stream("s", source.make)
+    source.write("0123")
+    async with workers.context(backend=Filtered(workers.backends[1], drop)) as C:
+        follower = await C.resume_existing_stream("s")
+        with anyio.fail_after(10):
+            assert await read(follower, 1) == "0123"
+            drop_next[0] = True
+            source.write("4567")
+            assert await read(own, 2) == "01234567"
+            source.write("89ab")
+            source.close()
+            assert await read(follower) == "456789ab"
+    assert [type(message) for message in lost] == [p.Live, p.Replay]
+    assert await read(own) == "89ab"

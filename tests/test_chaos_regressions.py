@@ -6,7 +6,7 @@ Every reader gets `text[offset:]` exactly, or an exact prefix of it and then a t
 1. a finished stream's tail answered "nothing to resume" while its producer, lingering with the
    text, was subscribing again (a killed connection) or the follower's link was slow;
 2. a live producer declared dead by a follower on a slow link;
-3. an untyped error of redis-py's pub/sub connection that ended the whole context;
+3. an untyped error of one of redis-py's connections that ended the whole context;
 4. an `ExceptionGroup` out of a durable resume whose two side-by-side reads both failed;
 5. an HTTP 500 for a durable stream whose stored text was lost.
 """
@@ -138,28 +138,41 @@ async def test_a_slow_link_does_not_declare_a_live_producer_dead(
             assert await admin.get(Keys("defect-2").sentinel("running")) == "DONE"
 
 
-# 3. No error of the subscriber's connection ends the context
+# 3. No untyped error of a connection ends the context
+
+
+class _Pool(redis.asyncio.ConnectionPool):
+    """Marks the connections it makes: the subscriber's own connection is not one of them."""
+
+    def make_connection(self) -> Any:
+        connection = super().make_connection()
+        connection.pooled = True
+        return connection
 
 
 class _FailingOnce(RedisConnection):
     """A connection whose first read after arming fails the way redis-py's pub/sub connection
-    failed when read from two places at once: with a `RuntimeError`, not a `RedisError`."""
+    failed when read from two places at once: with a `RuntimeError`, not a `RedisError` (and
+    dropped first, as redis-py drops a connection whose read raised anything)."""
 
-    armed = False
+    armed: str | None = None  # "subscriber" or "commands": which connection fails
+    pooled = False
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        if _FailingOnce.armed:
-            _FailingOnce.armed = False
+        if _FailingOnce.armed == ("commands" if self.pooled else "subscriber"):
+            _FailingOnce.armed = None
+            await self.disconnect(nowait=True)
             raise RuntimeError(
                 "readuntil() called while another coroutine is already waiting for incoming data"
             )
         return await super().read_response(*args, **kwargs)
 
 
-async def test_an_untyped_error_of_the_subscriber_connection_does_not_end_the_context(
-    server: RedisServer, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("connection", ["subscriber", "commands"])
+async def test_an_untyped_error_of_a_connection_does_not_end_the_context(
+    server: RedisServer, caplog: pytest.LogCaptureFixture, connection: str
 ) -> None:
-    pool = redis.asyncio.ConnectionPool(connection_class=_FailingOnce, port=server.port or 0)
+    pool = _Pool(connection_class=_FailingOnce, port=server.port or 0)
     client = redis.asyncio.Redis(connection_pool=pool)
     other = rs.create_resumable_stream_context(server.url, key_prefix="defect-3")
     try:
@@ -171,24 +184,29 @@ async def test_an_untyped_error_of_the_subscriber_connection_does_not_end_the_co
             own = await ctx.resumable_stream("s", source.make)
             source.write("before ")
             with caplog.at_level(logging.WARNING, logger="resumable_stream"):
-                _FailingOnce.armed = True
-                # Something for the subscriber to read: a follower's request.
+                _FailingOnce.armed = connection
+                # Something for either connection to read: a follower's request comes in on
+                # the subscriber, and the producer's answer goes out on a pooled connection.
                 follower = await other.resume_existing_stream("s", resume_at=0)
                 assert await read(follower, 1) == "before "
+                assert _FailingOnce.armed is None  # it failed
 
-                async def reconnects() -> int:
-                    return ctx.stats().reconnects
+                if connection == "subscriber":
 
-                await poll_until(reconnects, 1, timeout=10)
+                    async def reconnects() -> int:
+                        return ctx.stats().reconnects
+
+                    await poll_until(reconnects, 1, timeout=10)
             source.write("after")
             source.close()
             assert await read(own) == "before after"
             assert await read(follower) == "after"
             assert ctx.stats().backend_connected
-            assert ctx.stats().reconnects == 1
-            assert any("restored" in r.getMessage() for r in caplog.records)
+            if connection == "subscriber":
+                assert ctx.stats().reconnects == 1
+                assert any("restored" in r.getMessage() for r in caplog.records)
     finally:
-        _FailingOnce.armed = False
+        _FailingOnce.armed = None
         await client.aclose()
         await pool.disconnect()  # a pool passed in is not the client's to close
 

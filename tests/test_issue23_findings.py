@@ -156,3 +156,22 @@ async def test_a_reader_that_saw_an_attempt_fail_learns_of_the_next_attempt() ->
             answer = await endpoint.prepare(headers={"last-event-id": "end"})
             assert answer.status == 200  # fails: 204, and EventSource stops for good
             assert b"event: restart" in answer.content
+
+
+async def test_a_reader_that_saw_an_attempt_stopped_is_not_kept_waiting_for_a_retry() -> None:
+    """A stopped job is not retried: the endpoint's `wait` for a next attempt is for attempts
+    that failed or died. EventSource's reconnect after `event: error` (cancelled) gets 204 at
+    once, not after `wait`."""
+    async with rs.create_resumable_stream_context(backend=rs.MemoryBackend()) as ctx:
+        async with ctx.writer("job") as w:
+            await w.write("first words")
+            await ctx.cancel_stream("job")
+            with anyio.fail_after(5):
+                await anyio.sleep_forever()  # until the stop reaches the writer
+        assert w.cancelled
+        endpoint = EventStream(ctx, "job", wait=30.0)
+        with anyio.fail_after(2):
+            answer = await endpoint.prepare(headers={"last-event-id": "end"})
+        assert answer.status == 204
+        with anyio.fail_after(2):
+            assert await ctx.current_attempt("job", newer_than=1, wait=30.0) == 1

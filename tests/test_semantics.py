@@ -199,13 +199,16 @@ async def test_a_source_that_never_awaits_does_not_starve_followers(workers: Wor
     assert await read(follower) == full[5:]
 
 
-@pytest.mark.parametrize("workers", [{"resume_timeout": 0.2}], indirect=True)
+@pytest.mark.parametrize(
+    "workers", [{"resume_timeout": 0.2, "liveness_timeout": 1.0}], indirect=True
+)
 async def test_no_producer_answering_raises_instead_of_hanging(workers: Workers) -> None:
     # A sentinel whose producer is gone: nobody listens on the request channel.
     await workers.write(workers.keys.sentinel("orphan"), "1")
     if workers.durable:
         # A durable stream's reader needs no answer to start: it reads the (empty) log, then
-        # learns that the producer is gone.
+        # learns that the producer is gone: after a silence of liveness_timeout, and as long
+        # again of requests that reach nobody (the producer never heard of this reader).
         reader = await workers.C.resume_existing_stream("orphan")
         with anyio.fail_after(8), pytest.raises(rs.ProducerUnavailableError):
             await read(reader)

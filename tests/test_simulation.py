@@ -89,6 +89,10 @@ REGRESSION_SEEDS = {
     32126: "an end that came while the follower recorded a live producer dead",
     44196: "an end that came while the follower recorded a live producer dead",
     50188: "a cursor's reader read running after LOST, its producer back: None",
+    72531: "a durable end given up at start + TTL, a late write making the keys again",
+    103807: "a writer elected and failed before it started, its stream left running",
+    105076: "an election that met LOST, then running again, answered None",
+    163941: "an answer's later piece without the first: 'malformed message'",
 }
 
 

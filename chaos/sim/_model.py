@@ -42,16 +42,16 @@ False claims (each a violation of its own kind)
 - `false-cancelled`: `StreamCancelledError` without a candidate that ended `cancelled` or
   `never-started`, and without a `cancel_stream` of that id started before the claim.
 - `false-lost`: `ProducerLostError` although, for every candidate: its process was alive
-  and open at the claim; it was elected normally (not an offline producer, nor an election
-  whose reply was lost, a "ghost", before the claim); and neither its process's connections
-  (down or restoring) nor the server (stalled, restarting) had an outage longer than two thirds
-  of the reader's `liveness_timeout` (heartbeats come every third of it, so such an outage is a
-  silence of the whole timeout to a follower, as a death is) overlapping
+  and open at the claim; it was elected normally (not an offline producer; and no "ghost"
+  before the claim: an election whose reply was lost, or a writer that failed after its
+  election, before it started); and neither its process's connections (down or restoring) nor
+  the server (stalled, restarting) had an outage longer than two thirds of the reader's
+  `liveness_timeout` (heartbeats come every third of it, so such an outage is a silence of the
+  whole timeout to a follower, as a death is) overlapping
   [call start - (resume_timeout + liveness_timeout), claim]. A slow link is not an outage
-  (Redis still answers, only later), unless a round trip
-  on it (twice its added delay) takes the reader's `liveness_timeout` or more: a producer that
-  is starting (or subscribing again) on it is not subscribed before a reader must give up, as
-  if it were dead.
+  (Redis still answers, only later), unless a round trip on it (twice its added delay) takes
+  the reader's `liveness_timeout` or more: a producer that is starting (or subscribing again)
+  on it is not subscribed before a reader must give up, as if it were dead.
 - `false-none`: `None` ("nothing to resume") from `resumable_stream` or
   `resume_existing_stream` while the stream's sentinel key existed throughout the call, and
   the latest instance elected before the call (none elected during it) was either still

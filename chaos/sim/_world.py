@@ -473,8 +473,10 @@ class World:
         exception goes through the writer's block (which ends it failed), as a job's would."""
         make = _Make(self, self.plan.stream(call.stream), call.index)
         writer = ctx.writer(call.stream, restart=call.api == "writer-restart")
+        started = False
         try:
             async with writer as w:
+                started = True
                 instance = self.instance(make)
                 instance.elected_at = instance.started_at = self.now()
                 self.history.add(call.proc, "elected", instance.name, False)
@@ -484,6 +486,13 @@ class World:
                     await w.write(chunk)
         except SimulatedFailure:
             pass  # the job failed: the stream ended failed
+        except rs.BackendError:
+            if not started:
+                # It may have won the election and failed before its writer started: a running
+                # sentinel with no producer, as an election whose reply was lost leaves.
+                self.ledger.ghosts.append((self.now(), KEYS.sentinel(call.stream)))
+                self.history.add(call.proc, "ghost-election", KEYS.sentinel(call.stream))
+            raise
         record.outcome = "value"
         record.value = "cancelled" if writer.cancelled else "written"
 

@@ -89,6 +89,14 @@ def _reply(pending: _Pending) -> Any:
     raise BackendError(f"Redis error: {error}") from error
 
 
+def _untyped(exc: Exception) -> BackendError:
+    # Not a RedisError: redis-py failing in its own state (a read from two places at once
+    # raised RuntimeError, a connection torn down under it AttributeError). It fails this
+    # batch, as any error of the connection would; it must not end the task that sends the
+    # next one, which would take the context down with it.
+    return BackendError(f"the Redis client failed: {exc!r}")
+
+
 def _redirected(result: object) -> bool:
     """Whether a cluster node answered that it did not run the command: the slot is elsewhere
     (or moving, or the cluster is down for it)."""
@@ -258,6 +266,8 @@ class Commands:
             raise _Retryable(BackendError(f"Redis connection error: {exc}")) from exc
         except (redis.exceptions.RedisError, OSError) as exc:
             raise BackendError(f"Redis error: {exc}") from exc
+        except Exception as exc:
+            raise _untyped(exc) from exc
 
     async def _execute_on_masters(self, batch: list[_Pending]) -> list[Any]:
         """A cluster's batch, split by master, each part as a plain pipeline; what a node
@@ -306,6 +316,8 @@ class Commands:
             raise _Retryable(BackendError(f"Redis connection error: {exc}")) from exc
         except (redis.exceptions.RedisError, OSError) as exc:
             raise BackendError(f"Redis error: {exc}") from exc
+        except Exception as exc:
+            raise _untyped(exc) from exc
         moved = [index for index, result in enumerate(results) if _redirected(result)]
         if moved:
             # Not run where they went: again, through the cluster pipeline.

@@ -81,8 +81,8 @@ async function readAndCut(io, stream, count) {
   }
 }
 
-// The README's client for a resume that continues instead of replaying, as a function of the
-// `DefaultChatTransport` class (the README imports it from "ai").
+// The client of docs/guides/ai-sdk.md for a resume that continues instead of replaying, as a
+// function of the `DefaultChatTransport` class (the page imports it from "ai").
 export const continuingTransport = (DefaultChatTransport) =>
   class ContinuingTransport extends DefaultChatTransport {
     received = 0; // chunks of the current message received so far
@@ -133,7 +133,7 @@ export const scenarios = {
     };
   },
 
-  // The README's `ContinuingTransport` counts the chunks it received and, cut off, continues
+  // The docs' `ContinuingTransport` counts the chunks it received and, cut off, continues
   // from there (`resumeStreamIsReplay: false`): the assembled message has every chunk once.
   async continue(io, { api, resumeApi, chatId, prompt, cutAfter }) {
     const transport = new (continuingTransport(io.DefaultChatTransport))({ api });
