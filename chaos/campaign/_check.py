@@ -27,7 +27,10 @@ Hard violations
   resumed the other one's by offset.
 - `degraded-resume`: over SSE, the events of a stream that ran without resumability (its
   election failed: `on_backend_error="degrade"`) carried ids that a reconnect resumed from on
-  another worker, which answered 204: the text cut short, no error (a `false-end`).
+  another worker, which answered 204: the text cut short, no error (a `false-end`). The ids of
+  such a stream say so (`0.<offset>`), and a reconnect with one is owed `incomplete`; a reader
+  that got none of its text (a follower with a cursor of its own) never saw its ids: for it the
+  stream does not exist elsewhere, and its 204 is judged as a `None`.
 - `untyped`: anything but a `ResumableStreamError` out of the API (calls, reads, `aclose`,
   writers, cancels), exception groups included; over SSE, an HTTP 500 (`http-500`) or another
   answer the protocol does not have for it (`http-status`).
@@ -61,7 +64,9 @@ server or Sentinel setup; on a cluster, the master of its slot) or a process inv
   and within `linger` of its end).
 - `false-incomplete`: `StreamIncompleteError` (SSE: `incomplete`) although no key loss touched
   the stream and no candidate's process died, and either a candidate still held its text
-  (running, lingering, or durable) or no fault at all touched the stream or the reader.
+  (running, lingering, or durable) or no fault at all touched the stream or the reader; but
+  for an SSE reader whose ids said its stream ran without resumability (only that producer
+  ever had the text, and a reconnect reaches another worker).
 - `false-backend`: `BackendError` (SSE: `unavailable`) with no fault touching the stream or
   the reader's process in its window; a writer job refused a `BackendError` as it started
   while nothing could have made its commands fail (as for `false-degrade` below).
@@ -102,6 +107,8 @@ from ._topology import FaultRecord
 __all__ = ["Checked", "Violation", "check"]
 
 _MARGIN = 1.0
+# The attempt in the SSE ids of a stream run without resumability (`resumable_stream.http`).
+_UNRESUMABLE = 0
 # What may make a command fail, and so a stream run without resumability (`false-degrade`),
 # beside an outage: a full memory, evictions.
 _COMMAND_FAULTS = {"oom", "evict"}
@@ -189,6 +196,9 @@ class Reader:
     refusals: list[tuple[float, float]] = field(default_factory=list)  # SSE 503s: (asked, at)
     fresh: bool = False  # an SSE connection is open that has delivered no event yet
     empty: list[float] = field(default_factory=list)  # when a 200 ended with no event
+    # Its events' ids said their stream ran without resumability (`0.<offset>`): a reconnect
+    # with one is owed `incomplete`, as its text is nowhere else.
+    unresumable: bool = False
 
     @property
     def text(self) -> str:
@@ -376,6 +386,8 @@ class _Checker:
         if kind == "sess-conn":
             reader.t_conn = record["t"]
             reader.fresh = True
+            if str(record.get("cursor") or "").startswith(f"{_UNRESUMABLE}."):
+                reader.unresumable = True  # a new reader's first id, before any event
             if reader.t_open is None:
                 reader.t_open = record["t"]
         elif kind == "sess-eof" and reader.fresh:
@@ -384,6 +396,9 @@ class _Checker:
             reader.fresh = False
             for event_id, name, data in record["items"]:
                 attempt, offset = _sse_id(event_id)
+                if attempt == _UNRESUMABLE:
+                    # The ids of a stream run without resumability: its attempt is the first.
+                    reader.unresumable, attempt = True, 1
                 if name == "restart":
                     new_attempt = int(json.loads(data)["attempt"])
                     reader.end, reader.t_end = "restart", record["t"]
@@ -641,7 +656,9 @@ class _Checker:
             whole = [i for i in candidates if i.text[reader.start :] == text and i.end == "done"]
             if whole:
                 return
-            if end == "204" and candidates and all(i.offline for i in candidates):
+            if end == "204" and text and candidates and all(i.offline for i in candidates):
+                # (A reader that got none of its text never saw its ids: for it the stream
+                # does not exist elsewhere, and a 204 is judged as a None below.)
                 left = min(len(i.text) - reader.start - len(text) for i in candidates)
                 if left > 0:
                     self.add(
@@ -916,6 +933,8 @@ class _Checker:
 
     def check_incomplete(self, reader: Reader, said: str, candidates: list[Instance]) -> None:
         at = reader.t_end
+        if reader.unresumable and all(i.offline for i in candidates):
+            return  # its ids said so: its text was only ever its own producer's
         if self.keys_lost(reader.sid, reader.dep, at):
             return
         if any(not self.alive(i.proc, i.inc, at) for i in candidates):
