@@ -49,6 +49,7 @@ from ._exceptions import (
 )
 from ._http import (
     DEFAULT_KEEPALIVE_FRAME,
+    END_ID,
     Headers,
     Query,
     RequestHeaders,
@@ -356,7 +357,7 @@ class Frames:
     """A reader's batches as encoded frames: `ready()` those there now, `await wait()` the next
     ones; the frame of a bad end (SSE only) comes last. Keep-alives are not its business."""
 
-    __slots__ = ("_attempt", "_encode", "_ended", "_head", "_prefix", "_raw", "reader")
+    __slots__ = ("_attempt", "_encode", "_ended", "_head", "_prefix", "_raw", "_sent", "reader")
 
     def __init__(
         self, reader: ResumableStream, raw: bool, id_prefix: str, head: bytes | None
@@ -366,6 +367,7 @@ class Frames:
         self._prefix = id_prefix
         self._head = head
         self._ended = False
+        self._sent = False  # whether any of the stream's text went out
         self._attempt = _id_attempt(reader)
         ids = id_prefix + p.attempt_prefix(self._attempt)
         self._encode = raw_body if raw else functools.partial(sse_body, id_prefix=ids)
@@ -377,7 +379,10 @@ class Frames:
             self._head = None
             return head
         entries = self.reader.take_ready()
-        return self._encode(entries) if entries else None
+        if not entries:
+            return None
+        self._sent = True
+        return self._encode(entries)
 
     async def wait(self) -> bytes:
         """Wait for the next frames; StopAsyncIteration after the last."""
@@ -388,7 +393,14 @@ class Frames:
             entries = await reader.next_batch()
         except StopAsyncIteration:
             self._ended = True
-            raise
+            if self._raw or self._sent:
+                raise
+            # Nothing at all for this reader: it had the whole text already (a reconnect that
+            # reached the producer before Redis had its end: it could not record it, say). A
+            # body that just ends would have EventSource reconnect to the same answer again
+            # and again; an id-only block (it dispatches nothing) moves its cursor past the
+            # end, whose reconnect is answered 204, as a finished stream's is.
+            return f"id: {self._prefix}{p.attempt_prefix(self._attempt)}{END_ID}\n\n".encode()
         except ResumableStreamError as exc:
             self._ended = True
             if self._raw:
@@ -397,6 +409,7 @@ class Frames:
         # No extra loop turns to let more chunks join this send: a producer wakes its readers
         # once per batch already (a chunk per loop turn comes as one batch), and a follower
         # gets a batch per message; for a model's tokens every turn waited was wasted.
+        self._sent = True
         return self._encode(entries)
 
 

@@ -491,6 +491,44 @@ async def test_a_stream_run_without_resumability_is_never_resumed_elsewhere() ->
         assert await read(elected) == "XYZW"
 
 
+async def test_a_reconnect_with_the_whole_text_is_stopped_while_redis_says_running() -> None:
+    """Issue 22's campaign (`empty-200`, 4 readers in two runs): a producer finished while a
+    full Redis refused its end, so Redis said it ran, and a reconnect at the end of its text
+    reached the lingering producer: 200 and an empty body, and EventSource reconnected to the
+    same answer again and again until the end was recorded. The body moves the cursor past the
+    end (an id-only block), so the next reconnect gets the 204 of a finished stream."""
+    refusing = True
+
+    async def full(command: Any, *args: Any) -> Any:
+        if refusing:
+            raise rs.BackendError("Redis error: command not allowed when used memory > 'maxmemory'")
+        return await command(*args)
+
+    backend = rs.MemoryBackend()
+    async with (
+        rs.ResumableStreamContext(backend=Faulty(backend, set=full), key_prefix="f") as producing,
+        rs.ResumableStreamContext(backend=backend, key_prefix="f") as other,
+    ):
+        source = TestingSource()
+        own = await producing.resumable_stream("s", source.make)
+        source.write("abcd")
+        source.close()
+        assert await read(own) == "abcd"  # its end could not be recorded
+        assert await other.has_existing_stream("s") is True  # running, says Redis
+        endpoint = EventStream(other, "s", never_called)
+        cursor, statuses = "4", []
+        for _ in range(3):
+            answer = await endpoint.prepare(headers={"Last-Event-ID": cursor})
+            statuses.append(answer.status)
+            if answer.status == 204:
+                break
+            decoder = SSEDecoder()
+            assert decoder.feed(await body_of(answer)) == []  # nothing more to read
+            cursor = decoder.last_event_id or cursor
+        assert statuses == [200, 204]
+        refusing = False
+
+
 # The task endpoint, for any framework
 
 
