@@ -275,6 +275,20 @@ def test_it_finds_a_live_producer_declared_lost(tmp_path: Path) -> None:
     assert run.kinds() == []
 
 
+def test_an_outage_that_makes_liveness_timeout_of_silence_excuses_lost(tmp_path: Path) -> None:
+    """Seed 812321776 (server, 30 min): the producer's subscriber connection killed, then its
+    link stalled for 2.5 s with liveness_timeout=3: its followers had last heard it up to a
+    heartbeat (1 s) before, so they heard nothing for 3 s and found nobody subscribed."""
+    run = Run(tmp_path)  # liveness_timeout 2: a heartbeat every 0.67 s
+    run.produce(["abA0", "cdA0"], how=None)
+    run.read("r1", 0, [("abA0", 4)], "error", error="ProducerLostError", msg="died", until=4.0)
+    run.fault("client-kill", 1.6, 1.6, procs=["W0"])
+    run.fault("proxy-stall", 1.6, 2.8, procs=["W0"], outage=True)  # 1.2 + 0.67 < 2
+    assert run.kinds() == ["false-lost"]
+    run.fault("proxy-stall", 3.0, 4.4, procs=["W0"], outage=True)  # 1.4 + 0.67 >= 2
+    assert run.kinds() == []
+
+
 def test_it_finds_false_claims_of_ends(tmp_path: Path) -> None:
     run = Run(tmp_path)
     run.produce(["abA0", "cdA0"])

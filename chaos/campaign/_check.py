@@ -53,7 +53,9 @@ server or Sentinel setup; on a cluster, the master of its slot) or a process inv
 - `false-lost`: `ProducerLostError` (SSE: `producer_lost`) although every candidate's process
   was alive at the claim and none of these touched the stream in [call - (resume_timeout +
   liveness_timeout), claim]: a node outage (SIGKILL, SIGSTOP, a Sentinel failover) or a link
-  outage of the producer's process (a stalled proxy) of `liveness_timeout` or more, a link
+  outage of the producer's process (a stalled proxy) that with the heartbeat interval before
+  it (a third of `liveness_timeout`: the follower last heard the producer up to that much
+  before the outage began) makes `liveness_timeout` or more of silence, a link
   slowed by half of it or more each way, a loss of keys. A planned cluster failover, a slot
   migration, a killed subscriber connection, a cut link or a full memory excuse nothing: the
   README says none of them ends a stream.
@@ -906,9 +908,11 @@ class _Checker:
             if inst.offline or not self.alive(inst.proc, inst.inc, at):
                 return
             for fault in self.faults_in(reader.sid, {inst.proc}, start, at):
-                length = fault.end - fault.start
+                # A follower's silence starts at the producer's last message before the outage:
+                # up to a heartbeat (a third of liveness_timeout) before it began.
+                silence = fault.end - fault.start + settings.liveness_timeout / 3
                 if fault.outage and (
-                    length >= settings.liveness_timeout or fault.kind == "kill-proc"
+                    silence >= settings.liveness_timeout or fault.kind == "kill-proc"
                 ):
                     return
                 if fault.kind == "proxy-delay" and 2 * fault.delay >= settings.liveness_timeout:
