@@ -289,6 +289,20 @@ def test_an_outage_that_makes_liveness_timeout_of_silence_excuses_lost(tmp_path:
     assert run.kinds() == []
 
 
+def test_an_sse_readers_backend_error_is_excused_by_its_servers_faults(tmp_path: Path) -> None:
+    """Seed 1717413405 (Sentinel, 30 min): a session resumed on S1, whose link then stalled,
+    got `unavailable`: the fault touched the server that answered it, not the client."""
+    run = Run(tmp_path)
+    run.plan = replace(run.plan, servers=("S0", "S1"))
+    run.produce(["abA0", "cdA0"])
+    unavailable = {"end": "error", "data": '{"code": "unavailable", "message": "down"}'}
+    run.session("e1", None, [("4", "message", "abA0")], unavailable)  # on S0, then S1
+    run.fault("proxy-stall", 2.0, 2.4, procs=["W1"], outage=True)  # not one of them
+    assert [(v.kind, v.reader) for v in run.check()] == [("false-backend", "e1")]
+    run.fault("proxy-stall", 2.0, 2.4, procs=["S1"], outage=True)
+    assert run.check() == []
+
+
 def test_it_finds_false_claims_of_ends(tmp_path: Path) -> None:
     run = Run(tmp_path)
     run.produce(["abA0", "cdA0"])

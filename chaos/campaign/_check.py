@@ -70,8 +70,9 @@ server or Sentinel setup; on a cluster, the master of its slot) or a process inv
   for an SSE reader whose ids said its stream ran without resumability (only that producer
   ever had the text, and a reconnect reaches another worker).
 - `false-backend`: `BackendError` (SSE: `unavailable`) with no fault touching the stream or
-  the reader's process in its window; a writer job refused a `BackendError` as it started
-  while nothing could have made its commands fail (as for `false-degrade` below).
+  the reader's process (for an SSE session, its client's and the servers it reached) in its
+  window; a writer job refused a `BackendError` as it started while nothing could have made
+  its commands fail (as for `false-degrade` below).
 - `false-degrade`: a stream that ran without resumability (the engine logged that the backend
   failed as it started: `on_backend_error="degrade"`) although no outage (a node down or
   stopped, a stalled link), full memory, eviction or link slowed by a quarter of
@@ -201,6 +202,13 @@ class Reader:
     # Its events' ids said their stream ran without resumability (`0.<offset>`): a reconnect
     # with one is owed `incomplete`, as its text is nowhere else.
     unresumable: bool = False
+    servers: set[str] = field(default_factory=set)  # the SSE servers it was connected to
+
+    @property
+    def procs(self) -> set[str]:
+        """The processes that served it: its own, and for an SSE session the servers its
+        connections reached (their engines made the answers)."""
+        return {self.proc, *self.servers}
 
     @property
     def text(self) -> str:
@@ -387,6 +395,8 @@ class _Checker:
             reader = readers[rid]
         if kind == "sess-conn":
             reader.t_conn = record["t"]
+            servers = self.plan.servers
+            reader.servers.add(servers[int(record["server"]) % len(servers)])
             reader.fresh = True
             if str(record.get("cursor") or "").startswith(f"{_UNRESUMABLE}."):
                 reader.unresumable = True  # a new reader's first id, before any event
@@ -840,7 +850,7 @@ class _Checker:
             self.add("false-slow", f"{said}: no stream of the campaign is that long", reader)
         elif error == "BackendError":
             start = reader.t_call
-            if not self.faults_in(sid, {reader.proc}, start, at) and not self.stopping(at):
+            if not self.faults_in(sid, reader.procs, start, at) and not self.stopping(at):
                 self.add("false-backend", f"{said}, but no fault touched it", reader)
         elif not self.stopping(at):
             self.add("false-closed", f"{said}, while the processes were not stopping", reader)
@@ -877,7 +887,7 @@ class _Checker:
             return
         settings = self.settings
         start = asked - (settings.resume_timeout + settings.liveness_timeout)
-        procs = {reader.proc, *(i.proc for i in holding)}
+        procs = {*reader.procs, *(i.proc for i in holding)}
         if self.faults_in(reader.sid, procs, start, at):
             return
         processes = [(reader.proc, reader.inc), *((i.proc, i.inc) for i in holding)]
@@ -949,7 +959,7 @@ class _Checker:
         elif holding:
             detail = "its text was stored and no key of it was lost"
         else:
-            procs = {reader.proc, *(i.proc for i in candidates)}
+            procs = {*reader.procs, *(i.proc for i in candidates)}
             if self.faults_in(reader.sid, procs, reader.t_call, at):
                 return
             detail = "no fault could have lost a message"
