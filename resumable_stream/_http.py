@@ -150,7 +150,9 @@ def parse_cursor(headers: RequestHeaders, query: Query, id_prefix: str = "") -> 
 
     Both hold an event id this library sent: `<id_prefix><offset>`, or `<id_prefix>end` for
     the frame that ends a stream badly (the offset alone is accepted too); in a stream's later
-    attempts (a writer's `restart=True`) the offset or `end` comes after `<attempt>.`.
+    attempts (a writer's `restart=True`) the offset or `end` comes after `<attempt>.`, and in
+    a stream that ran without resumability after `0.` (a reconnect with it learns that its
+    text cannot be resumed).
     """
     raw = find_cursor(headers, query)
     if raw is None:

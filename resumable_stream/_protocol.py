@@ -222,6 +222,13 @@ def attempt_of(token: str) -> int:
         return 1
 
 
+# The "attempt" in the SSE ids of a stream that ran without resumability (its election failed:
+# `on_backend_error="degrade"`): no attempt has it, so a reconnect with such an id is told that
+# its text cannot be resumed, instead of being served by offset whatever else Redis holds under
+# the id (nothing: a 204 that cuts the text short; another producer's text: a splice).
+UNRESUMABLE = 0
+
+
 def attempt_prefix(attempt: int) -> str:
     """What goes before an offset in a cursor of `attempt` (nothing for the first): an SSE id
     `2.15` is offset 15 of the second attempt."""
@@ -229,12 +236,13 @@ def attempt_prefix(attempt: int) -> str:
 
 
 def split_cursor(value: str) -> tuple[int, str]:
-    """(attempt, the offset's text) of a cursor written as `attempt_prefix(n) + offset`."""
+    """(attempt, the offset's text) of a cursor written as `attempt_prefix(n) + offset`; the
+    attempt is `UNRESUMABLE` for an id of a stream that ran without resumability."""
     attempt, dot, offset = value.partition(".")
     if not dot:
         return 1, value
     # The first attempt is written without one: `1.5` is no cursor this library sent.
-    if not (attempt.isascii() and attempt.isdigit()) or len(attempt) > 9 or int(attempt) < 2:
+    if not (attempt.isascii() and attempt.isdigit()) or len(attempt) > 9 or int(attempt) == 1:
         raise ValueError(f"not an attempt: {attempt[:20]!r}")
     return int(attempt), offset
 

@@ -68,6 +68,7 @@ class Produced(Protocol):
     settled: bool
     state: str | None
     error: BaseException | None
+    offline: bool  # it runs without resumability (its election failed)
 
     @property
     def error_type(self) -> str | None: ...
@@ -88,6 +89,11 @@ class ProducerReader:
     @property
     def attempt(self) -> int:
         return self._producer.attempt
+
+    @property
+    def offline(self) -> bool:
+        """Whether its stream runs without resumability: nobody else can resume it."""
+        return self._producer.offline
 
     def __aiter__(self) -> ProducerReader:
         return self

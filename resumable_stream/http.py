@@ -49,6 +49,7 @@ from ._exceptions import (
 )
 from ._http import (
     DEFAULT_KEEPALIVE_FRAME,
+    END_ID,
     Headers,
     Query,
     RequestHeaders,
@@ -66,6 +67,7 @@ from ._http import (
 )
 from ._options import check_seconds
 from ._producer import MakeStream
+from ._reader import ProducerReader
 
 __all__ = [
     "Authorize",
@@ -234,6 +236,8 @@ class EventStream:
             return plain(400, str(exc))
         if not await allowed(self.authorize, request, stream_id):
             return plain(403, "not allowed")
+        if cursor is not None and cursor.attempt == p.UNRESUMABLE:
+            return self._unresumable(stream_id, cursor.seen_end)
         try:
             if cursor is not None and cursor.seen_end:
                 # It has seen the frame that ended its attempt badly: 204 stops it, unless a
@@ -307,10 +311,28 @@ class EventStream:
             200, [("content-type", _SSE_MEDIA)], error_frame(exc, self.id_prefix)
         )
 
+    def _unresumable(self, stream_id: str, seen_end: bool) -> PreparedResponse:
+        """A reconnect with an id of a stream that ran without resumability: its producer's
+        text is nowhere else, so whatever this worker could find under the id (nothing, or
+        another producer's stream) is not the rest of it. The reader learns that its text is
+        incomplete (the frame's id then stops it with a 204), rather than getting a 204 that
+        passes the text off as whole, or another text from its offset."""
+        if seen_end:
+            return no_content()
+        exc = StreamIncompleteError(
+            f"stream {stream_id!r} ran without resumability (the backend failed as it "
+            "started): its text cannot be resumed"
+        )
+        if self.raw:
+            return plain(410, error_info(exc)[1])
+        frame = error_frame(exc, self.id_prefix, p.UNRESUMABLE)
+        return PreparedResponse(200, [("content-type", _SSE_MEDIA)], frame)
+
     def _frames(self, reader: ResumableStream, new_reader: bool) -> Frames:
         head = None
-        # Ids of a later attempt carry it: `2.15` (see `resumable_stream._http.parse_cursor`).
-        prefix = self.id_prefix + p.attempt_prefix(reader.attempt)
+        # Ids of a later attempt carry it: `2.15` (see `resumable_stream._http.parse_cursor`);
+        # those of a stream run without resumability say so: `0.15`.
+        prefix = self.id_prefix + p.attempt_prefix(_id_attempt(reader))
         if not self.raw:
             # A new reader's first frame gives it a cursor (an id-only block dispatches
             # nothing), so its reconnect resumes even before the first chunk: a stream that
@@ -323,11 +345,19 @@ class EventStream:
         return Frames(reader, self.raw, self.id_prefix, head)
 
 
+def _id_attempt(reader: ResumableStream) -> int:
+    """The attempt its SSE ids carry: `UNRESUMABLE` for a stream that runs without
+    resumability (only its own reader has it), else the attempt it reads."""
+    if isinstance(reader, ProducerReader) and reader.offline:
+        return p.UNRESUMABLE
+    return reader.attempt
+
+
 class Frames:
     """A reader's batches as encoded frames: `ready()` those there now, `await wait()` the next
     ones; the frame of a bad end (SSE only) comes last. Keep-alives are not its business."""
 
-    __slots__ = ("_encode", "_ended", "_head", "_prefix", "_raw", "reader")
+    __slots__ = ("_attempt", "_encode", "_ended", "_head", "_prefix", "_raw", "_sent", "reader")
 
     def __init__(
         self, reader: ResumableStream, raw: bool, id_prefix: str, head: bytes | None
@@ -337,7 +367,9 @@ class Frames:
         self._prefix = id_prefix
         self._head = head
         self._ended = False
-        ids = id_prefix + p.attempt_prefix(reader.attempt)
+        self._sent = False  # whether any of the stream's text went out
+        self._attempt = _id_attempt(reader)
+        ids = id_prefix + p.attempt_prefix(self._attempt)
         self._encode = raw_body if raw else functools.partial(sse_body, id_prefix=ids)
 
     def ready(self) -> bytes | None:
@@ -347,7 +379,10 @@ class Frames:
             self._head = None
             return head
         entries = self.reader.take_ready()
-        return self._encode(entries) if entries else None
+        if not entries:
+            return None
+        self._sent = True
+        return self._encode(entries)
 
     async def wait(self) -> bytes:
         """Wait for the next frames; StopAsyncIteration after the last."""
@@ -358,15 +393,23 @@ class Frames:
             entries = await reader.next_batch()
         except StopAsyncIteration:
             self._ended = True
-            raise
+            if self._raw or self._sent:
+                raise
+            # Nothing at all for this reader: it had the whole text already (a reconnect that
+            # reached the producer before Redis had its end: it could not record it, say). A
+            # body that just ends would have EventSource reconnect to the same answer again
+            # and again; an id-only block (it dispatches nothing) moves its cursor past the
+            # end, whose reconnect is answered 204, as a finished stream's is.
+            return f"id: {self._prefix}{p.attempt_prefix(self._attempt)}{END_ID}\n\n".encode()
         except ResumableStreamError as exc:
             self._ended = True
             if self._raw:
                 raise StopAsyncIteration from None  # a raw body just ends
-            return error_frame(exc, self._prefix, reader.attempt)
+            return error_frame(exc, self._prefix, self._attempt)
         # No extra loop turns to let more chunks join this send: a producer wakes its readers
         # once per batch already (a chunk per loop turn comes as one batch), and a follower
         # gets a batch per message; for a model's tokens every turn waited was wasted.
+        self._sent = True
         return self._encode(entries)
 
 

@@ -21,7 +21,7 @@ from resumable_stream.tasks import TaskEndpoint, TaskRequest
 
 from .asgi_driver import client, serve
 from .conftest import HTTP_FLAVORS, Workers
-from .helpers import TestingSource, poll_until, read
+from .helpers import Faulty, TestingSource, never_called, poll_until, read
 
 pytestmark = pytest.mark.anyio
 
@@ -441,6 +441,92 @@ async def test_a_failed_stream_ends_with_its_error_frame(workers: Workers) -> No
     assert [e.data for e in text] == ["x"]
     assert (error.event, error.id) == ("error", "end")
     assert json.loads(error.data) == {"code": "failed", "message": "the stream failed"}
+
+
+async def test_a_stream_run_without_resumability_is_never_resumed_elsewhere() -> None:
+    """Issue 22's campaign (`degraded-resume`, `spliced-resume`: 24 readers and 2 in six
+    runs): a stream whose election failed runs for its caller only, yet its events carried
+    ids like any other's, and a reconnect with one on another worker was served by offset from
+    whatever Redis held under the id: nothing (a 204: the text cut short, no error), or another
+    producer's stream of the id (another text, spliced on). Its ids say it ran so (`0.2`), and
+    a reconnect with one learns that its text is incomplete."""
+
+    async def refuse(command: Any, *args: Any) -> Any:
+        raise rs.BackendError("Redis error: command not allowed when used memory > 'maxmemory'")
+
+    backend = rs.MemoryBackend()
+    async with (
+        rs.ResumableStreamContext(backend=Faulty(backend, incr=refuse), key_prefix="d") as down,
+        rs.ResumableStreamContext(backend=backend, key_prefix="d") as up,
+    ):
+        source = TestingSource()
+        prepared = await EventStream(down, "s", source.make).prepare()
+        for chunk in ("ab", "cd"):
+            source.write(chunk)
+        source.close()
+        first, _ = events(await body_of(prepared))  # the client is cut after the first
+        assert first.data == "ab"
+
+        async def reconnect(endpoint: EventStream, cursor: str) -> None:
+            answer = await endpoint.prepare(headers={"Last-Event-ID": cursor})
+            assert answer.status == 200
+            [frame] = events(await body_of(answer))
+            assert frame.event == "error"
+            assert json.loads(frame.data)["code"] == "incomplete"
+            # That frame's id stops the client (EventSource reconnects once more).
+            again = await endpoint.prepare(headers={"Last-Event-ID": frame.id})
+            assert again.status == 204
+
+        # Nothing under the id elsewhere: not a 204, which passes the text off as whole.
+        for endpoint in (EventStream(up, "s", never_called), EventStream(up, "s")):
+            await reconnect(endpoint, first.id)
+        # Another producer of the id, elected since: its text is not the rest of this one.
+        other = TestingSource()
+        elected = await up.resumable_stream("s", other.make)
+        other.write("XYZW")
+        await reconnect(EventStream(up, "s", never_called), first.id)
+        raw = await EventStream(up, "s", raw=True).prepare(query=f"resumeAt={first.id}")
+        assert raw.status == 410
+        other.close()
+        assert await read(elected) == "XYZW"
+
+
+async def test_a_reconnect_with_the_whole_text_is_stopped_while_redis_says_running() -> None:
+    """Issue 22's campaign (`empty-200`, 4 readers in two runs): a producer finished while a
+    full Redis refused its end, so Redis said it ran, and a reconnect at the end of its text
+    reached the lingering producer: 200 and an empty body, and EventSource reconnected to the
+    same answer again and again until the end was recorded. The body moves the cursor past the
+    end (an id-only block), so the next reconnect gets the 204 of a finished stream."""
+    refusing = True
+
+    async def full(command: Any, *args: Any) -> Any:
+        if refusing:
+            raise rs.BackendError("Redis error: command not allowed when used memory > 'maxmemory'")
+        return await command(*args)
+
+    backend = rs.MemoryBackend()
+    async with (
+        rs.ResumableStreamContext(backend=Faulty(backend, set=full), key_prefix="f") as producing,
+        rs.ResumableStreamContext(backend=backend, key_prefix="f") as other,
+    ):
+        source = TestingSource()
+        own = await producing.resumable_stream("s", source.make)
+        source.write("abcd")
+        source.close()
+        assert await read(own) == "abcd"  # its end could not be recorded
+        assert await other.has_existing_stream("s") is True  # running, says Redis
+        endpoint = EventStream(other, "s", never_called)
+        cursor, statuses = "4", []
+        for _ in range(3):
+            answer = await endpoint.prepare(headers={"Last-Event-ID": cursor})
+            statuses.append(answer.status)
+            if answer.status == 204:
+                break
+            decoder = SSEDecoder()
+            assert decoder.feed(await body_of(answer)) == []  # nothing more to read
+            cursor = decoder.last_event_id or cursor
+        assert statuses == [200, 204]
+        refusing = False
 
 
 # The task endpoint, for any framework
