@@ -44,7 +44,7 @@ class _RemappedSentinel(Sentinel):
     """A Sentinel client whose master is reached through a proxy."""
 
     def __init__(self, remap: dict[int, int], *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
         self._remap = remap
 
     async def discover_master(self, service_name: str) -> tuple[str, int]:
