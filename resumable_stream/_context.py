@@ -7,11 +7,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -58,6 +58,7 @@ _RESTART_TRIES = 5
 
 # What the context runs: a producer of this library's protocol, or of the reference's.
 _Hosted = Producer | VercelProducer
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,6 +545,14 @@ class ResumableStreamContext:
         """Wait up to `wait` seconds for `stream_id` to start; its state once it did (None if
         it did not): one subscription to its live channel (a starting producer announces
         itself there), then its state read once, and again only after a reconnect."""
+        return await self._watch_starts(stream_id, wait, lambda: self._hub.state(stream_id))
+
+    async def _watch_starts(
+        self, stream_id: str, wait: float, found: Callable[[], Awaitable[_T | None]]
+    ) -> _T | None:
+        """Ask `found` once subscribed to the stream's live channel, and again whenever a
+        producer of it starts or the backend reconnects, for up to `wait` seconds: its first
+        answer that is not None, else None. No polling."""
         hub = self._hub
         waiter = _StartWaiter(stream_id)
         with anyio.move_on_after(wait):
@@ -551,9 +560,9 @@ class ResumableStreamContext:
             try:
                 await subscribed
                 while True:
-                    state = await hub.state(stream_id)
-                    if state is not None:
-                        return state
+                    answer = await found()
+                    if answer is not None:
+                        return answer
                     await waiter.wait()
             finally:
                 await hub.unfollow(waiter)
@@ -632,20 +641,15 @@ class ResumableStreamContext:
             and await self._hub.state(stream_id) in (p.DONE, p.CANCELLED)
         ):
             return attempt
-        hub = self._hub
-        waiter = _StartWaiter(stream_id)
-        with anyio.move_on_after(wait):
-            subscribed = await hub.follow(waiter)
-            try:
-                await subscribed
-                while True:
-                    attempt = await self._current_attempt(stream_id)
-                    if attempt is not None and attempt > newer_than:
-                        return attempt
-                    await waiter.wait()
-            finally:
-                await hub.unfollow(waiter)
-        return attempt
+        latest = attempt
+
+        async def newer() -> int | None:
+            nonlocal latest
+            latest = await self._current_attempt(stream_id)
+            return latest if latest is not None and latest > newer_than else None
+
+        found = await self._watch_starts(stream_id, wait, newer)
+        return latest if found is None else found
 
     async def _current_attempt(self, stream_id: str) -> int | None:
         if self._compat is not None:
