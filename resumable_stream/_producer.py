@@ -353,13 +353,15 @@ class Producer:
             self._hub.spawn(self.stream_id, self._record_later, state)
 
     async def _record(self, state: str, *, retry: bool = False) -> bool:
-        if retry:
-            try:
-                if await self._started_again():
-                    return True  # the state is the newer attempt's now, not this one's to write
-            except BackendError:
-                return False
         if self._store is not None:
+            # A durable end is written with the log, unfenced: a retry first checks that no
+            # newer attempt started (where the count of restarts is this attempt's to tell).
+            if retry and self._fenced:
+                try:
+                    if await self._started_again():
+                        return True  # the state is the newer attempt's now, not this one's
+                except BackendError:
+                    return False
             recorded = await self._store.write_end(state, self.error_type, retry=retry)
             if recorded:
                 with contextlib.suppress(BackendError):  # its TTL was set when it restarted

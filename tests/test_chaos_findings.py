@@ -746,3 +746,30 @@ async def test_a_first_attempt_ends_though_an_earlier_count_of_restarts_is_left(
             await poll_until(lambda: C.has_existing_stream("s"), "DONE")
             await poll_until(lambda: C.has_existing_stream("job"), "DONE")
             assert await C.current_attempt("job") == 1  # a first attempt: its count is reset
+
+
+async def test_a_first_attempts_end_retried_is_written_though_an_earlier_count_is_left(
+    workers: Workers,
+) -> None:
+    """The same count left by an earlier stream, and the first write of the end refused: its
+    retry writes it (a retry that asked the count whether a newer attempt started would take
+    that count for one, and leave the stream running with nobody writing it)."""
+    sentinel = workers.keys.sentinel("s")
+    await workers.write(workers.keys.restarts("s"), "1")  # its sentinel was evicted
+    refused: list[str] = []
+
+    async def set_(command: Any, key: str, *args: Any) -> Any:
+        if key == sentinel and not refused:
+            refused.append(key)
+            raise rs.BackendError("set: no reply in time")
+        return await command(key, *args)
+
+    source = TestingSource()
+    async with workers.context(backend=Faulty(workers.backends[0], set=set_)) as P:
+        own = await P.resumable_stream("s", source.make)
+        source.write("hello")
+        source.close()
+        assert await read(own) == "hello"
+        with anyio.fail_after(5):
+            await poll_until(lambda: P.has_existing_stream("s"), "DONE")
+    assert refused
