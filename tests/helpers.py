@@ -92,6 +92,19 @@ async def read_chunks(stream: rs.ResumableStream | None, max_reads: int | None =
     return chunks
 
 
+async def read_until_error(stream: rs.ResumableStream | None) -> tuple[str, BaseException | None]:
+    """The text a reader got, and the typed error it ended with (None if it ended well); the
+    caller bounds it."""
+    assert stream is not None, "stream should not be None"
+    text = ""
+    try:
+        async for chunk in stream:
+            text += chunk
+    except rs.ResumableStreamError as exc:
+        return text, exc
+    return text, None
+
+
 async def read_entries(stream: rs.ResumableStream | None) -> list[tuple[str | rs.Event, int]]:
     """Every (chunk, end offset) as the SSE layer reads them, each batch within READ_TIMEOUT."""
     assert stream is not None, "stream should not be None"

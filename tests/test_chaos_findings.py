@@ -31,6 +31,7 @@ from .helpers import (
     poll_until,
     read,
     read_entries,
+    read_until_error,
 )
 
 pytestmark = pytest.mark.anyio
@@ -371,19 +372,9 @@ async def test_a_durable_end_that_failed_once_is_written_after_the_first_ttl(
             with anyio.fail_after(10):
                 reader = await C.resume_existing_stream("s", resume_at=0)
                 assert reader is not None
-                text, error = await read_to_error(reader)
+                text, error = await read_until_error(reader)
                 assert text == "first second"
                 assert isinstance(error, rs.StreamFailedError), error  # not ProducerLostError
-
-
-async def read_to_error(stream: rs.ResumableStream) -> tuple[str, BaseException | None]:
-    text = ""
-    try:
-        async for chunk in stream:
-            text += chunk
-    except rs.ResumableStreamError as exc:
-        return text, exc
-    return text, None
 
 
 # A retried job's writer that won its election and failed before it started records its

@@ -31,7 +31,7 @@ from resumable_stream.redis import RedisBackend
 from resumable_stream.sse import SSEDecoder
 
 from .conftest import RedisServer
-from .helpers import DroppingDone, slice16, units16
+from .helpers import DroppingDone, read_until_error, slice16, units16
 from .machine import server_binary
 from .node_driver import NodeContext, Reference, node_context
 
@@ -143,17 +143,6 @@ def new_id() -> str:
 async def read_all(stream: rs.ResumableStream | None) -> str:
     assert stream is not None
     return "".join([chunk async for chunk in stream])
-
-
-async def read_until_error(stream: rs.ResumableStream) -> tuple[str, BaseException | None]:
-    """The text a reader got, and the error it ended with (None if it ended well)."""
-    text = ""
-    try:
-        async for chunk in stream:
-            text += chunk
-    except rs.ResumableStreamError as exc:
-        return text, exc
-    return text, None
 
 
 async def read_sse(

@@ -21,6 +21,7 @@ from resumable_stream.redis import RedisBackend
 
 from .conftest import RedisServer, Workers, start_redis_server
 from .helpers import Filtered, TestingSource, never_called, poll_until, read, read_chunks
+from .helpers import read_until_error as read_to_its_error
 from .tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.anyio
@@ -153,15 +154,8 @@ async def test_a_follower_never_merges_two_producers(workers: Workers) -> None:
 async def read_until_error(
     reader: rs.ResumableStream | None,
 ) -> tuple[str, BaseException | None]:
-    assert reader is not None
-    got: list[str] = []
-    try:
-        with anyio.fail_after(5):
-            async for chunk in reader:
-                got.append(chunk)
-    except rs.ResumableStreamError as exc:
-        return "".join(got), exc
-    return "".join(got), None
+    with anyio.fail_after(5):
+        return await read_to_its_error(reader)
 
 
 # A lost answer
